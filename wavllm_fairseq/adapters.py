@@ -1,0 +1,108 @@
+"""Modality adapters (one per speech encoder) and the projector into the LLM.
+
+Each adapter (paper section 3.1; sizes of the reference implementation):
+
+    x (B, T, C_enc) at 20 ms
+      -> Conv1d(k=3, s=2) + GLU -> Conv1d(k=3, s=2) + GLU      (B, T', C_mid) at 80 ms
+      -> bottleneck: x + Up(GELU(Down(LayerNorm(x))))           (B, T', C_mid)
+      -> Linear(C_mid -> C_out)                                 (B, T', C_out)
+
+Output length of each conv: ``floor((L - 1) / 2) + 1`` (kernel 3, stride 2, padding 1), so
+``T' = conv_out_len(conv_out_len(T))``.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def conv_out_len(lengths: torch.Tensor, kernel: int = 3, stride: int = 2, padding: int = 1) -> torch.Tensor:
+    """Frames out of one Conv1d: floor((L + 2p - k) / s) + 1."""
+    return torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+
+
+class GLUConvSubsampler(nn.Module):
+    """Stack of stride-2 Conv1d + GLU layers (the reference's Conv1dSubsampler layout).
+
+    Layer i maps ``in_channels`` (first) or ``mid_channels // 2`` (later) to ``mid_channels`` (not last)
+    or ``2 * out_channels`` (last); GLU halves the channels.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int,
+                 kernel_sizes: Sequence[int] = (3, 3), stride: int = 2):
+        super().__init__()
+        n = len(kernel_sizes)
+        self.kernel_sizes = tuple(kernel_sizes)
+        self.stride = stride
+        self.conv_layers = nn.ModuleList(
+            nn.Conv1d(
+                in_channels if i == 0 else mid_channels // 2,
+                mid_channels if i < n - 1 else out_channels * 2,
+                k,
+                stride=stride,
+                padding=k // 2,
+            )
+            for i, k in enumerate(kernel_sizes)
+        )
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for k in self.kernel_sizes:
+            lengths = conv_out_len(lengths, k, self.stride, k // 2)
+        return lengths
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = x.transpose(1, 2)  # (B, C, T)
+        for conv in self.conv_layers:
+            x = F.glu(conv(x), dim=1)  # (B, C', ~T/2)
+        return x.transpose(1, 2), self.output_lengths(lengths)  # (B, T', C_out)
+
+
+class BottleneckAdapter(nn.Module):
+    """Houlsby-style down-up adapter with a residual: ``x + Up(GELU(Down(LayerNorm(x))))``."""
+
+    def __init__(self, dim: int, bottleneck: int):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.gelu(self.down(self.layer_norm(x))))
+
+
+class ModalityAdapter(nn.Module):
+    """Conv subsampler (20 ms -> 80 ms) + bottleneck adapter + linear to ``out_dim``.
+
+    With ``num_layer_weights > 0`` the adapter also owns the learnable softmax weights over the
+    encoder's hidden states (WavLM branch) and its input is the stack of all hidden states.
+    """
+
+    def __init__(self, in_dim: int, conv_mid_dim: int, conv_out_dim: int, bottleneck_dim: int, out_dim: int,
+                 num_layer_weights: int = 0):
+        super().__init__()
+        self.subsampler = GLUConvSubsampler(in_dim, conv_mid_dim, conv_out_dim)
+        self.bottleneck = BottleneckAdapter(conv_out_dim, bottleneck_dim)
+        self.out_proj = nn.Linear(conv_out_dim, out_dim)
+        if num_layer_weights > 0:
+            # softmax over all hidden states (embedding output + every layer), initialised uniform
+            self.layer_weights = nn.Parameter(torch.ones(num_layer_weights))
+        else:
+            self.register_parameter("layer_weights", None)
+
+    def combine_layers(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(L, B, T, C) stacked hidden states -> (B, T, C) softmax-weighted sum."""
+        if hidden_states.shape[0] != self.layer_weights.numel():
+            raise ValueError(f"expected {self.layer_weights.numel()} hidden states, got {hidden_states.shape[0]}")
+        w = torch.softmax(self.layer_weights.float(), dim=0).to(hidden_states.dtype)
+        return torch.einsum("l,lbtc->btc", w, hidden_states)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return self.subsampler.output_lengths(lengths)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.layer_weights is not None:
+            x = self.combine_layers(x)  # (L, B, T, C) -> (B, T, C)
+        x, lengths = self.subsampler(x, lengths)  # (B, T', C_mid)
+        x = self.bottleneck(x)
+        return self.out_proj(x), lengths  # (B, T', out_dim)

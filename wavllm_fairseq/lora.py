@@ -1,0 +1,173 @@
+"""LoRA for the frozen LLM's attention projections, with an optional per-utterance scale.
+
+    h = W0 x + s * B(A(dropout(x)))
+
+where ``W0`` is the frozen base ``nn.Linear``, ``A`` maps ``in_features -> rank`` and ``B`` maps
+``rank -> out_features`` (``B`` starts at zero, so an untrained adapter is the base model). The scale
+``s`` is
+
+* ``alpha / rank`` (plain LoRA, WavLLM stage 1), or
+* a per-utterance vector ``r`` of shape ``(B, out_features)`` produced by the prompt-aware LoRA weight
+  adapter (stage 2): ``h = W0 x + (B A x) * r``, broadcast over every position of the utterance. As in
+  the reference implementation, ``alpha / rank`` is *not* applied on top of ``r``.
+
+The scale vector is set for a whole forward pass through :func:`lora_scale_context` so the
+Hugging Face attention code does not need to know about it.
+"""
+import contextlib
+import math
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update (see module docstring)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.base = base
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.enabled = True
+        # (B, out_features) per-utterance scale, set by lora_scale_context; None = alpha / rank
+        self.scale_vector: Optional[torch.Tensor] = None
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code paths read proj.weight.dtype / .device
+        return self.base.weight
+
+    def reset_lora_parameters(self) -> None:
+        if self.lora_A.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` as an (out, in) matrix (the plain-LoRA update that merge adds)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        out = self.base(x)  # (B, T, out)
+        if not self.enabled:
+            if self.merged:
+                raise RuntimeError("cannot disable LoRA while it is merged into the base weight; unmerge first")
+            return out
+        r = self.scale_vector
+        if self.merged:
+            if r is not None:
+                raise RuntimeError("a per-utterance LoRA scale cannot be used with merged weights; unmerge first")
+            return out
+        update = self.lora_B(self.lora_A(self.dropout(x)))  # (B, T, out)
+        if r is None:
+            return out + update * self.scaling
+        if r.dim() != 2 or r.shape[0] != x.shape[0] or r.shape[1] != update.shape[-1]:
+            raise ValueError(f"LoRA scale must be (batch={x.shape[0]}, {update.shape[-1]}), got {tuple(r.shape)}")
+        return out + update * r.to(update.dtype).unsqueeze(1)  # r: (B, 1, out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``scaling * B A`` into the frozen weight (plain LoRA only) for fast inference."""
+        if not self.merged:
+            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def inject_lora(
+    model: nn.Module, target_names: Sequence[str], rank: int, alpha: float, dropout: float = 0.0
+) -> List[str]:
+    """Replace every ``nn.Linear`` child whose attribute name is in ``target_names`` by a LoRALinear.
+
+    Returns the qualified names of the wrapped modules. Raises if nothing matched (a wrong name list
+    would otherwise train nothing silently).
+    """
+    wrapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in target_names and isinstance(child, nn.Linear):
+                setattr(parent, child_name, LoRALinear(child, rank, alpha, dropout))
+                wrapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    if not wrapped:
+        raise ValueError(f"no nn.Linear named any of {list(target_names)} found for LoRA")
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> Iterator[LoRALinear]:
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            yield m
+
+
+def lora_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The adapter parameters (every ``lora_A`` / ``lora_B`` weight), by qualified name."""
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+@contextlib.contextmanager
+def lora_scale_context(model: nn.Module, scale: Optional[torch.Tensor]):
+    """Within the block every LoRA layer of ``model`` uses the per-utterance scale ``scale`` (B, D)."""
+    mods = list(lora_modules(model))
+    previous = [m.scale_vector for m in mods]
+    for m in mods:
+        m.scale_vector = scale
+    try:
+        yield
+    finally:
+        for m, p in zip(mods, previous):
+            m.scale_vector = p
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Within the block the model is its frozen base (used for the prompt adapter's input)."""
+    mods = list(lora_modules(model))
+    previous = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, p in zip(mods, previous):
+            m.enabled = p
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Merge every LoRA layer into its base weight; returns how many were merged."""
+    mods = list(lora_modules(model))
+    for m in mods:
+        m.merge()
+    return len(mods)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    mods = list(lora_modules(model))
+    for m in mods:
+        m.unmerge()
+    return len(mods)

@@ -1,0 +1,41 @@
+"""The prompt-aware LoRA weight adapter (WavLLM stage 2, paper section 3.1).
+
+For the instruction tokens (length M) take their representation ``t`` from the frozen LLM run
+WITHOUT LoRA (last decoder layer, before the final norm, as in the reference), then
+
+    o = P_u GELU(P_d t)                     (B, M, D)   P_d: D -> K, P_u: K -> D
+    a = softmax_m(W_A o)                    (B, M, 1)   padded positions masked out
+    r = sum_m a_m * o_m                     (B, D)
+    r = clamp(relu(r), max=clamp_max)       (optional, the reference's choice; default on)
+
+and every LoRA layer computes ``h = W0 x + (B A x) * r`` for all positions of that utterance.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PromptAwareLoRAScale(nn.Module):
+    """Maps instruction hidden states (B, M, D) + their padding mask to one LoRA scale r (B, D)."""
+
+    def __init__(self, dim: int, hidden_dim: int, clamp_max: Optional[float] = 3.0):
+        super().__init__()
+        self.down = nn.Linear(dim, hidden_dim)  # P_d
+        self.up = nn.Linear(hidden_dim, dim)  # P_u
+        self.attention = nn.Linear(dim, 1)  # W_A
+        self.clamp_max = clamp_max if clamp_max is not None and clamp_max > 0 else None
+
+    def forward(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """t: (B, M, D) instruction hidden states; mask: (B, M) True on real tokens. Returns r (B, D)."""
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every instruction needs at least one token for the prompt adapter")
+        o = self.up(F.gelu(self.down(t.to(self.down.weight.dtype))))  # (B, M, D)
+        scores = self.attention(o).squeeze(-1).float()  # (B, M)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        a = torch.softmax(scores, dim=1).to(o.dtype)  # (B, M)
+        r = torch.einsum("bm,bmd->bd", a, o)  # (B, D)
+        if self.clamp_max is not None:
+            r = torch.clamp(torch.relu(r), max=self.clamp_max)
+        return r
