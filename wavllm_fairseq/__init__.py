@@ -8,7 +8,7 @@ import os as _os
 
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from . import model  # noqa: E402,F401  (registers the model and its architectures)
+from . import model  # noqa: E402,F401  (TEMP until prompt_template lands: task, criterion)
 
 __version__ = "0.1.0"
 

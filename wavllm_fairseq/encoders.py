@@ -132,17 +132,19 @@ class WhisperSemanticEncoder(nn.Module):
     def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         from .audio import whisper_log_mel
 
+        n_chunks = max(1, -(-int(wav_lengths.max()) // (self.window * self.hop_length)))
+        # pad the waveform (not the features) to whole windows: padding frames are then the log-mel of
+        # silence, as Whisper's own feature extractor makes them, whatever the batch
+        wav = nn.functional.pad(wav, (0, n_chunks * self.window * self.hop_length - wav.shape[1]))
         mel, mel_lengths = whisper_log_mel(wav, wav_lengths, n_mels=self.n_mels, n_fft=self.n_fft,
-                                           hop=self.hop_length)  # (B, n_mels, F)
+                                           hop=self.hop_length)  # (B, n_mels, n*W)
         B, C, F = mel.shape
-        n_chunks = max(1, -(-int(mel_lengths.max()) // self.window))
-        mel = nn.functional.pad(mel, (0, n_chunks * self.window - F))  # (B, C, n*W)
         chunks = mel.view(B, C, n_chunks, self.window).permute(0, 2, 1, 3).reshape(B * n_chunks, C, self.window)
         dtype = next(self.encoder.parameters()).dtype
         out = self.encoder(chunks.to(dtype)).last_hidden_state  # (B*n, W/2, D)
         out = out.reshape(B, n_chunks * out.shape[1], out.shape[2])  # (B, n*W/2, D)
         lengths = torch.div(mel_lengths + 1, 2, rounding_mode="floor")
-        return out[:, : int(lengths.max())], lengths
+        return out[:, : max(1, int(lengths.max()))], lengths  # >= 1 frame so the adapter convs have input
 
 
 def whisper_encoder_from_config(cfg_kwargs: dict):
@@ -187,14 +189,26 @@ class WavLMAcousticEncoder(nn.Module):
         return self.wavlm.config.num_hidden_layers + 1
 
     def output_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
-        return self.wavlm._get_feat_extract_output_lengths(wav_lengths).long()
+        return self.wavlm._get_feat_extract_output_lengths(wav_lengths).long().clamp(min=0)
 
     def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        mask = (torch.arange(wav.shape[1], device=wav.device)[None, :] < wav_lengths[:, None]).long()
+        # WavLM-base's feature extractor group-normalises each channel over time, so padding would
+        # change a clip's features: clips of different lengths run one by one on their own samples
+        # (exactly what each would get alone), equal lengths run as one batch.
         dtype = next(self.wavlm.parameters()).dtype
-        out = self.wavlm(wav.to(dtype), attention_mask=mask, output_hidden_states=True)
-        hidden = torch.stack(out.hidden_states, dim=0)  # (L+1, B, T, C)
-        return hidden, self.output_lengths(wav_lengths)
+        lengths = self.output_lengths(wav_lengths)
+        # clips shorter than the first conv's receptive field (400 samples) get no frames
+        run_len = wav_lengths.clamp(min=400, max=wav.shape[1])
+        if bool((run_len == run_len[0]).all()):
+            out = self.wavlm(wav[:, : int(run_len[0])].to(dtype), output_hidden_states=True)
+            hidden = torch.stack(out.hidden_states, dim=0)  # (L+1, B, T, C)
+        else:
+            rows = [torch.stack(self.wavlm(wav[b: b + 1, : int(run_len[b])].to(dtype),
+                                           output_hidden_states=True).hidden_states, dim=0)  # (L+1, 1, T_b, C)
+                    for b in range(wav.shape[0])]
+            T = max(r.shape[2] for r in rows)
+            hidden = torch.cat([nn.functional.pad(r, (0, 0, 0, T - r.shape[2])) for r in rows], dim=1)
+        return hidden, lengths
 
 
 def wavlm_from_config(cfg_kwargs: dict):

@@ -82,6 +82,7 @@ ARCHITECTURES: Dict[str, Dict[str, object]] = {
 ARCHITECTURES["wavllm"] = ARCHITECTURES["wavllm_7b"]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MIN_ENCODER_SAMPLES = 400  # shortest waveform the encoders' first convolutions accept (25 ms)
 
 
 @dataclass
@@ -299,8 +300,14 @@ class WavLLMModel(BaseFairseqModel):
     def llm_dim(self) -> int:
         return self.llm.config.hidden_size
 
-    def max_positions(self):
+    @property
+    def context_length(self) -> int:
         return self.llm.config.max_position_embeddings
+
+    def max_positions(self):
+        # fairseq compares this with dataset sizes (audio samples here) to filter rows; the dataset
+        # itself checks prompt + speech + answer against context_length with a clear error instead
+        return None
 
     # ------------------------------------------------------------------ speech branch
     def speech_frames(self, audio_lengths: torch.Tensor) -> torch.Tensor:
@@ -308,10 +315,12 @@ class WavLLMModel(BaseFairseqModel):
         n = self.semantic_adapter.output_lengths(self.whisper.output_lengths(audio_lengths))
         if self.wavlm is not None:
             n = torch.minimum(n, self.acoustic_adapter.output_lengths(self.wavlm.output_lengths(audio_lengths)))
-        return torch.where(audio_lengths > 0, n, torch.zeros_like(n))
+        return torch.where(audio_lengths > 0, n, torch.zeros_like(n)).clamp(min=0)
 
     def encode_speech(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, T) waveform -> speech embeddings (B, N, D) and their lengths (B,)."""
+        if audio.shape[1] < MIN_ENCODER_SAMPLES:  # WavLM's first conv needs 400 samples; lengths stay true
+            audio = nn.functional.pad(audio, (0, MIN_ENCODER_SAMPLES - audio.shape[1]))
         with torch.no_grad():
             sem, sem_len = self.whisper(audio, audio_lengths)  # (B, Tw, Dw) at 20 ms
             if self.wavlm is not None:
@@ -319,11 +328,13 @@ class WavLLMModel(BaseFairseqModel):
         dtype = self.semantic_adapter.out_proj.weight.dtype
         sem, sem_len = self.semantic_adapter(sem.to(dtype), sem_len)  # (B, N1, A)
         if self.wavlm is None:
-            return self.semantic_only_projector(sem), sem_len
+            sem_len = sem_len.clamp(min=0)
+            return self.semantic_only_projector(sem)[:, : int(sem_len.max())], sem_len
         ac, ac_len = self.acoustic_adapter(ac.to(dtype), ac_len)  # (B, N2, A)
         n = min(sem.shape[1], ac.shape[1])  # the reference trims both streams to the shorter
         x = torch.cat([sem[:, :n], ac[:, :n]], dim=-1)  # (B, N, 2A)
-        return self.projector(x), torch.minimum(torch.minimum(sem_len, ac_len), torch.full_like(sem_len, n))
+        lengths = torch.minimum(torch.minimum(sem_len, ac_len), torch.full_like(sem_len, n)).clamp(min=0)
+        return self.projector(x)[:, : int(lengths.max())], lengths  # (B, N, D)
 
     # ------------------------------------------------------------------ prompt-aware LoRA scale
     def prompt_lora_scale(self, instruction_tokens: torch.Tensor, instruction_lengths: torch.Tensor) -> Optional[torch.Tensor]:
@@ -396,6 +407,9 @@ class WavLLMModel(BaseFairseqModel):
         """Left-padded speech+prompt prefix for the generator (generator.py's protocol)."""
         from .generator import GenerationPrefix
 
+        net_input = dict(net_input)
+        if "prompt_post_lengths" in net_input:  # drop the last answer: the generator writes it
+            net_input["post_lengths"] = net_input["prompt_post_lengths"]
         x, mask, _ = self.assemble(net_input, left_pad=True)
         r = None
         if self.prompt_scale is not None:

@@ -1,0 +1,282 @@
+"""The WavLLM model on wavllm_tiny: strides, LoRA identities, prompt adapter masking, freezing, save/load."""
+import os
+
+import pytest
+import torch
+
+from wavllm_fairseq.adapters import ModalityAdapter, conv_out_len
+from wavllm_fairseq.errors import CheckpointError
+from wavllm_fairseq.lora import LoRALinear, lora_disabled, lora_modules
+from wavllm_fairseq.model import WavLLMModel
+from wavllm_fairseq.prompt_adapter import PromptAwareLoRAScale
+
+VOCAB = 100
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return WavLLMModel.from_arch("wavllm_tiny", vocab_size=VOCAB, **kw)
+
+
+def make_batch(audio_lengths, pre=(5, 5, 5), post=(6, 9, 4), n_target=(3, 4, 2), seed=0):
+    """A right-padded batch dict as the collater makes it (see dataset.py)."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(audio_lengths)
+    T = max(max(audio_lengths), 1)
+    audio = torch.zeros(B, T)
+    for b, n in enumerate(audio_lengths):
+        audio[b, :n] = 0.1 * torch.randn(n, generator=g)
+    P, Q = max(pre[:B]), max(post[:B])
+    pre_t = torch.zeros(B, P, dtype=torch.long)
+    post_t = torch.zeros(B, Q, dtype=torch.long)
+    tmask = torch.zeros(B, Q, dtype=torch.bool)
+    for b in range(B):
+        pre_t[b, : pre[b]] = torch.randint(3, VOCAB, (pre[b],), generator=g)
+        post_t[b, : post[b]] = torch.randint(3, VOCAB, (post[b],), generator=g)
+        tmask[b, post[b] - n_target[b]: post[b]] = True
+    instr = torch.randint(3, VOCAB, (B, 4), generator=g)
+    return dict(audio=audio, audio_lengths=torch.tensor(audio_lengths), pre_tokens=pre_t,
+                pre_lengths=torch.tensor(pre[:B]), post_tokens=post_t, post_lengths=torch.tensor(post[:B]),
+                post_target_mask=tmask, instruction_tokens=instr, instruction_lengths=torch.tensor([4, 3, 2][:B]))
+
+
+@pytest.mark.parametrize("n_samples", [1, 319, 320, 1600, 16000, 16001, 23457, 48000])
+def test_speech_frames_80ms_stride(n_samples):
+    model = tiny().eval()
+    with torch.no_grad():
+        x, lengths = model.encode_speech(0.1 * torch.randn(1, n_samples), torch.tensor([n_samples]))
+    predicted = model.speech_frames(torch.tensor([n_samples]))
+    assert int(lengths[0]) == int(predicted[0]) == x.shape[1]
+    # 80 ms = 1280 samples per frame (both branches at 20 ms, two stride-2 convs)
+    assert abs(int(lengths[0]) - n_samples / 1280) <= 1.5
+    assert x.shape[2] == model.llm_dim
+
+
+def test_conv_length_formula_matches_convolution():
+    adapter = ModalityAdapter(8, 8, 8, 4, 6)
+    for n in [1, 2, 3, 4, 5, 17, 64, 101]:
+        y, lengths = adapter(torch.randn(1, n, 8), torch.tensor([n]))
+        assert y.shape[1] == int(lengths[0]) == int(conv_out_len(conv_out_len(torch.tensor(n))))
+
+
+def test_long_audio_is_chunked_not_truncated():
+    model = tiny().eval()
+    window_samples = model.whisper.window * model.whisper.hop_length  # 2 s for wavllm_tiny
+    n = int(2.6 * window_samples)
+    with torch.no_grad():
+        sem, lengths = model.whisper(0.1 * torch.randn(1, n), torch.tensor([n]))
+    assert sem.shape[1] == int(lengths[0]) == (n // 160 + 1) // 2
+
+
+def test_batch_has_mixed_lengths_and_text_only_rows():
+    model = tiny().eval()
+    batch = make_batch([16000, 8000, 0])
+    logits, target, rows = model(**batch)
+    assert logits.shape == (9, VOCAB)
+    assert rows.tolist() == [0] * 3 + [1] * 4 + [2] * 2
+    assert torch.equal(target, batch["post_tokens"][batch["post_target_mask"]])
+
+
+def test_target_logits_equal_full_sequence_logits_at_their_positions():
+    model = tiny().eval()
+    batch = make_batch([16000, 8000, 0])
+    logits, _, _ = model(**batch)
+    x, mask, post_start = model.assemble(batch, left_pad=False)
+    with torch.no_grad():
+        full = model.llm(inputs_embeds=x, attention_mask=mask).logits  # (B, L, V)
+    # row 1: its targets are the last 4 of 9 post tokens -> predicted from positions start+5-1 .. start+8-1
+    s = int(post_start[1])
+    assert torch.allclose(logits[3:7], full[1, s + 4: s + 8], atol=1e-5)
+
+
+def test_right_padding_does_not_change_a_row():
+    model = tiny().eval()
+    batch = make_batch([16000, 8000, 0])
+    logits, _, rows = model(**batch)
+    single = {k: (v[1:2] if torch.is_tensor(v) else v) for k, v in batch.items()}
+    single["audio"] = single["audio"][:, :8000]
+    single["post_tokens"] = single["post_tokens"][:, :9]
+    single["post_target_mask"] = single["post_target_mask"][:, :9]
+    alone, _, _ = model(**single)
+    assert torch.allclose(alone, logits[rows == 1], atol=1e-4)
+
+
+def test_lora_with_zero_B_is_exactly_the_frozen_model():
+    model = tiny().eval()
+    x = torch.randn(2, 7, model.llm_dim)
+    with torch.no_grad():
+        with_lora = model.llm.model(inputs_embeds=x).last_hidden_state
+        with lora_disabled(model.llm):
+            base = model.llm.model(inputs_embeds=x).last_hidden_state
+        with model.lora_scale_context(torch.rand(2, model.llm_dim) * 3):
+            scaled = model.llm.model(inputs_embeds=x).last_hidden_state
+    assert torch.equal(with_lora, base)
+    assert torch.equal(scaled, base)
+
+
+def test_lora_merge_equals_unmerged_and_unmerge_restores():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 12), rank=4, alpha=8.0).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    base_w = layer.base.weight.clone()
+    x = torch.randn(3, 5, 16)
+    unmerged = layer(x)
+    layer.merge()
+    assert torch.allclose(layer(x), unmerged, atol=1e-5)
+    assert not torch.allclose(layer.base.weight, base_w)
+    layer.unmerge()
+    assert torch.allclose(layer.base.weight, base_w, atol=1e-6)
+    # the documented formula, by hand
+    expected = x @ base_w.T + layer.base.bias + (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T) * 2.0
+    assert torch.allclose(unmerged, expected, atol=1e-5)
+
+
+def test_model_merge_lora_keeps_logits():
+    model = tiny().eval()
+    for m in lora_modules(model.llm):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    batch = make_batch([16000, 8000, 0])
+    before, _, _ = model(**batch)
+    assert model.merge_lora() == 8
+    merged, _, _ = model(**batch)
+    model.unmerge_lora()
+    after, _, _ = model(**batch)
+    assert torch.allclose(before, merged, atol=1e-4)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_per_utterance_scale_formula():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(8, 8, bias=False), rank=2, alpha=2.0).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 8)
+    r = torch.rand(2, 8)
+    layer.scale_vector = r
+    got = layer(x)
+    delta = x @ layer.lora_A.weight.T @ layer.lora_B.weight.T  # (B, T, 8)
+    assert torch.allclose(got, layer.base(x) + delta * r[:, None, :], atol=1e-6)
+
+
+def test_prompt_adapter_ignores_padding():
+    torch.manual_seed(0)
+    pa = PromptAwareLoRAScale(dim=16, hidden_dim=8, clamp_max=None)
+    t = torch.randn(1, 5, 16)
+    r1 = pa(t, torch.ones(1, 5, dtype=torch.bool))
+    padded = torch.cat([t, 100 * torch.randn(1, 3, 16)], dim=1)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    r2 = pa(padded, mask)
+    assert torch.allclose(r1, r2, atol=1e-6)
+    # by hand
+    o = pa.up(torch.nn.functional.gelu(pa.down(t)))
+    a = torch.softmax(pa.attention(o).squeeze(-1), dim=1)
+    assert torch.allclose(r1, (a[..., None] * o).sum(1), atol=1e-6)
+    clamped = PromptAwareLoRAScale(16, 8, clamp_max=3.0)
+    clamped.load_state_dict(pa.state_dict())
+    assert torch.allclose(clamped(t, mask[:, :5]), r1.relu().clamp(max=3.0))
+
+
+def test_prompt_scale_from_model_ignores_instruction_padding():
+    model = tiny(prompt_adapter=True).eval()
+    instr = torch.randint(3, VOCAB, (1, 4))
+    r1 = model.prompt_lora_scale(instr, torch.tensor([4]))
+    r2 = model.prompt_lora_scale(torch.cat([instr, torch.zeros(1, 3, dtype=torch.long)], 1), torch.tensor([4]))
+    assert r1.shape == (1, model.llm_dim)
+    assert torch.allclose(r1, r2, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_frozen_parameters_get_no_gradient(stage):
+    model = tiny(prompt_adapter=(stage == 2))
+    model.train()
+    for m in lora_modules(model.llm):  # make every trainable tensor reachable by the gradient
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    logits, target, _ = model(**make_batch([16000, 8000, 0]))
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    groups = {"whisper.": False, "wavlm.": False, "semantic_adapter.": True, "acoustic_adapter.": True,
+              "projector.": True, "prompt_scale.": True}
+    seen_trainable = 0
+    for name, p in model.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        trainable = is_lora or any(name.startswith(k) and v for k, v in groups.items())
+        assert p.requires_grad == trainable, name
+        if trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            seen_trainable += 1
+        else:
+            assert p.grad is None, name
+    assert seen_trainable == len([1 for p in model.parameters() if p.requires_grad])
+    if stage == 2:
+        assert any(n.startswith("prompt_scale.") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_save_and_load_gives_identical_logits(tmp_path):
+    model = tiny(seed=1).eval()
+    for m in lora_modules(model.llm):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    batch = make_batch([16000, 8000, 0])
+    ref, _, _ = model(**batch)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    other = tiny(seed=2).eval()
+    other.load_state_dict(torch.load(tmp_path / "m.pt"))
+    out, _, _ = other(**batch)
+    assert torch.equal(ref, out)
+
+
+def _save_tiny_backbones(root, model):
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = model.whisper.encoder.config
+    full = WhisperModel(WhisperConfig(**{**cfg.to_dict(), "decoder_layers": 1}))
+    full.encoder.load_state_dict(model.whisper.encoder.state_dict())
+    full.save_pretrained(root / "whisper")
+    model.wavlm.wavlm.save_pretrained(root / "wavlm")
+    from transformers import LlamaForCausalLM
+
+    llm = LlamaForCausalLM(model.llm.config)
+    with lora_disabled(model.llm):
+        state = {k.replace(".base.", "."): v for k, v in model.llm.state_dict().items() if "lora_" not in k}
+    llm.load_state_dict(state)
+    llm.save_pretrained(root / "llama")
+
+
+def test_backbones_load_from_save_pretrained_dirs(tmp_path):
+    src = tiny(seed=3).eval()
+    _save_tiny_backbones(tmp_path, src)
+    paths = dict(whisper_path=str(tmp_path / "whisper"), wavlm_path=str(tmp_path / "wavlm"),
+                 llama_path=str(tmp_path / "llama"))
+    model = tiny(seed=4, **paths).eval()
+    for name in ["whisper.encoder.layers.0.fc1.weight", "wavlm.wavlm.encoder.layers.1.feed_forward.output_dense.weight",
+                 "llm.model.layers.1.self_attn.q_proj.base.weight", "llm.lm_head.weight"]:
+        assert torch.equal(dict(src.named_parameters())[name], dict(model.named_parameters())[name]), name
+    # checkpoints hold what cannot be reloaded from the directories: adapters, projector, LoRA
+    state = model.state_dict()
+    assert not any(k.startswith(("whisper.", "wavlm.")) for k in state)
+    assert any(".lora_A." in k for k in state) and not any(".base.weight" in k for k in state)
+    model.semantic_adapter.out_proj.bias.data.fill_(0.5)
+    again = tiny(seed=5, **paths).eval()
+    again.load_state_dict(model.state_dict())
+    batch = make_batch([16000, 8000, 0])
+    assert torch.equal(model(**batch)[0], again(**batch)[0])
+
+
+def test_missing_backbone_file_names_it(tmp_path):
+    src = tiny(seed=3)
+    _save_tiny_backbones(tmp_path, src)
+    os.remove(tmp_path / "wavlm" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no weights in .*wavlm"):
+        tiny(wavlm_path=str(tmp_path / "wavlm"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="config.json"):
+        tiny(llama_path=str(tmp_path / "empty"))
+
+
+def test_load_reports_mismatches_and_fresh_prompt_adapter(caplog):
+    stage1 = tiny(seed=1)
+    stage2 = tiny(seed=2, prompt_adapter=True)
+    stage2.load_state_dict(stage1.state_dict())  # stage 2 from a stage-1 checkpoint: allowed, reported
+    assert "initialised fresh" in caplog.text
+    bad = dict(stage1.state_dict())
+    bad["projector.weight"] = torch.zeros(3, 3)
+    bad["something.else"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="something.else"):
+        tiny().load_state_dict(bad)
