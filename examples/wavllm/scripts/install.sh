@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what wavllm_fairseq needs on a fresh Debian + Python 3.11 machine; a no-op when present.
+#   espeak-ng (Debian)      - synthesizes the toy corpus
+#   torch==2.13.0 (CPU)     - from the local wheel pip is configured to find (no CUDA downloads)
+#   fairseq-fixed 0.12.3.1  - the `fairseq` import name; upstream fairseq 0.12.2 does not import on 3.11
+#   this package (editable) + its Python dependencies
+# and removes torchaudio, which fairseq-fixed pulls in: its native library needs CUDA and makes
+# every transformers model import fail. Nothing here needs torchaudio.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+PY=${PYTHON:-python3}
+
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  echo "[install] espeak-ng (Debian)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+fi
+if ! $PY -c "import torch" >/dev/null 2>&1; then
+  echo "[install] torch 2.13.0 (CPU wheel)"
+  $PY -m pip install -q "torch==2.13.0"
+fi
+if ! $PY -c "import fairseq" >/dev/null 2>&1; then
+  echo "[install] fairseq-fixed 0.12.3.1 (compiles its extensions: a few minutes)"
+  $PY -m pip install -q "fairseq-fixed==0.12.3.1"
+fi
+echo "[install] wavllm_fairseq (editable) and its dependencies"
+$PY -m pip install -q -e ".[test]"
+if $PY -m pip show torchaudio >/dev/null 2>&1; then
+  echo "[install] removing torchaudio (breaks transformers imports on CPU-only machines)"
+  $PY -m pip uninstall -y -q torchaudio
+fi
+$PY -c "import torch, fairseq, transformers, wavllm_fairseq; from transformers import LlamaForCausalLM, WavLMModel" \
+  || { echo "[install] import check failed" >&2; exit 1; }
