@@ -280,3 +280,31 @@ def test_load_reports_mismatches_and_fresh_prompt_adapter(caplog):
     bad["something.else"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="something.else"):
         tiny().load_state_dict(bad)
+
+
+def test_bf16_autocast_forward_is_close_to_fp32():
+    model = tiny(seed=6).eval()
+    for m in lora_modules(model.llm):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    batch = make_batch([16000, 8000, 0])
+    ref, _, _ = model(**batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _, _ = model(**batch)
+    assert low.dtype == torch.bfloat16
+    rel = (low.float() - ref).norm() / ref.norm()
+    assert rel < 0.05, float(rel)
+    assert (low.float().argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(seed=7, activation_checkpointing=ckpt, lora_dropout=0.0)
+        for m in lora_modules(model.llm):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+        logits, target, _ = model(**make_batch([16000, 8000, 0]))
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
