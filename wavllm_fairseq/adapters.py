@@ -7,7 +7,7 @@ Each adapter (paper section 3.1; sizes of the reference implementation):
       -> bottleneck: x + Up(GELU(Down(LayerNorm(x))))           (B, T', C_mid)
       -> Linear(C_mid -> C_out)                                 (B, T', C_out)
 
-Output length of each conv: ``floor((L - 1) / 2) + 1`` (kernel 3, stride 2, padding 1), so
+Frames past a clip's length are zeroed before each conv (batch invariance). Output length of each conv: ``floor((L - 1) / 2) + 1`` (kernel 3, stride 2, padding 1), so
 ``T' = conv_out_len(conv_out_len(T))``.
 """
 from typing import Optional, Sequence, Tuple
@@ -52,10 +52,14 @@ class GLUConvSubsampler(nn.Module):
         return lengths
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # frames past each clip's length are zeroed before every conv, so the last valid output frame
+        # sees the same zero padding whether the clip is batched with longer ones or alone
         x = x.transpose(1, 2)  # (B, C, T)
-        for conv in self.conv_layers:
-            x = F.glu(conv(x), dim=1)  # (B, C', ~T/2)
-        return x.transpose(1, 2), self.output_lengths(lengths)  # (B, T', C_out)
+        for conv, k in zip(self.conv_layers, self.kernel_sizes):
+            valid = torch.arange(x.shape[2], device=x.device)[None, None, :] < lengths.to(x.device)[:, None, None]
+            x = F.glu(conv(x * valid.to(x.dtype)), dim=1)  # (B, C', ~T/2)
+            lengths = conv_out_len(lengths, k, self.stride, k // 2)
+        return x.transpose(1, 2), lengths  # (B, T', C_out)
 
 
 class BottleneckAdapter(nn.Module):
