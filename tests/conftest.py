@@ -1,10 +1,11 @@
-"""Shared pytest setup: repo root on sys.path, deterministic torch, slow marker."""
+"""Shared pytest setup: repo root and tests/ on sys.path, offline Hugging Face, slow marker."""
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for p in (ROOT, os.path.join(ROOT, "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,7 +8,10 @@ import os as _os
 
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from . import model  # noqa: E402,F401  (TEMP until prompt_template lands: task, criterion)
+from . import criterion, model, task  # noqa: E402,F401  (registration with fairseq)
+from .checkpoint_io import install_fairseq_checkpoint_guards as _guards  # noqa: E402
+
+_guards()
 
 __version__ = "0.1.0"
 

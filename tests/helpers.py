@@ -1,0 +1,71 @@
+"""A tiny instruction corpus for tests: a few short wavs, manifests for several tasks, a tokenizer."""
+import os
+from typing import Dict, List
+
+import numpy as np
+import soundfile as sf
+
+from wavllm_fairseq.prompt_template import DEFAULT_SYSTEM_PROMPT
+from wavllm_fairseq.tokenizer import train_sentencepiece
+
+HEADER = ["id", "audio", "n_frames", "prompt", "tgt_text", "with_speech"]
+WORDS = ["red", "blue", "cat", "dog", "runs", "sleeps", "the", "a", "big", "small", "house", "tree"]
+
+
+def tone(seconds: float, freq: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def write_manifest(path: str, rows: List[Dict[str, str]], extra: List[str] = ()) -> str:
+    cols = HEADER + list(extra)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\t".join(cols) + "\n")
+        for r in rows:
+            f.write("\t".join(str(r.get(c, "")) for c in cols) + "\n")
+    return path
+
+
+def make_corpus(root: str, n_train: int = 8, n_test: int = 4, seed: int = 0, vocab_size: int = 320) -> Dict[str, str]:
+    """Writes root/wav/*.wav, train_asr / train_it / valid_asr / test_asr / test_it manifests, root/tok.
+
+    ASR answers are word sequences (distinct tones per row); IT rows are text-only.
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "wav"), exist_ok=True)
+    texts = []
+
+    def asr_rows(prefix: str, n: int, offset: int):
+        rows = []
+        for i in range(n):
+            words = " ".join(rng.choice(WORDS, size=3))
+            secs = 0.6 + 0.15 * ((i + offset) % 5)
+            wav = tone(secs, 200 + 40 * (i % 7), seed + i + offset)
+            name = f"wav/{prefix}{i}.wav"
+            sf.write(os.path.join(root, name), wav, 16000, subtype="PCM_16")
+            rows.append(dict(id=f"{prefix}{i}", audio=name, n_frames=len(wav), prompt="What is said?",
+                             tgt_text=words, with_speech="True", task="asr"))
+            texts.append(words)
+        return rows
+
+    def it_rows(prefix: str, n: int):
+        rows = []
+        for i in range(n):
+            w = WORDS[i % len(WORDS)]
+            rows.append(dict(id=f"{prefix}{i}", audio="", n_frames=0, prompt=f"Repeat the word {w} twice.",
+                             tgt_text=f"{w} {w}", with_speech="False", task="it"))
+            texts.append(f"Repeat the word {w} twice. {w} {w}")
+        return rows
+
+    paths = {
+        "train_asr": write_manifest(os.path.join(root, "train_asr.tsv"), asr_rows("tr", n_train, 0), ["task"]),
+        "train_it": write_manifest(os.path.join(root, "train_it.tsv"), it_rows("it", n_train), ["task"]),
+        "valid_asr": write_manifest(os.path.join(root, "valid_asr.tsv"), asr_rows("va", n_test, 100), ["task"]),
+        "test_asr": write_manifest(os.path.join(root, "test_asr.tsv"), asr_rows("te", n_test, 200), ["task"]),
+        "test_it": write_manifest(os.path.join(root, "test_it.tsv"), it_rows("ti", n_test), ["task"]),
+    }
+    texts += ["What is said?", DEFAULT_SYSTEM_PROMPT, "[INST] <<SYS>> <</SYS>> <SPEECH> </SPEECH> [/INST]"]
+    train_sentencepiece(texts * 5, os.path.join(root, "tok"), vocab_size=vocab_size)
+    paths["tok"] = os.path.join(root, "tok")
+    return paths

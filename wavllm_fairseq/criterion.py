@@ -1,0 +1,82 @@
+"""``@register_criterion("wavllm_cross_entropy")``: cross entropy on the answer tokens only.
+
+The model returns logits only at the positions that predict an answer token (``target</s>`` of every
+turn), so system prompt, instruction, speech and padding never enter the loss. Logs loss, nll_loss
+(base 2, per target token), token accuracy and the loss of each task in the batch.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+
+TASK_LOSS = "task_loss:"
+TASK_NTOK = "task_ntok:"
+
+
+@dataclass
+class WavLLMCrossEntropyConfig(FairseqDataclass):
+    label_smoothing: float = field(default=0.0, metadata={"help": "epsilon for label smoothing (0 = plain cross entropy)"})
+    report_per_task: bool = field(default=True, metadata={"help": "log the loss of each task separately"})
+
+
+@register_criterion("wavllm_cross_entropy", dataclass=WavLLMCrossEntropyConfig)
+class WavLLMCrossEntropy(FairseqCriterion):
+    def __init__(self, task, label_smoothing=0.0, report_per_task=True):
+        super().__init__(task)
+        self.eps = label_smoothing
+        self.report_per_task = report_per_task
+
+    def forward(self, model, sample, reduce=True):
+        logits, target, rows = model(**sample["net_input"])  # (N, V), (N,), (N,)
+        lprobs = F.log_softmax(logits.float(), dim=-1)
+        nll = -lprobs.gather(1, target[:, None]).squeeze(1)  # (N,)
+        if self.eps > 0:
+            smooth = -lprobs.mean(dim=-1)
+            per_token = (1 - self.eps) * nll + self.eps * smooth
+        else:
+            per_token = nll
+        loss = per_token.sum()
+        ntokens = int(target.numel())
+        logging_output = {
+            "loss": loss.detach().item(),
+            "nll_loss": nll.detach().sum().item(),
+            "ntokens": ntokens,
+            "nsentences": sample["nsentences"],
+            "sample_size": ntokens,
+            "n_correct": int((lprobs.argmax(-1) == target).sum()),
+        }
+        if self.report_per_task and "task_names" in sample:
+            names = sample["task_names"]
+            per_row = torch.zeros(len(names), dtype=torch.float64).index_add_(0, rows.cpu(), nll.detach().double().cpu())
+            count = torch.bincount(rows.cpu(), minlength=len(names))
+            for i, name in enumerate(names):
+                logging_output[TASK_LOSS + name] = logging_output.get(TASK_LOSS + name, 0.0) + float(per_row[i])
+                logging_output[TASK_NTOK + name] = logging_output.get(TASK_NTOK + name, 0) + int(count[i])
+        return loss, ntokens, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs: List[Dict]) -> None:
+        def total(key):
+            return sum(log.get(key, 0) for log in logging_outputs)
+
+        ntokens = total("ntokens")
+        sample_size = total("sample_size")
+        metrics.log_scalar("loss", total("loss") / max(sample_size, 1) / math.log(2), sample_size, round=3)
+        metrics.log_scalar("nll_loss", total("nll_loss") / max(ntokens, 1) / math.log(2), ntokens, round=3)
+        metrics.log_derived("ppl", lambda meters: 2 ** meters["nll_loss"].avg)
+        metrics.log_scalar("accuracy", 100.0 * total("n_correct") / max(ntokens, 1), ntokens, round=2)
+        tasks = sorted({k[len(TASK_LOSS):] for log in logging_outputs for k in log if k.startswith(TASK_LOSS)})
+        for t in tasks:
+            n = total(TASK_NTOK + t)
+            if n > 0:
+                metrics.log_scalar(f"loss_{t}", total(TASK_LOSS + t) / n / math.log(2), n, round=3)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        # per-task keys differ between workers, so they are gathered rather than summed as tensors
+        return False
