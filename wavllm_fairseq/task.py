@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from fairseq.data import iterators
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
@@ -169,7 +168,7 @@ class WavLLMInstructionTask(FairseqTask):
                 data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
                 skip_remainder_batch=False, grouped_shuffling=grouped_shuffling,
                 update_epoch_batch_itr=update_epoch_batch_itr)
-        from .curriculum import CurriculumBatchSampler
+        from .curriculum import CurriculumBatchSampler, CurriculumEpochBatchIterator
 
         if max_tokens is None and max_sentences is None:
             raise WavLLMInputError("set dataset.max_tokens (audio samples per batch, 480000 = 30 s) or dataset.batch_size")
@@ -180,7 +179,7 @@ class WavLLMInstructionTask(FairseqTask):
             max_tokens=max_tokens, max_sentences=max_sentences, seed=seed,
             updates_per_epoch=self.cfg.updates_per_epoch, num_shards=num_shards, update_freq=update_freq)
         dataset.set_epoch(epoch)
-        return iterators.EpochBatchIterator(
+        return CurriculumEpochBatchIterator(
             dataset=dataset, collate_fn=dataset.collater, batch_sampler=sampler, seed=seed, num_shards=num_shards,
             shard_id=shard_id, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
             skip_remainder_batch=False, grouped_shuffling=False, reuse_dataloader=True, persistent_workers=num_workers > 0)
