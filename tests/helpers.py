@@ -66,6 +66,21 @@ def make_corpus(root: str, n_train: int = 8, n_test: int = 4, seed: int = 0, voc
         "test_it": write_manifest(os.path.join(root, "test_it.tsv"), it_rows("ti", n_test), ["task"]),
     }
     texts += ["What is said?", DEFAULT_SYSTEM_PROMPT, "[INST] <<SYS>> <</SYS>> <SPEECH> </SPEECH> [/INST]"]
-    train_sentencepiece(texts * 5, os.path.join(root, "tok"), vocab_size=vocab_size)
+    tok = train_sentencepiece(texts * 5, os.path.join(root, "tok"), vocab_size=vocab_size)
     paths["tok"] = os.path.join(root, "tok")
+    paths["llama"] = save_tiny_llama(os.path.join(root, "llama"), len(tok), seed)
     return paths
+
+
+def save_tiny_llama(out: str, vocab: int, seed: int = 0, dim: int = 64) -> str:
+    """A wavllm_tiny-sized LLaMA saved with save_pretrained (initialised wide enough that a frozen
+    random LM head can still express peaked distributions through LoRA/adapters)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=dim, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=2 * dim, vocab_size=vocab, max_position_embeddings=1024, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=None, tie_word_embeddings=False, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
