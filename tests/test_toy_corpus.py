@@ -1,0 +1,126 @@
+"""The espeak-ng toy corpus: deterministic, valid, disjoint splits, multi-task targets in order."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from wavllm_fairseq.manifest import read_manifest
+from wavllm_fairseq.toy import corpus as toy
+
+ESPEAK = shutil.which("espeak-ng")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    assert ESPEAK, "espeak-ng is required (examples/wavllm/scripts/install.sh installs it)"
+    root = tmp_path_factory.mktemp("toy")
+    out = {}
+    for name in ("a", "b"):
+        d = str(root / name)
+        res = subprocess.run([sys.executable, "-m", "wavllm_fairseq.toy.corpus", "--out", d, "--size", "small",
+                              "--seed", "5"], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        out[name] = d
+    out["log"] = res.stdout
+    return out
+
+
+def _digest(folder):
+    h = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if f == "corpus.json":
+                continue
+            p = os.path.join(dirpath, f)
+            h[os.path.relpath(p, folder)] = hashlib.md5(open(p, "rb").read()).hexdigest()
+    return h
+
+
+def manifests(folder):
+    return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".tsv"))
+
+
+def rows_of(folder, name):
+    rows, _ = read_manifest(os.path.join(folder, name + ".tsv"))
+    return rows
+
+
+def test_same_seed_gives_identical_files_and_progress_is_shown(built):
+    assert _digest(built["a"]) == _digest(built["b"])
+    assert "[corpus] progress" in built["log"]
+
+
+def test_every_manifest_validates_and_every_task_has_seen_and_unseen_tests(built):
+    names = manifests(built["a"])
+    for task in ("asr", "st", "sv", "er", "gender", "sqa", "it", "multi"):
+        assert f"train_{task}" in names and f"test_{task}" in names and f"test_{task}_unseen" in names
+    for name in names:
+        rows, report = read_manifest(os.path.join(built["a"], name + ".tsv"), check_audio="full")
+        assert report.bad == 0 and report.ok == len(rows) > 0 and not report.warnings, (name, report)
+
+
+def test_prompt_pools_have_ten_paraphrases_and_are_disjoint(built):
+    pdir = os.path.join(built["a"], "prompts")
+    for task in ("asr", "st", "sv", "er", "gender", "sqa", "it"):
+        seen = set(open(os.path.join(pdir, f"{task}.seen.txt")).read().split("\n")) - {""}
+        unseen = set(open(os.path.join(pdir, f"{task}.unseen.txt")).read().split("\n")) - {""}
+        assert len(seen) >= 10 and len(unseen) >= 5 and not seen & unseen, task
+    train_prompts = {r.prompt for r in rows_of(built["a"], "train_asr")}
+    unseen_prompts = {r.prompt for r in rows_of(built["a"], "test_asr_unseen")}
+    assert train_prompts and unseen_prompts and not train_prompts & unseen_prompts
+
+
+def test_test_voices_and_sentences_never_occur_in_training(built):
+    train = [r for n in manifests(built["a"]) if n.startswith("train_") and n != "train_it" for r in rows_of(built["a"], n)]
+    test = [r for n in manifests(built["a"]) if n.startswith(("test_", "valid_")) and not n.startswith("test_it")
+            and not n.startswith("valid_it") for r in rows_of(built["a"], n)]
+    assert train and test
+    voice = lambda r: r.extra["speaker"].split("+")[1]  # noqa: E731
+    assert {voice(r) for r in test} == set(toy.TEST_VARIANTS)
+    assert not {voice(r) for r in train} & set(toy.TEST_VARIANTS)
+    train_text = {r.tgt_text for r in rows_of(built["a"], "train_asr")}
+    test_text = {r.tgt_text for r in rows_of(built["a"], "test_asr")}
+    assert test_text and not train_text & test_text
+    # SV clips hold two sentences: none of them is a training sentence either
+    all_train_sentences = {s for s, _ in toy.all_sentences() if toy._h(5, "split", s) % 100 >= 15}
+    assert not test_text & all_train_sentences
+
+
+def test_multi_task_targets_answer_every_subtask_in_order(built):
+    for name in ("train_multi", "test_multi", "test_multi_unseen"):
+        rows = rows_of(built["a"], name)
+        assert rows
+        combos = set()
+        for r in rows:
+            subtasks = json.loads(r.extra["subtasks"])
+            markers = json.loads(r.extra["sub_markers"])
+            targets = json.loads(r.extra["sub_targets"])
+            combos.add(tuple(subtasks))
+            assert len(subtasks) == len(markers) == len(targets) >= 2
+            assert r.task == "+".join(subtasks)
+            pos = 0
+            for marker, target in zip(markers, targets):
+                at = r.tgt_text.find(f"{marker} {target}", pos)
+                assert at >= 0, (r.id, r.tgt_text, marker, target)
+                pos = at + len(marker)
+            connectors = toy.CONNECTORS[len(subtasks)]
+            assert r.prompt.startswith(connectors[0]) and all(c in r.prompt for c in connectors)
+        assert len(combos) == len(toy.MULTI)
+
+
+def test_sv_and_style_labels_are_balanced(built):
+    sv = rows_of(built["a"], "train_sv")
+    labels = [r.extra["label"] for r in sv]
+    assert labels.count("yes") == labels.count("no")
+    styles = {r.extra["label"] for r in rows_of(built["a"], "train_er")}
+    assert styles == set(toy.STYLES)
+
+
+def test_a_second_run_is_cached(built):
+    res = subprocess.run([sys.executable, "-m", "wavllm_fairseq.toy.corpus", "--out", built["a"], "--size", "small",
+                          "--seed", "5"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "cached" in res.stdout

@@ -1,0 +1,462 @@
+"""The embedded toy corpus: synthetic multi-task speech made with espeak-ng (SPEC section 8).
+
+    wavllm-make-toy-corpus --out manifests/toy [--seed 1] [--size small|default] [--jobs 2] [--force]
+
+Speech: sentences of a small grammar (``the big red cat follows the dog near the river``) spoken by
+espeak-ng voices = accent x variant (8 English accents x 26 male/female variants), with per-clip
+pitch and speed jitter and one of four speaking styles (neutral / happy / sad / angry, rendered by
+pitch, speed and amplitude). Test voices (4 variants held out in every accent) and test sentences
+(a seeded 15% of the grammar) never occur in training.
+
+Tasks (manifest ``<split>_<task>.tsv``; the same clip serves several tasks with different prompts,
+so the model must read the instruction): ``asr``; ``st`` (toy English->German by a deterministic word
+and phrase mapping); ``sv`` (two utterances in one clip, same or different voice: "Is there only one
+speaker in the audio clip?"); ``er`` (speaking style, 4 classes); ``gender``; ``sqa`` (which object is
+mentioned); ``it`` (text-only instructions about words); ``multi`` (stage 2: 2-3 of the above joined
+with "To begin,", "Then,", "Lastly,", answered in order, each answer starting with a marker that repeats
+the key part of its prompt). Every task has >= 10 training (seen) prompts and a disjoint unseen pool
+of 5 used only by ``test_<task>_unseen.tsv`` (same clips as ``test_<task>.tsv``, other prompts).
+
+Also written: ``prompts/<task>.{seen,unseen}.txt``, ``lm_text.txt`` (all training text, for the toy
+tokenizer and LM of stage 0) and ``corpus.json`` (seed, size, counts, voice split). Deterministic for a
+seed (same manifests byte for byte); a second run with the same seed and size is skipped.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..manifest import escape_cell
+
+# ------------------------------------------------------------------ language
+DETS = ["the", "a"]
+ADJS = ["big", "small", "red", "blue", "green", "old", "young", "brown"]
+NOUNS = ["cat", "dog", "bird", "horse", "cow", "boy", "girl", "man", "woman", "farmer"]
+VERBS = ["sees", "likes", "finds", "follows", "helps", "watches", "pulls", "carries"]
+OBJECTS = ["ball", "apple", "book", "car", "house", "tree", "box", "bread", "cake", "door"]
+PLACES = ["in the park", "near the river", "at home", "in the garden", "on the hill", "at school", ""]
+DE = {"the": "der", "a": "ein", "big": "grosse", "small": "kleine", "red": "rote", "blue": "blaue",
+      "green": "gruene", "old": "alte", "young": "junge", "brown": "braune", "cat": "katze", "dog": "hund",
+      "bird": "vogel", "horse": "pferd", "cow": "kuh", "boy": "junge", "girl": "maedchen", "man": "mann",
+      "woman": "frau", "farmer": "bauer", "sees": "sieht", "likes": "mag", "finds": "findet",
+      "follows": "folgt", "helps": "hilft", "watches": "beobachtet", "pulls": "zieht", "carries": "traegt",
+      "ball": "ball", "apple": "apfel", "book": "buch", "car": "auto", "house": "haus", "tree": "baum",
+      "box": "kiste", "bread": "brot", "cake": "kuchen", "door": "tuer"}
+DE_PLACES = {"in the park": "im park", "near the river": "am fluss", "at home": "zu hause",
+             "in the garden": "im garten", "on the hill": "auf dem huegel", "at school": "in der schule", "": ""}
+
+ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+           "en-us-nyc"]
+FEMALE = ["f1", "f2", "f3", "f4", "f5", "Alicia", "Andrea", "Annie", "aunty", "belinda", "linda", "steph"]
+MALE = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "adam", "Andy", "benjamin", "caleb", "david", "john", "max"]
+TEST_VARIANTS = ["f4", "Annie", "m5", "david"]  # held out in every accent
+STYLES = {  # pitch offset, speed factor, amplitude
+    "neutral": (0, 1.0, 100), "happy": (22, 1.18, 120), "sad": (-18, 0.78, 60), "angry": (6, 1.1, 190)}
+
+SIZES = {"small": dict(train=160, test=24, valid=12, sv_train=40, multi_train=80, multi_test=16, it_train=60),
+         "default": dict(train=1500, test=100, valid=40, sv_train=300, multi_train=900, multi_test=60,
+                         it_train=500)}
+
+# ------------------------------------------------------------------ prompt pools (seen, unseen)
+PROMPTS: Dict[str, Tuple[List[str], List[str]]] = {
+    "asr": (["Transcribe the audio.", "What is said in the audio?", "Write down what the speaker says.",
+             "Please transcribe this recording.", "Convert the speech into text.", "What does the speaker say?",
+             "Give me a transcript of the audio.", "Can you write out the spoken words?",
+             "Recognize the speech and output the text.", "Turn this speech into written words.",
+             "Transcribe the speech in the clip.", "What words are spoken here?"],
+            ["Please write what you hear.", "Produce the text of this utterance.", "Tell me the exact words spoken.",
+             "Put the spoken sentence into text.", "Which sentence is spoken in the recording?"]),
+    "st": (["Translate the audio into German.", "What is the German translation of the speech?",
+            "Translate what the speaker says into German.", "Please give the German version of this audio.",
+            "Render the spoken sentence in German.", "How would you say this in German?",
+            "Translate the speech to German.", "Give a German translation of the recording.",
+            "Convert the spoken English into German text.", "Provide the German translation.",
+            "Say the spoken sentence in German.", "Turn the speech into German."],
+           ["Write the speech in German, please.", "Express the utterance in German.",
+            "I need this audio translated into German.", "What is this sentence in German?",
+            "Give me the spoken words in German."]),
+    "sv": (["Is there only one speaker in the audio clip?", "Is the whole clip spoken by a single person?",
+            "Do both sentences come from the same speaker?", "Is this audio spoken by only one speaker?",
+            "Are the two utterances said by the same person?", "Does one person speak the whole clip?",
+            "Is there a single speaker in this recording?", "Are both parts spoken by one speaker?",
+            "Is the same voice heard throughout the clip?", "Did one speaker say both sentences?",
+            "Is only one speaker present in the audio?"],
+           ["Is it one person talking in both parts?", "Do we hear a single speaker in the clip?",
+            "Is the audio produced by just one speaker?", "Are the two sentences from one voice?",
+            "Is a single voice speaking throughout?"]),
+    "er": (["What is the speaking style of the speaker?", "How does the speaker sound?",
+            "What emotion does the speaker express?", "Describe the speaker's speaking style.",
+            "Which emotion is in the voice?", "Is the speaker neutral, happy, sad or angry?",
+            "What mood is the speaker in?", "Classify the emotion of the speech.",
+            "Tell me the emotional tone of the voice.", "What is the emotion of this utterance?",
+            "Identify the speaker's emotion."],
+           ["Which feeling does the voice convey?", "How would you describe the speaker's emotion?",
+            "Name the emotion heard in the speech.", "What emotional state does the speaker show?",
+            "Determine the style of speaking."]),
+    "gender": (["Is the speaker male or female?", "What is the gender of the speaker?",
+                "Is this a man's or a woman's voice?", "Tell me the speaker's gender.",
+                "Which gender does the speaker have?", "Does a male or a female speak?",
+                "Identify the gender of the voice.", "Is the voice male or female?",
+                "Is the person speaking a man or a woman?", "Classify the speaker's gender.",
+                "What gender is the speaking person?"],
+               ["Would you say the voice is male or female?", "Guess the gender of the talker.",
+                "Is the talker a woman or a man?", "Which sex does the voice belong to?",
+                "Determine whether the speaker is male or female."]),
+    "sqa": (["Which object is mentioned in the audio?", "What object does the speaker talk about?",
+             "Name the object in the sentence.", "What thing is mentioned in the recording?",
+             "Which item appears in the spoken sentence?", "What is the object of the sentence?",
+             "Tell me the object mentioned by the speaker.", "Which thing does the sentence mention?",
+             "What item is talked about?", "Which object is named in the speech?",
+             "What object is referred to in the clip?"],
+            ["What is the thing the speaker mentions?", "Identify the object in the utterance.",
+             "Which item is named by the speaker?", "What object can be heard in the sentence?",
+             "Name the item mentioned in the audio."]),
+}
+MARKERS = {"asr": "The transcription is:", "st": "The German translation is:", "sv": "Speaker check:",
+           "er": "The speaking style is:", "gender": "The speaker's gender is:", "sqa": "The object mentioned is:",
+           "it": "The answer to the text question is:"}
+MULTI = [("asr", "st"), ("asr", "it"), ("er", "it"), ("sv", "it"), ("gender", "asr"), ("asr", "sqa"),
+         ("st", "it"), ("sqa", "it"), ("asr", "st", "it"), ("asr", "sqa", "it")]
+CONNECTORS = {2: ["To begin,", "Then,"], 3: ["To begin,", "Then,", "Lastly,"]}
+IT_TEMPLATES_SEEN = [("Translate the word {w} into German.", lambda w: DE[w]),
+                     ("What is the German word for {w}?", lambda w: DE[w]),
+                     ("Give the German for {w}.", lambda w: DE[w]),
+                     ("Repeat the word {w} twice.", lambda w: f"{w} {w}"),
+                     ("Say {w} two times.", lambda w: f"{w} {w}"),
+                     ("Spell the word {w}.", lambda w: "-".join(w)),
+                     ("How do you spell {w}?", lambda w: "-".join(w)),
+                     ("Write the letters of {w} separated by dashes.", lambda w: "-".join(w)),
+                     ("What is the first letter of {w}?", lambda w: w[0]),
+                     ("Give the first letter of the word {w}.", lambda w: w[0]),
+                     ("Write {w} in capital letters.", lambda w: w.upper()),
+                     ("Uppercase the word {w}.", lambda w: w.upper())]
+IT_TEMPLATES_UNSEEN = [("In German, what is {w}?", lambda w: DE[w]),
+                       ("Please repeat {w} two times.", lambda w: f"{w} {w}"),
+                       ("Spell out {w} letter by letter.", lambda w: "-".join(w)),
+                       ("Which letter does {w} start with?", lambda w: w[0]),
+                       ("Turn {w} into capital letters.", lambda w: w.upper())]
+IT_WORDS = NOUNS + OBJECTS + ADJS
+HEADER = ["id", "audio", "n_frames", "prompt", "tgt_text", "with_speech", "task", "speaker", "gender", "label",
+          "prompt_pool", "subtasks", "sub_markers", "sub_targets"]
+
+
+def log(msg: str) -> None:
+    print(f"[corpus] {msg}", flush=True)
+
+
+def _h(*parts) -> int:
+    return int(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
+def all_sentences() -> List[Tuple[str, dict]]:
+    out = []
+    for d in DETS:
+        for a in ADJS + [""]:
+            for n in NOUNS:
+                for v in VERBS:
+                    for o in OBJECTS:
+                        for p in PLACES:
+                            words = [d] + ([a] if a else []) + [n, v, "the", o] + ([p] if p else [])
+                            out.append((" ".join(words), dict(det=d, adj=a, noun=n, verb=v, obj=o, place=p)))
+    return out
+
+
+def translate(parts: dict) -> str:
+    words = [DE[parts["det"]]] + ([DE[parts["adj"]]] if parts["adj"] else []) + [DE[parts["noun"]], DE[parts["verb"]],
+                                                                                   "den", DE[parts["obj"]]]
+    if parts["place"]:
+        words.append(DE_PLACES[parts["place"]])
+    return " ".join(words)
+
+
+def voices(split: str) -> List[Tuple[str, str, str]]:
+    """(accent, variant, gender) of the train or test voices."""
+    out = []
+    for acc in ACCENTS:
+        for var in FEMALE + MALE:
+            if (var in TEST_VARIANTS) == (split == "test"):
+                out.append((acc, var, "female" if var in FEMALE else "male"))
+    return out
+
+
+# ------------------------------------------------------------------ synthesis
+def _synth(job) -> Tuple[str, int]:
+    """One clip: espeak-ng -> 16 kHz mono PCM16 (or two utterances joined by silence for SV)."""
+    import soundfile as sf
+
+    from ..audio import resample_to_16k
+
+    out_path, parts = job
+    pieces = []
+    for text, accent, variant, pitch, speed, amp in parts:
+        with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+            cmd = ["espeak-ng", "-v", f"{accent}+{variant}", "-p", str(pitch), "-s", str(speed), "-a", str(amp),
+                   "-w", tmp.name, text]
+            subprocess.run(cmd, check=True, capture_output=True)
+            wav, sr = sf.read(tmp.name, dtype="float32")
+        if wav.ndim > 1:
+            wav = wav.mean(1)
+        wav = resample_to_16k(wav, sr)
+        nz = np.flatnonzero(np.abs(wav) > 1e-3)  # trim espeak's leading/trailing silence
+        if len(nz):
+            wav = wav[max(0, nz[0] - 800): nz[-1] + 800]
+        pieces.append(wav)
+    if len(pieces) == 2:
+        pieces = [pieces[0], np.zeros(4800, dtype=np.float32), pieces[1]]
+    wav = np.concatenate(pieces).astype(np.float32)
+    wav = np.clip(wav, -1, 1)
+    sf.write(out_path, wav, 16000, subtype="PCM_16")
+    return out_path, len(wav)
+
+
+def _voice_params(rng: np.random.Generator, style: str) -> Tuple[int, int, int]:
+    dp, fs, amp = STYLES[style]
+    pitch = int(np.clip(50 + dp + rng.integers(-8, 9), 5, 99))
+    speed = int(165 * fs * rng.uniform(0.92, 1.08))
+    return pitch, speed, int(amp * rng.uniform(0.9, 1.1))
+
+
+# ------------------------------------------------------------------ rows
+def _row(**kw) -> dict:
+    r = {k: "" for k in HEADER}
+    r.update({k: v for k, v in kw.items() if v is not None})
+    return r
+
+
+def _write(path: str, rows: List[dict]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\t".join(HEADER) + "\n")
+        for r in rows:
+            f.write("\t".join(escape_cell(str(r[c])) for c in HEADER) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def answer(task: str, clip: dict) -> Tuple[str, Optional[str]]:
+    """(target text, label) of a single-task question about a clip."""
+    if task == "asr":
+        return clip["text"], None
+    if task == "st":
+        return clip["de"], None
+    if task == "er":
+        return f"The speaker sounds {clip['style']}.", clip["style"]
+    if task == "gender":
+        return f"The speaker is {clip['gender']}.", clip["gender"]
+    if task == "sqa":
+        return f"The {clip['obj']}.", clip["obj"]
+    if task == "sv":
+        return ("Yes, there is only one speaker." if clip["same"] else "No, there are two speakers."), (
+            "yes" if clip["same"] else "no")
+    raise ValueError(task)
+
+
+def sub_answer(task: str, clip: Optional[dict], it_item: Optional[Tuple[str, str]]) -> str:
+    if task == "it":
+        return it_item[1]
+    if task in ("er", "gender"):
+        return clip["style" if task == "er" else "gender"]
+    if task == "sv":
+        return "yes" if clip["same"] else "no"
+    if task == "sqa":
+        return clip["obj"]
+    return answer(task, clip)[0]
+
+
+def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generator) -> List[dict]:
+    prompts = PROMPTS[task][0 if pool == "seen" else 1]
+    rows = []
+    for c in clips:
+        tgt, label = answer(task, c)
+        rows.append(_row(id=f"{task}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"],
+                         prompt=prompts[int(rng.integers(len(prompts)))], tgt_text=tgt, with_speech="True", task=task,
+                         speaker=c["speaker"], gender=c["gender"], label=label or "", prompt_pool=pool))
+    return rows
+
+
+def it_items(words: Sequence[str], pool: str, n: int, rng) -> List[Tuple[str, str]]:
+    templates = IT_TEMPLATES_SEEN if pool == "seen" else IT_TEMPLATES_UNSEEN
+    out = []
+    for _ in range(n):
+        t, fn = templates[int(rng.integers(len(templates)))]
+        w = words[int(rng.integers(len(words)))]
+        out.append((t.format(w=w), fn(w)))
+    return out
+
+
+def multi_rows(clips: List[dict], sv_clips: List[dict], n: int, pool: str, rng, words) -> List[dict]:
+    rows = []
+    for i in range(n):
+        combo = MULTI[i % len(MULTI)]
+        c = sv_clips[int(rng.integers(len(sv_clips)))] if "sv" in combo else clips[int(rng.integers(len(clips)))]
+        it = it_items(words, pool, 1, rng)[0] if "it" in combo else None
+        conns = CONNECTORS[len(combo)]
+        prompts, answers, subs = [], [], []
+        for k, t in enumerate(combo):
+            p = it[0] if t == "it" else PROMPTS[t][0 if pool == "seen" else 1][int(rng.integers(5 if pool == "unseen" else 10))]
+            prompts.append(f"{conns[k]} {p[0].lower()}{p[1:]}")
+            sub = sub_answer(t, c, it)
+            subs.append(sub)
+            answers.append(f"{MARKERS[t]} {sub}")
+        rows.append(_row(id=f"multi_{i}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"], prompt=" ".join(prompts),
+                         tgt_text=" ".join(answers), with_speech="True", task="+".join(combo), speaker=c["speaker"],
+                         gender=c["gender"], prompt_pool=pool, subtasks=json.dumps(list(combo)),
+                         sub_markers=json.dumps([MARKERS[t] for t in combo]), sub_targets=json.dumps(subs)))
+    return rows
+
+
+def it_rows(words, pool, n, rng, prefix) -> List[dict]:
+    return [_row(id=f"{prefix}{i}", audio="", n_frames=0, prompt=q, tgt_text=a, with_speech="False", task="it",
+                 prompt_pool=pool) for i, (q, a) in enumerate(it_items(words, pool, n, rng))]
+
+
+# ------------------------------------------------------------------ main
+def build(out: str, seed: int, size: str, jobs: int) -> dict:
+    t0 = time.time()
+    sz = SIZES[size]
+    rng = np.random.default_rng(seed)
+    sentences = all_sentences()
+    train_s = [s for s in sentences if _h(seed, "split", s[0]) % 100 >= 15]
+    test_s = [s for s in sentences if _h(seed, "split", s[0]) % 100 < 15]
+    wav_dir = os.path.join(out, "wav")
+    os.makedirs(wav_dir, exist_ok=True)
+
+    def make_clips(split: str, n: int, sents) -> List[dict]:
+        vs = voices("test" if split in ("test", "valid") else "train")
+        clips = []
+        for i in range(n):
+            text, parts = sents[int(rng.integers(len(sents)))]
+            acc, var, gender = vs[int(rng.integers(len(vs)))]
+            style = list(STYLES)[int(rng.integers(4))]
+            pitch, speed, amp = _voice_params(rng, style)
+            clips.append(dict(id=f"{split}{i:05d}", audio=f"wav/{split}{i:05d}.wav", text=text, de=translate(parts),
+                              obj=parts["obj"], style=style, gender=gender, speaker=f"{acc}+{var}",
+                              synth=[(text, acc, var, pitch, speed, amp)]))
+        return clips
+
+    def make_sv(split: str, n: int, sents) -> List[dict]:
+        vs = voices("test" if split in ("test", "valid") else "train")
+        clips = []
+        for i in range(n):
+            same = i % 2 == 0
+            a = vs[int(rng.integers(len(vs)))]
+            b = a if same else vs[int(rng.integers(len(vs)))]
+            while not same and b[1] == a[1]:  # a different speaker: another variant
+                b = vs[int(rng.integers(len(vs)))]
+            (t1, p1), (t2, p2) = (sents[int(rng.integers(len(sents)))] for _ in range(2))
+            pa, sa, aa = _voice_params(rng, "neutral")
+            pb, sb, ab = (pa, sa, aa) if same else _voice_params(rng, "neutral")
+            clips.append(dict(id=f"{split}sv{i:05d}", audio=f"wav/{split}sv{i:05d}.wav", text=f"{t1} {t2}", same=same,
+                              obj=p1["obj"], style="neutral", gender=a[2], speaker=f"{a[0]}+{a[1]}",
+                              synth=[(t1, a[0], a[1], pa, sa, aa), (t2, b[0], b[1], pb, sb, ab)]))
+        return clips
+
+    train = make_clips("train", sz["train"], train_s)
+    test = make_clips("test", sz["test"], test_s)
+    valid = make_clips("valid", sz["valid"], test_s)
+    sv_train = make_sv("train", sz["sv_train"], train_s)
+    sv_test = make_sv("test", sz["test"], test_s)
+    sv_valid = make_sv("valid", sz["valid"], test_s)
+    every = train + test + valid + sv_train + sv_test + sv_valid
+    log(f"synthesizing {len(every)} clips with espeak-ng on {jobs} processes")
+    work = [(os.path.join(out, c["audio"]), c["synth"]) for c in every]
+    lengths = {}
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for k, (path, n) in enumerate(pool.map(_synth, work, chunksize=16)):
+            lengths[path] = n
+            if (k + 1) % 500 == 0 or k + 1 == len(work):
+                log(f"progress {k + 1}/{len(work)} clips ({time.time() - t0:.0f} s)")
+    for c in every:
+        c["n_frames"] = lengths[os.path.join(out, c["audio"])]
+
+    manifests: Dict[str, List[dict]] = {}
+    words = IT_WORDS
+    # training: ASR on every train clip; the other tasks on shares of them
+    manifests["train_asr"] = single_rows("asr", train, "seen", rng)
+    manifests["train_st"] = single_rows("st", train[: len(train) * 2 // 3], "seen", rng)
+    manifests["train_er"] = single_rows("er", train[len(train) // 3:], "seen", rng)
+    manifests["train_gender"] = single_rows("gender", train[: len(train) // 2], "seen", rng)
+    manifests["train_sqa"] = single_rows("sqa", train[len(train) // 2:], "seen", rng)
+    manifests["train_sv"] = single_rows("sv", sv_train, "seen", rng)
+    manifests["train_it"] = it_rows(words, "seen", sz["it_train"], rng, "it_train")
+    manifests["train_multi"] = multi_rows(train, sv_train, sz["multi_train"], "seen", rng, words)
+    for split, clips, sv in (("valid", valid, sv_valid), ("test", test, sv_test)):
+        for task in ("asr", "st", "er", "gender", "sqa"):
+            manifests[f"{split}_{task}"] = single_rows(task, clips, "seen", rng)
+        manifests[f"{split}_sv"] = single_rows("sv", sv, "seen", rng)
+        manifests[f"{split}_it"] = it_rows(words, "seen", len(clips), rng, f"it_{split}")
+        manifests[f"{split}_multi"] = multi_rows(clips, sv, sz["multi_test"] if split == "test" else len(clips),
+                                                 "seen", rng, words)
+    for task in ("asr", "st", "er", "gender", "sqa"):
+        manifests[f"test_{task}_unseen"] = single_rows(task, test, "unseen", rng)
+    manifests["test_sv_unseen"] = single_rows("sv", sv_test, "unseen", rng)
+    manifests["test_it_unseen"] = it_rows(words, "unseen", len(test), rng, "it_test_unseen")
+    manifests["test_multi_unseen"] = multi_rows(test, sv_test, sz["multi_test"], "unseen", rng, words)
+    for name, rows in manifests.items():
+        _write(os.path.join(out, name + ".tsv"), rows)
+
+    os.makedirs(os.path.join(out, "prompts"), exist_ok=True)
+    for task, (seen, unseen) in list(PROMPTS.items()) + [("it", ([t for t, _ in IT_TEMPLATES_SEEN],
+                                                                 [t for t, _ in IT_TEMPLATES_UNSEEN]))]:
+        for pool, items in (("seen", seen), ("unseen", unseen)):
+            with open(os.path.join(out, "prompts", f"{task}.{pool}.txt"), "w") as f:
+                f.write("\n".join(items) + "\n")
+    lm = []
+    for name, rows in manifests.items():
+        if name.startswith("train_"):
+            for r in rows:
+                lm += [r["prompt"], r["tgt_text"]]
+    with open(os.path.join(out, "lm_text.txt"), "w") as f:
+        f.write("\n".join(lm) + "\n")
+    return dict(counts={k: len(v) for k, v in manifests.items()},
+                train_voices=[f"{a}+{v}" for a, v, _ in voices("train")],
+                test_voices=[f"{a}+{v}" for a, v, _ in voices("test")],
+                train_sentences=len(train_s), test_sentences=len(test_s),
+                hours_train_asr=round(sum(c["n_frames"] for c in train) / 16000 / 3600, 3))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="wavllm-make-toy-corpus", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="rebuild even when a corpus with this seed and size exists")
+    args = p.parse_args(argv)
+    if shutil.which("espeak-ng") is None:
+        print("espeak-ng not found: install it (Debian: apt-get install espeak-ng) or run "
+              "examples/wavllm/scripts/install.sh", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.out)
+    meta_path = os.path.join(out, "corpus.json")
+    if not args.force and os.path.isfile(meta_path):
+        meta = json.load(open(meta_path))
+        if meta.get("seed") == args.seed and meta.get("size") == args.size and all(
+                os.path.isfile(os.path.join(out, n + ".tsv")) for n in meta.get("counts", {})):
+            log(f"cached: {out} (seed {args.seed}, size {args.size}); --force rebuilds")
+            return 0
+    if os.path.isdir(out):
+        for name in os.listdir(out):
+            if name.endswith(".tsv") or name in ("wav", "prompts", "corpus.json", "lm_text.txt"):
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    meta = build(out, args.seed, args.size, args.jobs)
+    meta.update(seed=args.seed, size=args.size, seconds=round(time.time() - t0, 1))
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    log(f"done in {meta['seconds']} s: " + ", ".join(f"{k}={v}" for k, v in meta["counts"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
