@@ -1,0 +1,339 @@
+"""Per-task scores of decoded hypotheses against an instruction manifest (paper section 4).
+
+    wavllm-score --manifest test_asr.tsv --hypotheses generate-test_asr.txt [--task asr] [--json out.json]
+
+``--hypotheses`` is a ``fairseq-generate`` output (its ``D-<i>`` lines, else ``H-<i>`` lines; ``<i>`` is the
+row's position among the manifest's usable rows, which is how the task numbers them) or a plain file of
+``<row id>\\t<hypothesis>`` lines (the Python API's output). ``guard id=<i> reason=<r>`` lines that the
+generator logs into the same output are counted per task.
+
+Metrics, chosen by each row's task (``task`` column, else ``--task``, else the manifest's file name):
+
+=============  ==============================================================================
+asr            ``wer``: word error rate in %, on lower-cased text with punctuation removed
+               (apostrophes inside words kept) and whitespace collapsed (normaliser printed)
+st             ``bleu``: sacrebleu corpus BLEU (13a tokenisation) on the raw text
+sv er gender   ``accuracy``: the gold label (``label`` column, else the target) is the first of the
+sqqa           task's labels named in the normalised hypothesis (word match)
+sqa            ``accuracy``: the ``label`` is named (first of the labels), else the normalised target is
+               contained in the normalised hypothesis
+it             ``accuracy``: normalised exact match (``containment`` also printed)
+cot            ``rouge1 rouge2 rougeL`` F1 in %; ``bertscore`` F1 only with ``--bertscore-model DIR``
+multi (a+b..)  ``ifr``: instruction-following rate, every sub-task answered in order (the row's
+               ``sub_markers`` found in order, else every sub-target found in order); ``accuracy``:
+               followed and every sub-answer right (ASR/ST sub-answers: WER <= 50%, others: contained)
+=============  ==============================================================================
+
+Rows carrying a ``prompt_pool`` column also get ``<metric>_<pool>`` lines (seen vs unseen prompts). The
+output ends with one ``<task> <metric> <value>`` line per metric.
+"""
+import argparse
+import json
+import logging
+import re
+import string
+import sys
+from collections import Counter, OrderedDict, defaultdict
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .errors import WavLLMInputError
+
+logger = logging.getLogger(__name__)
+
+NORMALISER = "lower-case, punctuation removed (apostrophes inside words kept), whitespace collapsed"
+LABEL_TASKS = ("sv", "er", "gender", "sqqa", "emotion", "style")
+_PUNCT = "".join(c for c in string.punctuation if c != "'")
+_PUNCT_RE = re.compile("[" + re.escape(_PUNCT) + "\u2018\u2019\u201c\u201d\u00bf\u00a1\u2014\u2013]")
+
+
+def normalise(text: str) -> str:
+    """Lower-case, punctuation to spaces (apostrophes inside words kept), whitespace collapsed."""
+    text = _PUNCT_RE.sub(" ", text.lower())
+    text = re.sub(r"(?<![a-z0-9])'|'(?![a-z0-9])", " ", text)  # quotes, not apostrophes
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------------------------- metrics
+def word_errors(ref: str, hyp: str) -> Tuple[int, int]:
+    import editdistance
+
+    r, h = normalise(ref).split(), normalise(hyp).split()
+    return editdistance.eval(r, h), len(r)
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    errs = [word_errors(r, h) for r, h in zip(refs, hyps)]
+    return 100.0 * sum(e for e, _ in errs) / max(1, sum(n for _, n in errs))
+
+
+def bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
+
+
+def _contains_words(haystack: str, needle: str) -> int:
+    """Word position of ``needle`` (normalised) in ``haystack`` (normalised), -1 when absent."""
+    h, n = haystack.split(), needle.split()
+    if not n:
+        return -1
+    for i in range(len(h) - len(n) + 1):
+        if h[i: i + len(n)] == n:
+            return i
+    return -1
+
+
+def first_label(hyp: str, labels: Iterable[str]) -> Optional[str]:
+    """The label named first in the normalised hypothesis (longest label wins a tie), or None."""
+    h = normalise(hyp)
+    best = None
+    for lab in labels:
+        pos = _contains_words(h, normalise(lab))
+        if pos >= 0 and (best is None or (pos, -len(lab)) < (best[0], -len(best[1]))):
+            best = (pos, lab)
+    return best[1] if best else None
+
+
+def _ngrams(tokens: List[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _f1(overlap: float, n_hyp: float, n_ref: float) -> float:
+    if overlap == 0 or n_hyp == 0 or n_ref == 0:
+        return 0.0
+    p, r = overlap / n_hyp, overlap / n_ref
+    return 2 * p * r / (p + r)
+
+
+def _lcs(a: List[str], b: List[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge(ref: str, hyp: str) -> Dict[str, float]:
+    """ROUGE-1/2/L F1 (0..1) on normalised words (no stemming)."""
+    r, h = normalise(ref).split(), normalise(hyp).split()
+    out = {}
+    for n in (1, 2):
+        rn, hn = _ngrams(r, n), _ngrams(h, n)
+        out[f"rouge{n}"] = _f1(sum((rn & hn).values()), sum(hn.values()), sum(rn.values()))
+    out["rougeL"] = _f1(_lcs(r, h), len(h), len(r))
+    return out
+
+
+def bertscore(refs: Sequence[str], hyps: Sequence[str], model_dir: str, layer: int = -1) -> float:
+    """BERTScore F1 (greedy cosine matching of contextual token embeddings) with a LOCAL model directory."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+
+    def embed(text: str):
+        enc = tok(text, return_tensors="pt", truncation=True)
+        with torch.no_grad():
+            hs = model(**enc, output_hidden_states=True).hidden_states[layer][0]
+        hs = hs[1:-1] if hs.shape[0] > 2 else hs  # drop [CLS]/[SEP]
+        return torch.nn.functional.normalize(hs, dim=-1)
+
+    scores = []
+    for r, h in zip(refs, hyps):
+        er, eh = embed(r), embed(h or " ")
+        sim = eh @ er.T
+        p, rec = sim.max(1).values.mean().item(), sim.max(0).values.mean().item()
+        scores.append(2 * p * rec / (p + rec) if p + rec > 0 else 0.0)
+    return 100.0 * sum(scores) / max(1, len(scores))
+
+
+def follow_multi(row, hyp: str) -> Tuple[bool, bool]:
+    """(instruction followed, every sub-answer right) for a multi-task row."""
+    subtasks = json.loads(row.extra.get("subtasks") or "[]") or row.task.split("+")
+    targets = json.loads(row.extra.get("sub_targets") or "[]")
+    markers = json.loads(row.extra.get("sub_markers") or "[]")
+    h = normalise(hyp)
+    if markers and len(markers) == len(subtasks):
+        spans, pos = [], 0
+        hw = h.split()
+        for m in markers:
+            at = _contains_words(" ".join(hw[pos:]), normalise(m))
+            if at < 0:
+                return False, False
+            spans.append((pos + at, len(normalise(m).split())))
+            pos = pos + at + len(normalise(m).split())
+        segments = [" ".join(hw[s + n: (spans[k + 1][0] if k + 1 < len(spans) else len(hw))])
+                    for k, (s, n) in enumerate(spans)]
+    elif targets:
+        # no markers: every sub-target must appear, in order
+        segments, rest = [], h
+        for t in targets:
+            at = _contains_words(rest, normalise(t))
+            if at < 0:
+                return False, False
+            words = rest.split()
+            segments.append(" ".join(words[at: at + len(normalise(t).split())]))
+            rest = " ".join(words[at + len(normalise(t).split()):])
+    else:
+        raise WavLLMInputError(f"multi-task row {row.id} has neither sub_markers nor sub_targets columns; "
+                               "the instruction-following check needs one of them")
+    if not targets:
+        return True, False
+    ok = True
+    for task, target, seg in zip(subtasks, targets, segments):
+        if task in ("asr", "st"):
+            e, n = word_errors(target, seg)
+            ok &= n > 0 and e / n <= 0.5
+        else:
+            ok &= _contains_words(seg, normalise(target)) >= 0
+    return True, bool(ok)
+
+
+# ------------------------------------------------------------------------------------- reading
+_GEN_LINE = re.compile(r"^([DH])-(\d+)\t[^\t]*\t(.*)$")
+_GUARD_LINE = re.compile(r"guard id=(\d+) reason=(\w+)")
+
+
+def read_hypotheses(path: str, rows) -> Tuple[Dict[int, str], Dict[int, List[str]]]:
+    """{row position: hypothesis} and {row position: [guard reasons]} from a generate output or an id\\ttext file."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise WavLLMInputError(f"cannot read the hypotheses ({e.strerror})", file=path, reason="missing") from None
+    d_lines, h_lines, guards = {}, {}, defaultdict(list)
+    for line in lines:
+        m = _GEN_LINE.match(line)
+        if m:
+            (d_lines if m.group(1) == "D" else h_lines)[int(m.group(2))] = m.group(3)
+            continue
+        g = _GUARD_LINE.search(line)
+        if g:
+            guards[int(g.group(1))].append(g.group(2))
+    hyps = d_lines or h_lines
+    if not hyps:
+        by_id = {r.id: i for i, r in enumerate(rows)}
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            rid, _, text = line.partition("\t")
+            if rid not in by_id:
+                raise WavLLMInputError(f"line {n}: id {rid!r} is not in the manifest (expected fairseq-generate "
+                                       "D-/H- lines or '<row id>\\t<hypothesis>')", file=path, reason="mismatch")
+            hyps[by_id[rid]] = text
+    unknown = [i for i in hyps if i >= len(rows)]
+    if unknown:
+        raise WavLLMInputError(f"hypothesis numbers {unknown[:5]} exceed the manifest's {len(rows)} usable rows: "
+                               "was it decoded from another manifest?", file=path, reason="mismatch")
+    return hyps, dict(guards)
+
+
+def task_group(task: str) -> str:
+    return "multi" if "+" in task else task
+
+
+# ------------------------------------------------------------------------------------- scoring
+def score(rows, hyps: Dict[int, str], guards: Optional[Dict[int, List[str]]] = None,
+          bertscore_model: str = "") -> "OrderedDict[str, float]":
+    """``{"<task> <metric>": value}`` for rows (manifest order) and hypotheses by row position."""
+    groups: Dict[str, List[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[task_group(r.task)].append(i)
+    out: "OrderedDict[str, float]" = OrderedDict()
+    for task, idx in groups.items():
+        pools = sorted({rows[i].extra.get("prompt_pool", "") for i in idx} - {""})
+        for pool in [""] + pools:
+            sel = [i for i in idx if not pool or rows[i].extra.get("prompt_pool", "") == pool]
+            suffix = f"_{pool}" if pool else ""
+            for metric, value in _task_metrics(task, [rows[i] for i in sel], [hyps.get(i, "") for i in sel],
+                                               bertscore_model).items():
+                out[f"{task} {metric}{suffix}"] = value
+        out[f"{task} n"] = len(idx)
+        missing = sum(1 for i in idx if i not in hyps)
+        if missing:
+            out[f"{task} missing"] = missing
+        reasons = Counter(r for i in idx for r in (guards or {}).get(i, []))
+        for reason, n in sorted(reasons.items()):
+            out[f"{task} guard_{reason}"] = n
+    return out
+
+
+def _task_metrics(task: str, rows, hyps: List[str], bertscore_model: str) -> Dict[str, float]:
+    refs = [r.tgt_text for r in rows]
+    if task == "asr":
+        return {"wer": round(wer(refs, hyps), 2)}
+    if task == "st":
+        return {"bleu": round(bleu(refs, hyps), 2)}
+    if task == "multi":
+        res = [follow_multi(r, h) for r, h in zip(rows, hyps)]
+        return {"ifr": round(sum(f for f, _ in res) / len(res), 4), "accuracy": round(sum(a for _, a in res) / len(res), 4)}
+    if task == "cot":
+        rs = [rouge(r, h) for r, h in zip(refs, hyps)]
+        m = {k: round(100 * sum(x[k] for x in rs) / len(rs), 2) for k in ("rouge1", "rouge2", "rougeL")}
+        if bertscore_model:
+            m["bertscore"] = round(bertscore(refs, hyps, bertscore_model), 2)
+        return m
+    labelled = all(r.extra.get("label") for r in rows)
+    if task in LABEL_TASKS or (task == "sqa" and labelled):
+        gold = [r.extra.get("label") or normalise(r.tgt_text) for r in rows]
+        labels = sorted(set(gold))
+        return {"accuracy": round(sum(first_label(h, labels) == g for h, g in zip(hyps, gold)) / len(rows), 4)}
+    if task == "sqa":
+        return {"accuracy": round(sum(_contains_words(normalise(h), normalise(r)) >= 0
+                                      for r, h in zip(refs, hyps)) / len(rows), 4)}
+    if task == "it":
+        exact = sum(normalise(r) == normalise(h) for r, h in zip(refs, hyps)) / len(rows)
+        contained = sum(_contains_words(normalise(h), normalise(r)) >= 0 for r, h in zip(refs, hyps)) / len(rows)
+        return {"accuracy": round(exact, 4), "containment": round(contained, 4)}
+    # any other task: exact match and WER, both stated
+    return {"exact": round(sum(normalise(r) == normalise(h) for r, h in zip(refs, hyps)) / len(rows), 4),
+            "wer": round(wer(refs, hyps), 2)}
+
+
+def score_files(manifest: str, hypotheses: str, task: Optional[str] = None, skip_bad_rows: bool = False,
+                bertscore_model: str = "") -> "OrderedDict[str, float]":
+    from .manifest import read_manifest
+
+    rows, report = read_manifest(manifest, task=task, skip_bad=skip_bad_rows, require_target=True)
+    if task:
+        for r in rows:
+            r.task = task
+    if not rows:
+        raise WavLLMInputError("the manifest has no usable rows", file=manifest, reason="empty")
+    hyps, guards = read_hypotheses(hypotheses, rows)
+    if not hyps:
+        raise WavLLMInputError("no hypotheses found (no D-/H- lines and no '<id>\\t<text>' lines)", file=hypotheses,
+                               reason="empty")
+    return score(rows, hyps, guards, bertscore_model)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="wavllm-score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", required=True, help="the instruction manifest that was decoded")
+    p.add_argument("--hypotheses", required=True, help="fairseq-generate output, or '<row id>\\t<text>' lines")
+    p.add_argument("--task", default=None, help="task of every row (default: the task column or the file name)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="the decode ran with task.skip_bad_rows")
+    p.add_argument("--bertscore-model", default="", help="local model directory for BERTScore (CoT)")
+    p.add_argument("--json", default="", help="also write the scores to this JSON file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        scores = score_files(args.manifest, args.hypotheses, args.task, args.skip_bad_rows, args.bertscore_model)
+    except WavLLMInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"# {args.manifest}: normaliser for WER and matching: {NORMALISER}")
+    for key, value in scores.items():
+        print(f"{key} {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(scores, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
