@@ -57,7 +57,9 @@ def test_same_seed_gives_identical_files_and_progress_is_shown(built):
 def test_every_manifest_validates_and_every_task_has_seen_and_unseen_tests(built):
     names = manifests(built["a"])
     for task in ("asr", "st", "sv", "er", "gender", "sqa", "it", "multi"):
-        assert f"train_{task}" in names and f"test_{task}" in names and f"test_{task}_unseen" in names
+        assert f"train_{task}" in names and f"valid_{task}" in names and f"test_{task}" in names
+        pools = [r.extra["prompt_pool"] for r in rows_of(built["a"], f"test_{task}")]
+        assert pools.count("seen") == pools.count("unseen") > 0, task
     for name in names:
         rows, report = read_manifest(os.path.join(built["a"], name + ".tsv"), check_audio="full")
         assert report.bad == 0 and report.ok == len(rows) > 0 and not report.warnings, (name, report)
@@ -70,7 +72,7 @@ def test_prompt_pools_have_ten_paraphrases_and_are_disjoint(built):
         unseen = set(open(os.path.join(pdir, f"{task}.unseen.txt")).read().split("\n")) - {""}
         assert len(seen) >= 10 and len(unseen) >= 5 and not seen & unseen, task
     train_prompts = {r.prompt for r in rows_of(built["a"], "train_asr")}
-    unseen_prompts = {r.prompt for r in rows_of(built["a"], "test_asr_unseen")}
+    unseen_prompts = {r.prompt for r in rows_of(built["a"], "test_asr") if r.extra["prompt_pool"] == "unseen"}
     assert train_prompts and unseen_prompts and not train_prompts & unseen_prompts
 
 
@@ -91,7 +93,7 @@ def test_test_voices_and_sentences_never_occur_in_training(built):
 
 
 def test_multi_task_targets_answer_every_subtask_in_order(built):
-    for name in ("train_multi", "test_multi", "test_multi_unseen"):
+    for name in ("train_multi", "valid_multi", "test_multi"):
         rows = rows_of(built["a"], name)
         assert rows
         combos = set()
@@ -109,7 +111,7 @@ def test_multi_task_targets_answer_every_subtask_in_order(built):
                 pos = at + len(marker)
             connectors = toy.CONNECTORS[len(subtasks)]
             assert r.prompt.startswith(connectors[0]) and all(c in r.prompt for c in connectors)
-        assert len(combos) == len(toy.MULTI)
+        assert len(combos) == len(toy.MULTI) or name == "valid_multi"
 
 
 def test_sv_and_style_labels_are_balanced(built):

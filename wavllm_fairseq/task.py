@@ -44,6 +44,34 @@ class WavLLMInstructionConfig(FairseqDataclass):
     update_freq: List[int] = II("optimization.update_freq")
 
 
+class _PendingDictionary:
+    """The target dictionary before the tokenizer is known (it comes with the model's ``llama_path``).
+
+    ``pad/eos/unk/bos`` answer the LLaMA convention (unk = pad = 0, bos = 1, eos = 2) that this plugin's
+    dictionary always follows; everything else is taken from the real dictionary once the model is
+    loaded, and is a clear error before that.
+    """
+
+    _SPECIALS = {"pad": 0, "unk": 0, "bos": 1, "eos": 2}
+
+    def __init__(self, task):
+        self._task = task
+
+    def _resolve(self):
+        if self._task.tokenizer is None:
+            raise WavLLMInputError("the tokenizer is not known yet: pass --tokenizer-dir (task.tokenizer_dir), the "
+                                   "folder with the LLaMA tokenizer.model, or load a model whose llama_path holds it")
+        return self._task.target_dictionary
+
+    def __getattr__(self, name):
+        if name in self._SPECIALS and self._task.tokenizer is None:
+            return lambda: self._SPECIALS[name]
+        return getattr(self._resolve(), name)
+
+    def __len__(self):
+        return len(self._resolve())
+
+
 @register_task("wavllm_instruction", dataclass=WavLLMInstructionConfig)
 class WavLLMInstructionTask(FairseqTask):
     """Speech/text instruction following with the WavLLM chat template."""
@@ -78,6 +106,10 @@ class WavLLMInstructionTask(FairseqTask):
             from .tokenizer import LlamaDictionary
 
             self._dictionary = LlamaDictionary.from_tokenizer(self.tokenizer)
+        if self._dictionary is None:
+            # fairseq-generate asks for the dictionary before it loads the checkpoint, whose
+            # model.llama_path holds the tokenizer: hand out a stand-in that resolves once it is known
+            return _PendingDictionary(self)
         return self._dictionary
 
     @property

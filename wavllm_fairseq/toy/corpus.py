@@ -275,7 +275,7 @@ def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generato
     rows = []
     for c in clips:
         tgt, label = answer(task, c)
-        rows.append(_row(id=f"{task}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"],
+        rows.append(_row(id=f"{task}_{c['id']}" + ("_unseen" if pool == "unseen" else ""), audio=c["audio"], n_frames=c["n_frames"],
                          prompt=prompts[int(rng.integers(len(prompts)))], tgt_text=tgt, with_speech="True", task=task,
                          speaker=c["speaker"], gender=c["gender"], label=label or "", prompt_pool=pool))
     return rows
@@ -305,7 +305,7 @@ def multi_rows(clips: List[dict], sv_clips: List[dict], n: int, pool: str, rng, 
             sub = sub_answer(t, c, it)
             subs.append(sub)
             answers.append(f"{MARKERS[t]} {sub}")
-        rows.append(_row(id=f"multi_{i}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"], prompt=" ".join(prompts),
+        rows.append(_row(id=f"multi_{pool}{i}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"], prompt=" ".join(prompts),
                          tgt_text=" ".join(answers), with_speech="True", task="+".join(combo), speaker=c["speaker"],
                          gender=c["gender"], prompt_pool=pool, subtasks=json.dumps(list(combo)),
                          sub_markers=json.dumps([MARKERS[t] for t in combo]), sub_targets=json.dumps(subs)))
@@ -387,18 +387,19 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
     manifests["train_sv"] = single_rows("sv", sv_train, "seen", rng)
     manifests["train_it"] = it_rows(words, "seen", sz["it_train"], rng, "it_train")
     manifests["train_multi"] = multi_rows(train, sv_train, sz["multi_train"], "seen", rng, words)
-    for split, clips, sv in (("valid", valid, sv_valid), ("test", test, sv_test)):
-        for task in ("asr", "st", "er", "gender", "sqa"):
-            manifests[f"{split}_{task}"] = single_rows(task, clips, "seen", rng)
-        manifests[f"{split}_sv"] = single_rows("sv", sv, "seen", rng)
-        manifests[f"{split}_it"] = it_rows(words, "seen", len(clips), rng, f"it_{split}")
-        manifests[f"{split}_multi"] = multi_rows(clips, sv, sz["multi_test"] if split == "test" else len(clips),
-                                                 "seen", rng, words)
+    # validation: seen prompts; test: every clip twice, with a seen and with an unseen prompt (column
+    # prompt_pool), so one decode per task gives the seen vs unseen comparison on the same audio
     for task in ("asr", "st", "er", "gender", "sqa"):
-        manifests[f"test_{task}_unseen"] = single_rows(task, test, "unseen", rng)
-    manifests["test_sv_unseen"] = single_rows("sv", sv_test, "unseen", rng)
-    manifests["test_it_unseen"] = it_rows(words, "unseen", len(test), rng, "it_test_unseen")
-    manifests["test_multi_unseen"] = multi_rows(test, sv_test, sz["multi_test"], "unseen", rng, words)
+        manifests[f"valid_{task}"] = single_rows(task, valid, "seen", rng)
+        manifests[f"test_{task}"] = single_rows(task, test, "seen", rng) + single_rows(task, test, "unseen", rng)
+    manifests["valid_sv"] = single_rows("sv", sv_valid, "seen", rng)
+    manifests["test_sv"] = single_rows("sv", sv_test, "seen", rng) + single_rows("sv", sv_test, "unseen", rng)
+    manifests["valid_it"] = it_rows(words, "seen", len(valid), rng, "it_valid")
+    manifests["test_it"] = (it_rows(words, "seen", len(test), rng, "it_test")
+                            + it_rows(words, "unseen", len(test), rng, "it_test_unseen"))
+    manifests["valid_multi"] = multi_rows(valid, sv_valid, len(valid), "seen", rng, words)
+    manifests["test_multi"] = (multi_rows(test, sv_test, sz["multi_test"], "seen", rng, words)
+                               + multi_rows(test, sv_test, sz["multi_test"], "unseen", rng, words))
     for name, rows in manifests.items():
         _write(os.path.join(out, name + ".tsv"), rows)
 

@@ -1,0 +1,366 @@
+"""Toy stage 0: pretrain tiny stand-ins for Whisper, WavLM and LLaMA on the toy corpus.
+
+    wavllm-toy-pretrain --corpus manifests/toy --out work_toy/backbones [--size default|small] [--seed 1]
+
+The paper starts from pretrained Whisper-large-v2, WavLM-base and LLaMA-2-7B-chat, which cannot be
+downloaded here. This step makes small ``transformers`` models that play their roles and saves each with
+``save_pretrained`` to ``OUT/{whisper,wavlm,llama}``; stages 1 and 2 load them through the same config
+fields as the real weights (``model.whisper_path`` ...) and keep them frozen.
+
+* Whisper stand-in (``WhisperEncoder``): a CTC objective on the transcripts (word units) over the same
+  log-mel input and windowing the plugin uses (``encoders.WhisperSemanticEncoder``), so its frames carry
+  the content, as Whisper's do.
+* WavLM stand-in (``WavLMModel``): speaker, gender and speaking-style classification of random crops of
+  the waveform (its frames then carry who speaks and how, as WavLM's do).
+* LLaMA stand-in (``LlamaForCausalLM``) and its sentencepiece ``tokenizer.model``: a language model on
+  the chat-formatted training prompts and answers (text only), standing in for the chat LLM.
+
+The result is cached: ``OUT/stage0.json`` records the corpus and settings; a second run with the same
+ones does nothing. Each model reports a held-out check (CTC WER, style/gender accuracy, perplexity).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# fixed settings per size: model sizes and optimisation steps (deterministic for a seed)
+SETTINGS = {
+    "default": dict(
+        vocab=1000,
+        whisper=dict(unit="char", d_model=192, layers=3, heads=4, ffn=768, window_positions=150, steps=600, batch=16,
+                     lr=3e-3),
+        wavlm=dict(hidden=192, layers=3, heads=4, ffn=768, conv_dim=64, steps=600, batch=16, crop=1.2, lr=1e-3),
+        llama=dict(dim=256, layers=4, heads=4, ffn=688, steps=300, batch=24, lr=2e-3),
+    ),
+    "small": dict(
+        vocab=600,
+        whisper=dict(unit="char", d_model=96, layers=2, heads=2, ffn=256, window_positions=150, steps=60, batch=8, lr=2e-3),
+        wavlm=dict(hidden=64, layers=2, heads=2, ffn=128, conv_dim=32, steps=30, batch=8, crop=1.0, lr=2e-3),
+        llama=dict(dim=96, layers=2, heads=2, ffn=192, steps=60, batch=16, lr=3e-3),
+    ),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[stage0] {msg}", flush=True)
+
+
+def _rows(corpus: str, name: str):
+    from ..manifest import read_manifest
+
+    rows, _ = read_manifest(os.path.join(corpus, name + ".tsv"))
+    return rows
+
+
+def _audio(corpus: str, rows) -> List[np.ndarray]:
+    from ..audio import load_audio
+
+    return [load_audio(r.audio, corpus) for r in rows]
+
+
+def _batch_wav(wavs: Sequence[np.ndarray]):
+    lengths = torch.tensor([len(w) for w in wavs])
+    out = torch.zeros(len(wavs), int(lengths.max()))
+    for i, w in enumerate(wavs):
+        out[i, : len(w)] = torch.from_numpy(w)
+    return out, lengths
+
+
+def _schedule(opt, step: int, total: int, peak: float, warmup: int) -> None:
+    lr = peak * min(1.0, (step + 1) / warmup) * max(0.05, 1 - step / total)
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _words(text: str) -> List[str]:
+    return text.lower().split()
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    import editdistance
+
+    errors = sum(editdistance.eval(_words(r), _words(h)) for r, h in zip(refs, hyps))
+    return 100.0 * errors / max(1, sum(len(_words(r)) for r in refs))
+
+
+# ------------------------------------------------------------------ tokenizer
+def tokenizer_texts(corpus: str) -> List[str]:
+    from ..prompt_template import DEFAULT_SYSTEM_PROMPT, INST_CLOSE, INST_OPEN, SPEECH_CLOSE, SPEECH_OPEN
+
+    with open(os.path.join(corpus, "lm_text.txt"), encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    special = [DEFAULT_SYSTEM_PROMPT, f"{INST_OPEN}<<SYS>>", "<</SYS>>", SPEECH_OPEN + SPEECH_CLOSE, INST_CLOSE]
+    return special * 50 + lines
+
+
+# ------------------------------------------------------------------ Whisper stand-in
+def train_whisper(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]:
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from ..encoders import WhisperSemanticEncoder
+
+    torch.manual_seed(seed)
+    train = _rows(corpus, "train_asr")
+    valid = _rows(corpus, "valid_asr")
+    units = (lambda t: list(" ".join(_words(t)))) if cfg.get("unit", "char") == "char" else _words
+    vocab = sorted({u for r in train for u in units(r.tgt_text)})
+    index = {u: i + 1 for i, u in enumerate(vocab)}  # 0 = CTC blank
+    joiner = "" if cfg.get("unit", "char") == "char" else " "
+    config = WhisperConfig(d_model=cfg["d_model"], encoder_layers=cfg["layers"], encoder_attention_heads=cfg["heads"],
+                           encoder_ffn_dim=cfg["ffn"], num_mel_bins=80, max_source_positions=cfg["window_positions"],
+                           decoder_layers=1, decoder_attention_heads=cfg["heads"], decoder_ffn_dim=cfg["ffn"],
+                           vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                           max_target_positions=64, dropout=0.1)
+    encoder = WhisperSemanticEncoder(WhisperEncoder(config))
+    head = nn.Linear(cfg["d_model"], len(vocab) + 1)
+    wavs, vwavs = _audio(corpus, train), _audio(corpus, valid)
+    targets = [[index[u] for u in units(r.tgt_text)] for r in train]
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+    rng = random.Random(seed)
+    order: List[int] = []
+    t0 = time.time()
+    encoder.train()
+    for step in range(cfg["steps"]):
+        if len(order) < cfg["batch"]:
+            order += rng.sample(range(len(wavs)), len(wavs))
+        idx, order = order[: cfg["batch"]], order[cfg["batch"]:]
+        wav, lengths = _batch_wav([wavs[i] for i in idx])
+        feats, flen = encoder(wav, lengths)
+        logp = F.log_softmax(head(feats), -1).transpose(0, 1)  # (T, B, V)
+        tgt = torch.cat([torch.tensor(targets[i]) for i in idx])
+        tlen = torch.tensor([len(targets[i]) for i in idx])
+        loss = F.ctc_loss(logp, tgt, flen, tlen, blank=0, zero_infinity=True)
+        _schedule(opt, step, cfg["steps"], cfg["lr"], max(1, cfg["steps"] // 10))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % 100 == 0 or step + 1 == cfg["steps"]:
+            log(f"whisper stand-in: step {step + 1}/{cfg['steps']} ctc {loss.item():.3f} ({time.time() - t0:.0f} s)")
+    encoder.eval()
+    hyps = []
+    with torch.no_grad():
+        for k in range(0, len(vwavs), 16):
+            wav, lengths = _batch_wav(vwavs[k: k + 16])
+            feats, flen = encoder(wav, lengths)
+            best = head(feats).argmax(-1)
+            for b in range(best.shape[0]):
+                seq = best[b, : int(flen[b])].tolist()
+                out_units = [vocab[s - 1] for j, s in enumerate(seq) if s != 0 and (j == 0 or s != seq[j - 1])]
+                hyps.append(joiner.join(out_units))
+    score = wer([r.tgt_text for r in valid], hyps)
+    log(f"whisper stand-in: held-out CTC greedy WER {score:.1f}% on valid_asr (unseen voices and sentences)")
+    encoder.encoder.save_pretrained(os.path.join(out, "whisper"))
+    return {"whisper_ctc_wer_valid": round(score, 2), "whisper_params": sum(p.numel() for p in encoder.parameters())}
+
+
+# ------------------------------------------------------------------ WavLM stand-in
+def train_wavlm(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]:
+    from transformers import WavLMConfig, WavLMModel
+
+    torch.manual_seed(seed)
+    train = _rows(corpus, "train_asr")
+    valid = _rows(corpus, "valid_er")
+    speakers = sorted({r.extra["speaker"] for r in train})
+    styles = sorted({r.extra["label"] for r in _rows(corpus, "train_er")})
+    # the ER manifest names the style of its clips (a share of the ASR clips, which carry speaker/gender)
+    style_of = {r.audio: r.extra["label"] for r in _rows(corpus, "train_er")}
+    config = WavLMConfig(hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                         intermediate_size=cfg["ffn"], conv_dim=(cfg["conv_dim"],) * 7,
+                         num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, mask_time_prob=0.0,
+                         hidden_dropout=0.05, attention_dropout=0.05, activation_dropout=0.0, feat_proj_dropout=0.0,
+                         layerdrop=0.0)
+    model = WavLMModel(config)
+    n_states = cfg["layers"] + 1
+    layer_w = nn.Parameter(torch.zeros(n_states))
+    heads = nn.ModuleDict({"speaker": nn.Linear(cfg["hidden"], len(speakers)),
+                           "gender": nn.Linear(cfg["hidden"], 2), "style": nn.Linear(cfg["hidden"], len(styles))})
+    er_rows = [r for r in train if r.audio in style_of]
+    wavs = _audio(corpus, er_rows)
+    labels = [(speakers.index(r.extra["speaker"]), int(r.extra["gender"] == "male"), styles.index(style_of[r.audio]))
+              for r in er_rows]
+    params = list(model.parameters()) + list(heads.parameters()) + [layer_w]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+    rng = random.Random(seed)
+    crop = int(cfg["crop"] * 16000)
+
+    def pooled(wav: torch.Tensor) -> torch.Tensor:
+        hs = torch.stack(model(wav, output_hidden_states=True).hidden_states, 0)  # (L+1, B, T, C)
+        mixed = (F.softmax(layer_w, 0)[:, None, None, None] * hs).sum(0)
+        return mixed.mean(1)
+
+    t0 = time.time()
+    model.train()
+    for step in range(cfg["steps"]):
+        idx = [rng.randrange(len(wavs)) for _ in range(cfg["batch"])]
+        batch = torch.zeros(len(idx), crop)
+        for b, i in enumerate(idx):
+            w = wavs[i]
+            start = rng.randrange(max(1, len(w) - crop))
+            piece = w[start: start + crop]
+            batch[b, : len(piece)] = torch.from_numpy(piece)
+        h = pooled(batch)
+        y = torch.tensor([labels[i] for i in idx])
+        loss = (F.cross_entropy(heads["speaker"](h), y[:, 0]) + F.cross_entropy(heads["gender"](h), y[:, 1])
+                + F.cross_entropy(heads["style"](h), y[:, 2]))
+        _schedule(opt, step, cfg["steps"], cfg["lr"], max(1, cfg["steps"] // 10))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % 100 == 0 or step + 1 == cfg["steps"]:
+            log(f"wavlm stand-in: step {step + 1}/{cfg['steps']} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+    model.eval()
+    vw = _audio(corpus, valid)
+    correct_style = correct_gender = 0
+    with torch.no_grad():
+        for r, w in zip(valid, vw):
+            h = pooled(torch.from_numpy(w)[None])
+            correct_style += int(styles[int(heads["style"](h).argmax())] == r.extra["label"])
+            correct_gender += int(int(heads["gender"](h).argmax()) == int(r.extra["gender"] == "male"))
+    style_acc, gender_acc = correct_style / max(1, len(valid)), correct_gender / max(1, len(valid))
+    log(f"wavlm stand-in: held-out style accuracy {style_acc:.3f}, gender accuracy {gender_acc:.3f} (valid_er)")
+    model.save_pretrained(os.path.join(out, "wavlm"))
+    return {"wavlm_style_acc_valid": round(style_acc, 4), "wavlm_gender_acc_valid": round(gender_acc, 4),
+            "wavlm_params": sum(p.numel() for p in model.parameters())}
+
+
+# ------------------------------------------------------------------ LLaMA stand-in
+def lm_sequences(corpus: str, tok) -> List[List[int]]:
+    from ..prompt_template import encode_example
+
+    seqs = []
+    for name in sorted(os.listdir(corpus)):
+        if not (name.startswith("train_") and name.endswith(".tsv")):
+            continue
+        for r in _rows(corpus, name[:-4]):
+            e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=False)
+            seqs.append(e.pre + e.post)
+    return seqs
+
+
+def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, float]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    seqs = lm_sequences(corpus, tok)
+    rng = random.Random(seed)
+    rng.shuffle(seqs)
+    n_valid = max(8, len(seqs) // 50)
+    valid, train = seqs[:n_valid], seqs[n_valid:]
+    config = LlamaConfig(hidden_size=cfg["dim"], num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                         num_key_value_heads=cfg["heads"], intermediate_size=cfg["ffn"], vocab_size=len(tok),
+                         max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=tok.bos_id,
+                         eos_token_id=tok.eos_id, pad_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+
+    def batch_loss(items: List[List[int]]) -> torch.Tensor:
+        T = max(len(s) for s in items)
+        ids = torch.full((len(items), T), tok.eos_id, dtype=torch.long)
+        labels = torch.full((len(items), T), -100, dtype=torch.long)
+        mask = torch.zeros(len(items), T, dtype=torch.long)
+        for b, s in enumerate(items):
+            ids[b, : len(s)] = torch.tensor(s)
+            labels[b, : len(s)] = torch.tensor(s)
+            mask[b, : len(s)] = 1
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    t0 = time.time()
+    model.train()
+    order: List[int] = []
+    for step in range(cfg["steps"]):
+        if len(order) < cfg["batch"]:
+            order += rng.sample(range(len(train)), len(train))
+        idx, order = order[: cfg["batch"]], order[cfg["batch"]:]
+        loss = batch_loss([train[i] for i in idx])
+        _schedule(opt, step, cfg["steps"], cfg["lr"], max(1, cfg["steps"] // 10))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 100 == 0 or step + 1 == cfg["steps"]:
+            log(f"llama stand-in: step {step + 1}/{cfg['steps']} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+    model.eval()
+    with torch.no_grad():
+        vloss = float(np.mean([batch_loss(valid[k: k + 16]).item() for k in range(0, len(valid), 16)]))
+    log(f"llama stand-in: held-out perplexity {math.exp(vloss):.2f} on {len(valid)} chat-formatted rows")
+    model.save_pretrained(os.path.join(out, "llama"))
+    return {"llama_valid_ppl": round(math.exp(vloss), 3), "llama_params": sum(p.numel() for p in model.parameters())}
+
+
+# ------------------------------------------------------------------ main
+def fingerprint(corpus: str, size: str, seed: int) -> str:
+    """Hash of what stage 0 reads (every training manifest, the LM text) and of its settings."""
+    h = hashlib.sha1(json.dumps([size, seed, SETTINGS[size], 2], sort_keys=True).encode())
+    for name in sorted(os.listdir(corpus)):
+        if (name.startswith("train_") and name.endswith(".tsv")) or name in ("lm_text.txt", "valid_asr.tsv",
+                                                                            "valid_er.tsv"):
+            with open(os.path.join(corpus, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]
+
+
+def pretrain(corpus: str, out: str, size: str = "default", seed: int = 1, force: bool = False) -> dict:
+    from ..tokenizer import train_sentencepiece
+
+    corpus, out = os.path.abspath(corpus), os.path.abspath(out)
+    if not os.path.isfile(os.path.join(corpus, "corpus.json")):
+        raise SystemExit(f"{corpus} is not a toy corpus (no corpus.json): run wavllm-make-toy-corpus first")
+    fp = fingerprint(corpus, size, seed)
+    done_path = os.path.join(out, "stage0.json")
+    if not force and os.path.isfile(done_path):
+        done = json.load(open(done_path))
+        if done.get("fingerprint") == fp and all(os.path.isdir(os.path.join(out, d)) for d in ("whisper", "wavlm", "llama")):
+            log(f"cached: {out} (same corpus and settings); --force retrains")
+            return done
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = SETTINGS[size]
+    t0 = time.time()
+    tok = train_sentencepiece(tokenizer_texts(corpus), os.path.join(out, "llama"), vocab_size=cfg["vocab"])
+    log(f"tokenizer: {len(tok)} pieces -> {tok.path}")
+    result = {"fingerprint": fp, "corpus": corpus, "size": size, "seed": seed, "settings": cfg}
+    timings = {}
+    for name, fn in (("llama", lambda: train_llama(corpus, out, cfg["llama"], seed, tok)),
+                     ("whisper", lambda: train_whisper(corpus, out, cfg["whisper"], seed)),
+                     ("wavlm", lambda: train_wavlm(corpus, out, cfg["wavlm"], seed))):
+        t = time.time()
+        result.update(fn())
+        timings[name] = round(time.time() - t, 1)
+    result["seconds"] = timings
+    result["total_seconds"] = round(time.time() - t0, 1)
+    with open(done_path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(done_path + ".tmp", done_path)
+    log(f"done in {result['total_seconds']} s -> {out}/{{whisper,wavlm,llama}}")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="wavllm-toy-pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", required=True, help="toy corpus folder (wavllm-make-toy-corpus --out)")
+    p.add_argument("--out", required=True, help="folder for whisper/, wavlm/ and llama/ (with tokenizer.model)")
+    p.add_argument("--size", choices=sorted(SETTINGS), default="default")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="retrain even when a cached result matches")
+    args = p.parse_args(argv)
+    pretrain(args.corpus, args.out, args.size, args.seed, args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
