@@ -4,7 +4,8 @@ Each adapter (paper section 3.1; sizes of the reference implementation):
 
     x (B, T, C_enc) at 20 ms
       -> Conv1d(k=3, s=2) + GLU -> Conv1d(k=3, s=2) + GLU      (B, T', C_mid) at 80 ms
-      -> bottleneck: x + Up(GELU(Down(LayerNorm(x))))           (B, T', C_mid)
+      -> bottleneck: x + LayerNorm(Up(GELU(Down(x))))           (B, T', C_mid)  ("post", the reference's)
+                 or x + Up(GELU(Down(LayerNorm(x))))            ("pre", the usual pre-norm Houlsby form)
       -> Linear(C_mid -> C_out)                                 (B, T', C_out)
 
 Frames past a clip's length are zeroed before each conv (batch invariance). Output length of each conv: ``floor((L - 1) / 2) + 1`` (kernel 3, stride 2, padding 1), so
@@ -62,17 +63,29 @@ class GLUConvSubsampler(nn.Module):
         return x.transpose(1, 2), lengths  # (B, T', C_out)
 
 
-class BottleneckAdapter(nn.Module):
-    """Houlsby-style down-up adapter with a residual: ``x + Up(GELU(Down(LayerNorm(x))))``."""
+NORM_PLACEMENTS = ("post", "pre")
 
-    def __init__(self, dim: int, bottleneck: int):
+
+class BottleneckAdapter(nn.Module):
+    """Houlsby-style down-up adapter with a residual.
+
+    ``norm="post"`` (default, the reference implementation's): ``x + LayerNorm(Up(GELU(Down(x))))``;
+    ``norm="pre"``: ``x + Up(GELU(Down(LayerNorm(x))))``. Same parameters either way.
+    """
+
+    def __init__(self, dim: int, bottleneck: int, norm: str = "post"):
         super().__init__()
+        if norm not in NORM_PLACEMENTS:
+            raise ValueError(f"bottleneck norm must be one of {NORM_PLACEMENTS}, got {norm!r}")
+        self.norm = norm
         self.layer_norm = nn.LayerNorm(dim)
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(F.gelu(self.down(self.layer_norm(x))))
+        if self.norm == "pre":
+            return x + self.up(F.gelu(self.down(self.layer_norm(x))))
+        return x + self.layer_norm(self.up(F.gelu(self.down(x))))
 
 
 class ModalityAdapter(nn.Module):
@@ -83,10 +96,10 @@ class ModalityAdapter(nn.Module):
     """
 
     def __init__(self, in_dim: int, conv_mid_dim: int, conv_out_dim: int, bottleneck_dim: int, out_dim: int,
-                 num_layer_weights: int = 0):
+                 num_layer_weights: int = 0, bottleneck_norm: str = "post"):
         super().__init__()
         self.subsampler = GLUConvSubsampler(in_dim, conv_mid_dim, conv_out_dim)
-        self.bottleneck = BottleneckAdapter(conv_out_dim, bottleneck_dim)
+        self.bottleneck = BottleneckAdapter(conv_out_dim, bottleneck_dim, bottleneck_norm)
         self.out_proj = nn.Linear(conv_out_dim, out_dim)
         if num_layer_weights > 0:
             # softmax over all hidden states (embedding output + every layer), initialised uniform

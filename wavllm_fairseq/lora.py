@@ -41,6 +41,9 @@ class LoRALinear(nn.Module):
         self.enabled = True
         # (B, out_features) per-utterance scale, set by lora_scale_context; None = alpha / rank
         self.scale_vector: Optional[torch.Tensor] = None
+        # optional reordering of the scale's features (r[:, scale_rows]): a q/k projection converted from
+        # Meta's rotary layout keeps a scale learnt in that layout (see checkpoint_convert.py)
+        self.scale_rows: Optional[torch.Tensor] = None
         self.reset_lora_parameters()
 
     @property
@@ -81,6 +84,8 @@ class LoRALinear(nn.Module):
             return out + update * self.scaling
         if r.dim() != 2 or r.shape[0] != x.shape[0] or r.shape[1] != update.shape[-1]:
             raise ValueError(f"LoRA scale must be (batch={x.shape[0]}, {update.shape[-1]}), got {tuple(r.shape)}")
+        if self.scale_rows is not None:
+            r = r[:, self.scale_rows.to(r.device)]
         return out + update * r.to(update.dtype).unsqueeze(1)  # r: (B, 1, out)
 
     @torch.no_grad()
@@ -98,6 +103,20 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def rotary_meta_to_hf_rows(n_heads: int, out_features: int) -> torch.Tensor:
+    """Row order taking a Meta-layout q/k projection output to the Hugging Face LLaMA layout.
+
+    Meta's LLaMA rotates interleaved pairs ``(2i, 2i+1)`` of each head, Hugging Face's rotates halves
+    ``(i, i + h/2)``; within each head of size ``h``, HF row ``j < h/2`` is Meta row ``2j`` and HF row
+    ``h/2 + j`` is Meta row ``2j + 1``. Returns ``idx`` with ``hf = meta[idx]``.
+    """
+    if out_features % n_heads or (out_features // n_heads) % 2:
+        raise ValueError(f"cannot split {out_features} q/k rows into {n_heads} heads of even size")
+    h = out_features // n_heads
+    within = torch.cat([torch.arange(0, h, 2), torch.arange(1, h, 2)])  # (h,)
+    return (torch.arange(n_heads)[:, None] * h + within[None, :]).reshape(-1)
 
 
 def inject_lora(

@@ -27,7 +27,8 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 from . import encoders
 from .adapters import ModalityAdapter
 from .errors import CheckpointError, WavLLMInputError
-from .lora import inject_lora, lora_disabled, lora_parameters, lora_scale_context, merge_lora, unmerge_lora
+from .lora import (inject_lora, lora_disabled, lora_parameters, lora_scale_context, merge_lora,
+                   rotary_meta_to_hf_rows, unmerge_lora)
 from .prompt_adapter import PromptAwareLoRAScale
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class WavLLMConfig(FairseqDataclass):
     acoustic_conv_mid_dim: Optional[int] = field(default=None, metadata={"help": "acoustic adapter conv 1 channels (before GLU)"})
     acoustic_conv_out_dim: Optional[int] = field(default=None, metadata={"help": "acoustic adapter conv output (after GLU)"})
     bottleneck_dim: Optional[int] = field(default=None, metadata={"help": "bottleneck width of both adapters"})
+    bottleneck_norm: str = field(default="post", metadata={"help": "LayerNorm placement in the bottleneck adapters: post (x + LN(up(gelu(down(x)))), the reference's) or pre (x + up(gelu(down(LN(x)))))"})
     adapter_out_dim: Optional[int] = field(default=None, metadata={"help": "each adapter's output width (2048 in the paper)"})
     # ---- LoRA and the prompt-aware adapter
     lora_rank: Optional[int] = field(default=None, metadata={"help": "LoRA rank R"})
@@ -130,6 +132,7 @@ class WavLLMConfig(FairseqDataclass):
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     prompt_adapter: bool = field(default=False, metadata={"help": "stage 2: build and train the prompt-aware LoRA weight adapter"})
     prompt_adapter_dim: Optional[int] = field(default=None, metadata={"help": "prompt adapter bottleneck K"})
+    lora_scale_layout: str = field(default="hf", metadata={"help": "feature order of the stage-2 scale r for q/k LoRA: hf (this plugin) or meta (checkpoints converted from the reference, whose r follows Meta's rotary layout)"})
     prompt_adapter_clamp: float = field(default=3.0, metadata={"help": "r = clamp(relu(r), max=this) as the reference does; <= 0 disables"})
     # ---- training
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute the frozen LLM layers' activations in backward (saves memory)"})
@@ -247,11 +250,13 @@ class WavLLMModel(BaseFairseqModel):
         d_llm = self.llm.config.hidden_size
         # ---- trainable parts
         self.semantic_adapter = ModalityAdapter(self.whisper.dim, cfg.semantic_conv_mid_dim, cfg.semantic_conv_out_dim,
-                                                cfg.bottleneck_dim, cfg.adapter_out_dim)
+                                                cfg.bottleneck_dim, cfg.adapter_out_dim,
+                                                bottleneck_norm=cfg.bottleneck_norm)
         if self.wavlm is not None:
             self.acoustic_adapter = ModalityAdapter(self.wavlm.dim, cfg.acoustic_conv_mid_dim, cfg.acoustic_conv_out_dim,
                                                     cfg.bottleneck_dim, cfg.adapter_out_dim,
-                                                    num_layer_weights=self.wavlm.num_hidden_states)
+                                                    num_layer_weights=self.wavlm.num_hidden_states,
+                                                    bottleneck_norm=cfg.bottleneck_norm)
             self.projector = nn.Linear(2 * cfg.adapter_out_dim, d_llm)
         else:
             self.acoustic_adapter = None
@@ -262,6 +267,14 @@ class WavLLMModel(BaseFairseqModel):
         else:
             self.semantic_only_projector = None
         self.lora_modules = inject_lora(self.llm, LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        if cfg.lora_scale_layout not in ("hf", "meta"):
+            raise ValueError(f"lora_scale_layout must be hf or meta, got {cfg.lora_scale_layout!r}")
+        if cfg.lora_scale_layout == "meta":
+            heads = self.llm.config.num_attention_heads
+            kv_heads = getattr(self.llm.config, "num_key_value_heads", None) or heads
+            for layer in self.llm.model.layers:
+                for proj, h in ((layer.self_attn.q_proj, heads), (layer.self_attn.k_proj, kv_heads)):
+                    proj.scale_rows = rotary_meta_to_hf_rows(h, proj.out_features)
         self.prompt_scale = (PromptAwareLoRAScale(d_llm, cfg.prompt_adapter_dim, cfg.prompt_adapter_clamp)
                              if cfg.prompt_adapter else None)
         self.trainable_counts = apply_trainability(self)
