@@ -10,8 +10,10 @@ _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from . import criterion, model, task  # noqa: E402,F401  (registration with fairseq)
 from .checkpoint_io import install_fairseq_checkpoint_guards as _guards  # noqa: E402
+from .fairseq_compat import install_fairseq_cpu_fixes as _cpu_fixes  # noqa: E402
 
 _guards()
+_cpu_fixes()
 
 __version__ = "0.1.0"
 

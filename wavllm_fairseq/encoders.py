@@ -89,6 +89,8 @@ def assign_state_dict(module: nn.Module, state: Dict[str, torch.Tensor], where: 
 
 
 def load_config(cls, path: str):
+    if not os.path.isdir(path):
+        raise CheckpointError(f"backbone directory does not exist: {path}", file=path, reason="missing")
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"missing config.json in backbone directory {path}", file=cfg_file,

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
@@ -129,6 +130,18 @@ class WavLLMInstructionTask(FairseqTask):
 
     def model_built(self, cfg):  # hook called by WavLLMModel.build_model (nothing to do yet)
         pass
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
+                                                               ignore_grad)
+        # A text-only batch leaves the speech adapters and projector without a gradient. fairseq's
+        # distributed all-reduce fills such gradients with zeros (so Adam's moments keep decaying and
+        # its momentum keeps moving those weights), a single process would skip them: fill them here so
+        # one process and N processes with the same global batch train the same weights.
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return loss, sample_size, logging_output
 
     def max_positions(self):
         return None  # lengths are checked by the dataset against the LLM context (see dataset.py)

@@ -23,8 +23,25 @@ if ! $PY -c "import fairseq" >/dev/null 2>&1; then
   echo "[install] fairseq-fixed 0.12.3.1 (compiles its extensions: a few minutes)"
   $PY -m pip install -q "fairseq-fixed==0.12.3.1"
 fi
-echo "[install] wavllm_fairseq (editable) and its dependencies"
-$PY -m pip install -q -e ".[test]"
+# Skipped when this checkout is already the installed package with every dependency importable:
+# reinstalling would let pip put torchaudio back (fairseq-fixed requires it) until the step below
+# removes it again, and anything running meanwhile would fail to import transformers models.
+if $PY - "$PWD" <<'PYEOF' >/dev/null 2>&1
+import os, sys, importlib.metadata as md
+import wavllm_fairseq, fairseq, torch, transformers, sentencepiece, soundfile, scipy, numpy, editdistance
+import sacrebleu, hydra, omegaconf, matplotlib, sklearn, safetensors, pytest
+assert os.path.dirname(os.path.dirname(os.path.abspath(wavllm_fairseq.__file__))) == os.path.abspath(sys.argv[1])
+md.distribution("wavllm_fairseq")
+import re, shutil  # every console script setup.py declares is on PATH (a new one needs a reinstall)
+scripts = re.findall(r'"(wavllm-[a-z0-9-]+)=', open(os.path.join(sys.argv[1], "setup.py")).read())
+assert scripts and all(shutil.which(s) for s in scripts)
+PYEOF
+then
+  echo "[install] wavllm_fairseq (editable, this checkout) and its dependencies: present"
+else
+  echo "[install] wavllm_fairseq (editable) and its dependencies"
+  $PY -m pip install -q -e ".[test]"
+fi
 if $PY -m pip show torchaudio >/dev/null 2>&1; then
   echo "[install] removing torchaudio (breaks transformers imports on CPU-only machines)"
   $PY -m pip uninstall -y -q torchaudio
