@@ -117,23 +117,48 @@ def test_truncated_checkpoint_fails_naming_it_and_the_usable_ones(corpus, tmp_pa
     assert [u for u, _ in train_losses(log)][0] == 7
 
 
-def test_broken_rows_stop_with_file_and_row_or_are_counted_when_skipping(corpus, tmp_path):
+def test_broken_corpus_validates_trains_and_decodes_with_exact_counts(corpus, tmp_path):
+    """Missing, empty and truncated audio plus a malformed row: validation lists each, training stops
+    at the first naming file and row, and with task.skip_bad_rows training and decoding run and count
+    exactly the bad rows."""
     data = tmp_path / "data"
     shutil.copytree(os.path.dirname(corpus["train_asr"]), data)
-    with open(data / "train_asr.tsv", encoding="utf-8") as f:
-        header, *rows = [line.rstrip("\n").split("\t") for line in f]
-    good = [dict(zip(header, r)) for r in rows]
-    broken = good + [dict(good[0], id="gone", audio="wav/does_not_exist.wav"),
-                     dict(good[1], id="short", n_frames="not-a-number")]
-    write_manifest(str(data / "train_asr.tsv"), broken, ["task"])
+    (data / "wav" / "empty.wav").write_bytes(b"")
+    whole = (data / "wav" / "tr0.wav").read_bytes()
+    (data / "wav" / "cut.wav").write_bytes(whole[: len(whole) // 2])
+    for name in ("train_asr", "test_asr"):
+        with open(data / f"{name}.tsv", encoding="utf-8") as f:
+            header, *rows = [line.rstrip("\n").split("\t") for line in f]
+        good = [dict(zip(header, r)) for r in rows]
+        broken = good + [dict(good[0], id="gone", audio="wav/does_not_exist.wav"),
+                         dict(good[1], id="empty", audio="wav/empty.wav"),
+                         dict(good[2], id="cut", audio="wav/cut.wav"),
+                         dict(good[3], id="short", n_frames="not-a-number")]
+        write_manifest(str(data / f"{name}.tsv"), broken, ["task"])
+    n_train, n_test = 6, 4  # good rows
+
+    rc, log = run(["wavllm-validate-manifest", str(data / "train_asr.tsv")])
+    assert rc != 0 and f"rows {n_train + 4} ok {n_train} bad 4" in log, log
+    for row_id in ("gone", "empty", "cut", "short"):
+        assert f"id={row_id}" in log, log
+
     local = dict(corpus, train_asr=str(data / "train_asr.tsv"))
     rc, log = run(command(1, tiny_overrides(local, tmp_path / "strict", 2, [])))
     assert rc != 0
-    assert "train_asr.tsv:8: id=gone: audio" in log and "does_not_exist.wav: file not found" in log, log[-3000:]
+    assert f"train_asr.tsv:{n_train + 2}: id=gone: audio" in log and "does_not_exist.wav: file not found" in log, log[-3000:]
+
     rc, log = run(command(1, tiny_overrides(local, tmp_path / "skip", 2, ["task.skip_bad_rows=true"])))
     assert rc == 0, log[-4000:]
-    assert "train_asr.tsv: 6 rows, 2 bad rows skipped" in log, log[-3000:]
-    assert "train_asr.tsv:9: id=short: skipping bad row (n_frames)" in log
+    assert f"train_asr.tsv: {n_train} rows, 4 bad rows skipped" in log, log[-3000:]
+    assert f"train_asr.tsv:{n_train + 5}: id=short: skipping bad row (n_frames)" in log
+
+    rc, log = run(["fairseq-generate", str(data), "--user-dir", os.path.join(ROOT, "wavllm_fairseq"), "--task",
+                   "wavllm_instruction", "--tokenizer-dir", corpus["tok"], "--gen-subset", "test_asr", "--path",
+                   str(tmp_path / "skip" / "checkpoint_last.pt"), "--batch-size", "3", "--max-len-b", "5",
+                   "--beam", "1", "--cpu", "--skip-bad-rows"])
+    assert rc == 0, log[-3000:]
+    assert f"test_asr.tsv: {n_test} rows, 4 bad rows skipped" in log, log[-3000:]
+    assert len(re.findall(r"^H-\d+\t", log, re.M)) == n_test
 
 
 def test_missing_backbone_directory_is_named(corpus, tmp_path):
