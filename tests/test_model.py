@@ -176,7 +176,7 @@ def test_prompt_adapter_ignores_padding():
 
 
 def test_prompt_scale_from_model_ignores_instruction_padding():
-    model = tiny(prompt_adapter=True).eval()
+    model = tiny(prompt_adapter=True, prompt_adapter_init="random").eval()
     instr = torch.randint(3, VOCAB, (1, 4))
     r1 = model.prompt_lora_scale(instr, torch.tensor([4]))
     r2 = model.prompt_lora_scale(torch.cat([instr, torch.zeros(1, 3, dtype=torch.long)], 1), torch.tensor([4]))
@@ -184,9 +184,52 @@ def test_prompt_scale_from_model_ignores_instruction_padding():
     assert torch.allclose(r1, r2, atol=1e-5)
 
 
+def test_prompt_scale_pools_the_instruction_not_bos():
+    """The <s> state is the same for every prompt: r pools the instruction's own positions (all of
+    them, <s> included, only for an empty instruction or with prompt_adapter_pool_bos)."""
+    from wavllm_fairseq.lora import lora_disabled
+
+    torch.manual_seed(1)
+    for pool_bos in (False, True):
+        model = tiny(prompt_adapter=True, prompt_adapter_init="random", prompt_adapter_pool_bos=pool_bos).eval()
+        bos = model.llm.config.bos_token_id
+        instr = torch.cat([torch.tensor([[bos]]), torch.randint(3, VOCAB, (1, 4))], 1)
+        with torch.no_grad(), lora_disabled(model.llm):
+            cap = {}  # the last decoder layer's output, before the final norm
+            hook = model.llm.model.layers[-1].register_forward_hook(
+                lambda m, i, o: cap.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+            model.llm.model(input_ids=instr)
+            hook.remove()
+            first = 0 if pool_bos else 1
+            expected = model.prompt_scale(cap["h"][:, first:], torch.ones(1, 5 - first, dtype=torch.bool))
+            got = model.prompt_lora_scale(instr, torch.tensor([5]))
+            only_bos = model.prompt_lora_scale(instr[:, :1], torch.tensor([1]))
+        torch.testing.assert_close(got, expected)
+        assert torch.isfinite(only_bos).all()
+
+
+def test_stage2_starts_where_stage1_ended():
+    """prompt_adapter_init=stage1_scale: r == alpha/R for every prompt, so the stage-2 model computes
+    exactly the stage-1 model's logits before its first update."""
+    s1 = tiny(seed=4, lora_dropout=0.0).eval()
+    for m in lora_modules(s1.llm):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    s2 = tiny(seed=5, prompt_adapter=True, lora_dropout=0.0).eval()
+    s2.load_state_dict(s1.state_dict())  # the prompt adapter stays fresh
+    batch = make_batch([16000, 8000, 0])
+    with torch.no_grad():
+        r = s2.prompt_lora_scale(batch["instruction_tokens"], batch["instruction_lengths"])
+        l1, _, _ = s1(**batch)
+        l2, _, _ = s2(**batch)
+    assert torch.all(r == s1.cfg.lora_alpha / s1.cfg.lora_rank)
+    torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_frozen_parameters_get_no_gradient(stage):
-    model = tiny(prompt_adapter=(stage == 2))
+    # random prompt-adapter init: with the default one P_d and W_A get exactly zero gradients until
+    # P_u has moved (as LoRA's A does while B = 0)
+    model = tiny(prompt_adapter=(stage == 2), prompt_adapter_init="random")
     model.train()
     for m in lora_modules(model.llm):  # make every trainable tensor reachable by the gradient
         torch.nn.init.normal_(m.lora_B.weight, std=0.02)

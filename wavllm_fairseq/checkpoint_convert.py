@@ -273,6 +273,7 @@ def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str
     if cfg.prompt_adapter:
         cfg.prompt_adapter_dim = int(converted["prompt_scale.down.weight"].shape[0])
         cfg.lora_scale_layout = "meta"  # r was learnt against Meta-ordered q/k outputs
+        cfg.prompt_adapter_pool_bos = True  # the reference pools every position of the prompt it is given
     cfg.keep_reference_unused_projector = "semantic_only_projector.weight" in converted
     cfg.use_wavlm = "projector.weight" in converted
     if "llm.model.embed_tokens.weight" in converted:

@@ -133,6 +133,8 @@ class WavLLMConfig(FairseqDataclass):
     prompt_adapter: bool = field(default=False, metadata={"help": "stage 2: build and train the prompt-aware LoRA weight adapter"})
     prompt_adapter_dim: Optional[int] = field(default=None, metadata={"help": "prompt adapter bottleneck K"})
     lora_scale_layout: str = field(default="hf", metadata={"help": "feature order of the stage-2 scale r for q/k LoRA: hf (this plugin) or meta (checkpoints converted from the reference, whose r follows Meta's rotary layout)"})
+    prompt_adapter_init: str = field(default="stage1_scale", metadata={"help": "stage1_scale: P_u starts at weight 0, bias alpha/R, so r = alpha/R for every prompt and stage 2 starts where stage 1 ended; random: PyTorch's default Linear init"})
+    prompt_adapter_pool_bos: bool = field(default=False, metadata={"help": "include the <s> position in the prompt adapter's attention pooling (its state is the same for every prompt; default: pooled only when the instruction is empty)"})
     prompt_adapter_clamp: float = field(default=3.0, metadata={"help": "r = clamp(relu(r), max=this) as the reference does; <= 0 disables"})
     # ---- training
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute the frozen LLM layers' activations in backward (saves memory)"})
@@ -275,7 +277,14 @@ class WavLLMModel(BaseFairseqModel):
             for layer in self.llm.model.layers:
                 for proj, h in ((layer.self_attn.q_proj, heads), (layer.self_attn.k_proj, kv_heads)):
                     proj.scale_rows = rotary_meta_to_hf_rows(h, proj.out_features)
-        self.prompt_scale = (PromptAwareLoRAScale(d_llm, cfg.prompt_adapter_dim, cfg.prompt_adapter_clamp)
+        init_scale = None
+        if cfg.prompt_adapter_init == "stage1_scale":
+            init_scale = cfg.lora_alpha / cfg.lora_rank
+            if cfg.prompt_adapter_clamp and cfg.prompt_adapter_clamp > 0:
+                init_scale = min(init_scale, cfg.prompt_adapter_clamp)
+        elif cfg.prompt_adapter_init != "random":
+            raise ValueError(f"prompt_adapter_init must be stage1_scale or random, got {cfg.prompt_adapter_init!r}")
+        self.prompt_scale = (PromptAwareLoRAScale(d_llm, cfg.prompt_adapter_dim, cfg.prompt_adapter_clamp, init_scale)
                              if cfg.prompt_adapter else None)
         self.trainable_counts = apply_trainability(self)
         self.train()
@@ -363,7 +372,15 @@ class WavLLMModel(BaseFairseqModel):
                 self.llm.model(input_ids=instruction_tokens, attention_mask=mask.long(), use_cache=False)
         finally:
             hook.remove()
-        return self.prompt_scale(captured["h"], mask)  # (B, D)
+        pool = mask
+        if not self.cfg.prompt_adapter_pool_bos:
+            # the <s> state is identical for every prompt (and an attention sink): pool over the
+            # instruction's own tokens, keeping <s> only for an empty instruction (spoken question)
+            bos = self.llm.config.bos_token_id
+            skip = (instruction_tokens[:, 0] == bos) & (instruction_lengths > 1)
+            pool = mask.clone()
+            pool[:, 0] &= ~skip
+        return self.prompt_scale(captured["h"], pool)  # (B, D)
 
     def lora_scale_context(self, r: Optional[torch.Tensor]):
         return lora_scale_context(self.llm, r)

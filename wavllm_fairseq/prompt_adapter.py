@@ -8,6 +8,11 @@ WITHOUT LoRA (last decoder layer, before the final norm, as in the reference), t
     r = sum_m a_m * o_m                     (B, D)
     r = clamp(relu(r), max=clamp_max)       (optional, the reference's choice; default on)
 
+Two choices the paper leaves open (see ``WavLLMModel.prompt_lora_scale`` and ``init_scale``): the
+pooling skips the ``<s>`` position when the instruction has tokens of its own (its state is the
+same for every prompt and, as an attention sink, large enough to dominate the pooling: measured on
+the toy, every prompt then got the same saturated r), and P_u starts at zero with bias alpha / R.
+
 and every LoRA layer computes ``h = W0 x + (B A x) * r`` for all positions of that utterance.
 """
 from typing import Optional
@@ -20,12 +25,25 @@ import torch.nn.functional as F
 class PromptAwareLoRAScale(nn.Module):
     """Maps instruction hidden states (B, M, D) + their padding mask to one LoRA scale r (B, D)."""
 
-    def __init__(self, dim: int, hidden_dim: int, clamp_max: Optional[float] = 3.0):
+    def __init__(self, dim: int, hidden_dim: int, clamp_max: Optional[float] = 3.0,
+                 init_scale: Optional[float] = None):
         super().__init__()
         self.down = nn.Linear(dim, hidden_dim)  # P_d
         self.up = nn.Linear(hidden_dim, dim)  # P_u
         self.attention = nn.Linear(dim, 1)  # W_A
         self.clamp_max = clamp_max if clamp_max is not None and clamp_max > 0 else None
+        self.init_scale = init_scale
+        self.reset_to_constant()
+
+    def reset_to_constant(self) -> None:
+        """With ``init_scale`` set: ``P_u`` weight 0 and bias ``init_scale``, so ``r == init_scale`` for
+        every prompt (stage 2 starts exactly at stage 1's LoRA scale alpha / R, inside the linear range
+        of relu/clamp where gradients flow); ``P_u`` learns first, as LoRA's B does."""
+        if self.init_scale is None or self.up.weight.is_meta:
+            return
+        with torch.no_grad():
+            self.up.weight.zero_()
+            self.up.bias.fill_(float(self.init_scale))
 
     def forward(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """t: (B, M, D) instruction hidden states; mask: (B, M) True on real tokens. Returns r (B, D)."""
