@@ -351,3 +351,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_configs_saved_by_older_versions_get_the_behaviour_they_were_trained_with():
+    from omegaconf import OmegaConf
+
+    from wavllm_fairseq.model import WavLLMConfig, complete_model_cfg
+
+    old = OmegaConf.create({"_name": "wavllm_tiny", "lora_rank": 4, "lora_alpha": 8.0})
+    OmegaConf.set_struct(old, True)  # as fairseq hands it over
+    complete_model_cfg(old)
+    assert old.bottleneck_norm == "pre" and old.prompt_adapter_pool_bos is True
+    assert old.prompt_adapter_init == WavLLMConfig.prompt_adapter_init and old.lora_scale_layout == "hf"
+    new = {"bottleneck_norm": "post", "prompt_adapter_pool_bos": False}
+    complete_model_cfg(new)
+    assert new["bottleneck_norm"] == "post" and new["prompt_adapter_pool_bos"] is False

@@ -44,13 +44,14 @@ class WavLLM:
         from omegaconf import OmegaConf
 
         from .checkpoint_io import load_checkpoint_file
-        from .model import WavLLMConfig, WavLLMModel
+        from .model import WavLLMConfig, WavLLMModel, complete_model_cfg
         from .task import WavLLMInstructionConfig, WavLLMInstructionTask
         from .tokenizer import LlamaTokenizer
 
         state = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
         cfg = state["cfg"]
-        model_cfg = OmegaConf.merge(OmegaConf.structured(WavLLMConfig), _strip(cfg["model"], WavLLMConfig))
+        model_cfg = OmegaConf.merge(OmegaConf.structured(WavLLMConfig),
+                                    complete_model_cfg(_strip(cfg["model"], WavLLMConfig)))
         for key, value in (("whisper_path", whisper_path), ("wavlm_path", wavlm_path), ("llama_path", llama_path)):
             if value is not None:
                 model_cfg[key] = value

@@ -16,7 +16,7 @@ positions that predict a target token, which also saves the (N, vocab) projectio
 """
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -147,6 +147,37 @@ def fill_from_arch(cfg, arch: str) -> None:
     for key, value in preset.items():
         if getattr(cfg, key, None) is None:
             setattr(cfg, key, value)
+
+
+# Fields added after checkpoints were already written, with the behaviour those checkpoints were trained
+# with (their code had no choice): a checkpoint whose saved config lacks one of them gets this value,
+# and the log says so. Fields not listed take the dataclass default.
+LEGACY_WHEN_MISSING = {
+    "bottleneck_norm": "pre",  # adapters were pre-norm before the reference's post-norm became the default
+    "prompt_adapter_pool_bos": True,  # the prompt adapter pooled <s> too
+}
+
+
+def complete_model_cfg(cfg):
+    """Add the WavLLMConfig fields a saved config (dict or DictConfig) lacks; returns ``cfg``."""
+    from omegaconf import DictConfig, open_dict
+
+    names = [f for f in fields(WavLLMConfig) if f.name not in cfg]
+    if not names:
+        return cfg
+    legacy = {}
+    ctx = open_dict(cfg) if isinstance(cfg, DictConfig) else contextlib.nullcontext()
+    with ctx:
+        for f in names:
+            if f.name in LEGACY_WHEN_MISSING:
+                value = legacy[f.name] = LEGACY_WHEN_MISSING[f.name]
+            else:
+                value = f.default if f.default is not MISSING else f.default_factory()
+            cfg[f.name] = value
+    if legacy:
+        logger.warning("checkpoint config written by an older version: " +
+                       ", ".join(f"{k}={v}" for k, v in legacy.items()) + " (what that version did)")
+    return cfg
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -293,6 +324,8 @@ class WavLLMModel(BaseFairseqModel):
     @classmethod
     def build_model(cls, cfg, task):
         arch = getattr(cfg, "_name", None) or "wavllm"
+        if not isinstance(cfg, WavLLMConfig):  # a config read back from a checkpoint may predate some fields
+            complete_model_cfg(cfg)
         fill_from_arch(cfg, arch if arch in ARCHITECTURES else "wavllm")
         vocab = len(task.target_dictionary) if task is not None and task.target_dictionary is not None else cfg.llama_vocab_size
         if hasattr(task, "model_built"):
