@@ -68,7 +68,11 @@ def main(argv=None) -> int:
 
     xy = TSNE(n_components=2, perplexity=min(args.perplexity, (len(prompts) - 1) / 3), random_state=args.seed,
               init="pca").fit_transform(r)
+    import logging
+
     import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font search logs at DEBUG otherwise
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

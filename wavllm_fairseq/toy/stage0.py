@@ -37,10 +37,10 @@ import torch.nn.functional as F
 SETTINGS = {
     "default": dict(
         vocab=1000,
-        whisper=dict(unit="char", d_model=192, layers=3, heads=4, ffn=768, window_positions=150, steps=600, batch=16,
+        whisper=dict(unit="word", d_model=192, layers=3, heads=4, ffn=768, window_positions=150, steps=600, batch=16,
                      lr=3e-3),
         wavlm=dict(hidden=192, layers=3, heads=4, ffn=768, conv_dim=64, steps=600, batch=16, crop=1.2, lr=1e-3),
-        llama=dict(dim=256, layers=4, heads=4, ffn=688, steps=300, batch=24, lr=2e-3),
+        llama=dict(dim=256, layers=4, heads=4, ffn=688, steps=700, batch=24, lr=2e-3),
     ),
     "small": dict(
         vocab=600,
@@ -238,24 +238,63 @@ def train_wavlm(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]
 
 
 # ------------------------------------------------------------------ LLaMA stand-in
-def lm_sequences(corpus: str, tok) -> List[List[int]]:
-    from ..prompt_template import encode_example
+def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 6000) -> List[List[int]]:
+    """Chat-formatted training rows for the LLaMA stand-in.
 
+    Every training row text-only, plus ``n_span`` rows with a *training* sentence of the toy grammar in
+    the speech span (words repeated 1-3 times, as frame-rate input repeats them) and an ASR, ST or SQA
+    question about it. A real chat LLM can already read, copy, translate and question a text in its
+    context; this gives the stand-in those in-context skills (on many distinct sentences, so that it
+    has to read the span rather than memorise), and stage 1 then has to map speech into that span.
+    Test sentences are never used.
+    """
+    from ..prompt_template import encode_example
+    from . import corpus as toy
+
+    corpus_seed = json.load(open(os.path.join(corpus, "corpus.json"))).get("seed", 1)
+    sentences = [(t, parts) for t, parts in toy.all_sentences() if toy._h(corpus_seed, "split", t) % 100 >= 15]
+    rng = random.Random(seed)
     seqs = []
     for name in sorted(os.listdir(corpus)):
-        if not (name.startswith("train_") and name.endswith(".tsv")):
-            continue
-        for r in _rows(corpus, name[:-4]):
-            e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=False)
-            seqs.append(e.pre + e.post)
+        if name.startswith("train_") and name.endswith(".tsv"):
+            for r in _rows(corpus, name[:-4]):
+                e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=False)
+                seqs.append(e.pre + e.post)
+    for _ in range(n_span):
+        text, parts = sentences[rng.randrange(len(sentences))]
+        task = rng.choice(("asr", "asr", "st", "sqa"))
+        prompt = rng.choice(toy.PROMPTS[task][0])
+        answer = {"asr": text, "st": toy.translate(parts), "sqa": f"The {parts['obj']}."}[task]
+        e = encode_example(tok, [(prompt, answer)], with_speech=True)
+        span = []
+        for piece in tok.encode(text):
+            span += [piece] * rng.choice((1, 1, 2, 3))
+        seqs.append(e.pre + span + e.post)
     return seqs
+
+
+def copy_check(model, tok, corpus: str, n: int = 30) -> Dict[str, float]:
+    """Answer loss on held-out ASR rows with the transcript in the speech span vs an empty span."""
+    from ..prompt_template import encode_example
+
+    losses = {"with_text": [], "empty": []}
+    for r in _rows(corpus, "valid_asr")[:n]:
+        e = encode_example(tok, [(r.prompt, r.tgt_text)], with_speech=True)
+        for mode in losses:
+            span = tok.encode(r.tgt_text) if mode == "with_text" else []
+            ids = torch.tensor([e.pre + span + e.post])
+            pos = torch.tensor([len(e.pre) + len(span) + i for i, m in enumerate(e.post_target_mask) if m])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0]
+            losses[mode].append(F.cross_entropy(logits[pos - 1], ids[0, pos]).item())
+    return {k: float(np.mean(v)) for k, v in losses.items()}
 
 
 def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    seqs = lm_sequences(corpus, tok)
+    seqs = lm_sequences(corpus, tok, seed)
     rng = random.Random(seed)
     rng.shuffle(seqs)
     n_valid = max(8, len(seqs) // 50)
@@ -265,6 +304,9 @@ def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, f
                          max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=tok.bos_id,
                          eos_token_id=tok.eos_id, pad_token_id=None, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
+    # unit-scale token embeddings (RMSNorm makes the LM itself indifferent to the scale): the speech
+    # projector then starts at the scale of the tokens it has to imitate, instead of 40x above it
+    nn.init.normal_(model.model.embed_tokens.weight, std=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.01)
 
     def batch_loss(items: List[List[int]]) -> torch.Tensor:
@@ -297,8 +339,12 @@ def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, f
     with torch.no_grad():
         vloss = float(np.mean([batch_loss(valid[k: k + 16]).item() for k in range(0, len(valid), 16)]))
     log(f"llama stand-in: held-out perplexity {math.exp(vloss):.2f} on {len(valid)} chat-formatted rows")
+    cc = copy_check(model, tok, corpus)
+    log(f"llama stand-in: held-out transcript loss {cc['with_text']:.3f} with the text in the speech span, "
+        f"{cc['empty']:.3f} without (in-context reading)")
     model.save_pretrained(os.path.join(out, "llama"))
-    return {"llama_valid_ppl": round(math.exp(vloss), 3), "llama_params": sum(p.numel() for p in model.parameters())}
+    return {"llama_valid_ppl": round(math.exp(vloss), 3), "llama_copy_loss_valid": round(cc["with_text"], 4),
+            "llama_nocopy_loss_valid": round(cc["empty"], 4), "llama_params": sum(p.numel() for p in model.parameters())}
 
 
 # ------------------------------------------------------------------ main

@@ -1,0 +1,195 @@
+"""The embedded toy default, end to end: corpus -> stage 0 -> stage 1 -> stage 2 -> decode -> score.
+
+    python -m wavllm_fairseq.toy.pipeline [--work work_toy] [--size default|small] [--seed 1]
+
+Every step is the real tool a user runs: ``wavllm-make-toy-corpus``, ``wavllm-toy-pretrain``,
+``fairseq-hydra-train`` (examples/wavllm/config/toy/*.yaml), ``fairseq-generate`` on every test manifest
+and ``wavllm-score``. Results: one table of per-task held-out scores for stage 1 and stage 2 (seen and
+unseen prompts) with the wall time of each step, ``results.json``, ``results.md`` and PNG plots of the
+loss curves and of the scores, all under ``--work``.
+"""
+import argparse
+import concurrent.futures
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_DIR = os.path.join(REPO, "examples", "wavllm", "config", "toy")
+USER_DIR = os.path.join(REPO, "wavllm_fairseq")
+
+# settings of the two toy sizes: (stage-1 updates, stage-2 updates)
+SIZES = {"default": dict(stage1_updates=None, stage2_updates=None), "small": dict(stage1_updates=30, stage2_updates=20)}
+
+
+def log(msg: str) -> None:
+    print(f"[toy {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: List[str], log_path: str, env: Optional[dict] = None, echo: bool = True) -> None:
+    """Run a command, streaming its output to the console (progress, when ``echo``) and to ``log_path``."""
+    if echo:
+        log("$ " + " ".join(cmd))
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})}, cwd=REPO)
+        for line in proc.stdout:
+            f.write(line)
+            if echo and _worth_showing(line):
+                sys.stdout.write("    " + line)
+                sys.stdout.flush()
+        rc = proc.wait()
+    if rc != 0:
+        tail = open(log_path).read().splitlines()[-30:]
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n  log: {log_path}\n" + "\n".join(tail))
+
+
+def _worth_showing(line: str) -> bool:
+    keys = ('"train_inner"', "train_inner", "| valid |", "valid on", "Saved checkpoint", "done training", "epoch 0",
+            "trainable", "Error", "error", "Traceback", "skipped", "progress", "[corpus", "[stage0")
+    return any(k in line for k in keys) or line.startswith("{")
+
+
+def test_manifests(corpus: str) -> List[str]:
+    names = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(corpus, "test_*.tsv")))
+    if not names:
+        raise SystemExit(f"no test_*.tsv manifests in {corpus}")
+    return names
+
+
+def train_stage(stage: int, corpus: str, backbones: str, out: str, updates: Optional[int], init: Optional[str],
+                extra: List[str], echo: bool = True) -> str:
+    cmd = ["fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", f"toy_stage{stage}",
+           f"common.user_dir={USER_DIR}", f"task.data={corpus}", f"checkpoint.save_dir={out}",
+           f"model.whisper_path={backbones}/whisper", f"model.wavlm_path={backbones}/wavlm",
+           f"model.llama_path={backbones}/llama", f"hydra.run.dir={out}/hydra"]
+    if updates:
+        cmd.append(f"optimization.max_update={updates}")
+    if init:
+        cmd.append(f"checkpoint.finetune_from_model={init}")
+    run(cmd + extra, os.path.join(out, "train.log"), echo=echo)
+    ckpt = os.path.join(out, "checkpoint_last.pt")
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"stage {stage} wrote no checkpoint in {out}")
+    return ckpt
+
+
+def decode_one(corpus: str, ckpt: str, subset: str, out: str, max_len_b: int) -> str:
+    cmd = ["fairseq-generate", corpus, "--user-dir", USER_DIR, "--task", "wavllm_instruction", "--gen-subset", subset,
+           "--path", ckpt, "--beam", "1", "--batch-size", "16", "--max-len-b", str(max_len_b),
+           "--required-batch-size-multiple", "1", "--results-path", out, "--num-workers", "0"]
+    run(cmd, os.path.join(out, f"{subset}.log"), env={"OMP_NUM_THREADS": "1"}, echo=False)
+    return os.path.join(out, f"generate-{subset}.txt")
+
+
+def decode_all(corpus: str, ckpt: str, out: str, max_len_b: int, jobs: int) -> Dict[str, str]:
+    subsets = test_manifests(corpus)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {s: pool.submit(decode_one, corpus, ckpt, s, out, max_len_b) for s in subsets}
+        done = {}
+        for s, fut in futures.items():
+            done[s] = fut.result()
+            log(f"decoded {s}")
+    return done
+
+
+def score_all(corpus: str, generated: Dict[str, str], out: str) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{subset: {task: {metric: value}}}, each subset scored by ``wavllm-score`` (its output kept in ``out``)."""
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for subset, path in generated.items():
+        score_json = os.path.join(out, f"{subset}.scores.json")
+        run([sys.executable, "-m", "wavllm_fairseq.scoring", "--manifest", os.path.join(corpus, subset + ".tsv"),
+             "--hypotheses", path, "--json", score_json], os.path.join(out, f"{subset}.score.log"), echo=False)
+        nested: Dict[str, Dict[str, float]] = {}
+        for key, value in json.load(open(score_json)).items():
+            task, metric = key.split(" ", 1)
+            nested.setdefault(task, {})[metric] = value
+        results[subset] = nested
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m wavllm_fairseq.toy.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=os.path.join(REPO, "work_toy"), help="where backbones, checkpoints, outputs go")
+    p.add_argument("--corpus", default=os.path.join(REPO, "manifests", "toy"), help="toy corpus folder")
+    p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="parallel fairseq-generate processes")
+    p.add_argument("--max-len-b", type=int, default=60)
+    p.add_argument("--skip-train", action="store_true", help="reuse existing checkpoints in --work")
+    args = p.parse_args(argv)
+    work, corpus = os.path.abspath(args.work), os.path.abspath(args.corpus)
+    os.makedirs(work, exist_ok=True)
+    times: Dict[str, float] = {}
+    t_all = time.time()
+
+    t = time.time()
+    from .corpus import main as make_corpus
+
+    log(f"corpus -> {corpus}")
+    if make_corpus(["--out", corpus, "--seed", str(args.seed), "--size", args.size]) not in (0, None):
+        raise SystemExit("corpus generation failed")
+    times["corpus"] = time.time() - t
+
+    t = time.time()
+    backbones = os.path.join(work, "backbones")
+    from .stage0 import main as stage0
+
+    log(f"stage 0 (toy backbones, cached) -> {backbones}")
+    if stage0(["--corpus", corpus, "--out", backbones, "--seed", str(args.seed), "--size", args.size]) not in (0, None):
+        raise SystemExit("stage 0 failed")
+    times["stage0"] = time.time() - t
+
+    size = SIZES[args.size]
+    ckpts = {}
+    for stage in (1, 2):
+        t = time.time()
+        out = os.path.join(work, f"stage{stage}")
+        if args.skip_train and os.path.isfile(os.path.join(out, "checkpoint_last.pt")):
+            ckpts[stage] = os.path.join(out, "checkpoint_last.pt")
+        else:
+            log(f"stage {stage} training -> {out}")
+            ckpts[stage] = train_stage(stage, corpus, backbones, out, size[f"stage{stage}_updates"],
+                                       ckpts.get(1) if stage == 2 else None, [f"common.seed={args.seed}"])
+        times[f"stage{stage}"] = time.time() - t
+
+    results = {}
+    t = time.time()
+    log("baseline: the stage-1 model before any update (random adapters/LoRA B = 0) on test_asr")
+    base_dir = os.path.join(work, "untrained")
+    base = train_stage(1, corpus, backbones, base_dir, 1, None,
+                       [f"common.seed={args.seed}", "optimization.lr=[1e-12]", "lr_scheduler.warmup_updates=0",
+                        "dataset.validate_interval_updates=0", "dataset.disable_validation=true"], echo=False)
+    gen = {"test_asr": decode_one(corpus, base, "test_asr", os.path.join(work, "decode", "untrained"), args.max_len_b)}
+    results["untrained"] = score_all(corpus, gen, os.path.join(work, "decode", "untrained"))
+    times["baseline (untrained) on test_asr"] = time.time() - t
+    for stage in (1, 2):
+        t = time.time()
+        log(f"decoding every test manifest with the stage-{stage} model")
+        generated = decode_all(corpus, ckpts[stage], os.path.join(work, "decode", f"stage{stage}"), args.max_len_b,
+                               args.jobs)
+        results[f"stage{stage}"] = score_all(corpus, generated, os.path.join(work, "decode", f"stage{stage}"))
+        times[f"decode+score stage{stage}"] = time.time() - t
+    t = time.time()
+    manifests = [os.path.join(corpus, s + ".tsv") for s in test_manifests(corpus)]
+    run([sys.executable, "-m", "wavllm_fairseq.tsne", "--checkpoint", ckpts[2], "--manifests", *manifests,
+         "--out", os.path.join(work, "prompt_tsne.png")], os.path.join(work, "tsne.log"), echo=False)
+    log(f"wrote {os.path.join(work, 'prompt_tsne.png')} (prompt adapter outputs r by task, paper figure 2)")
+    times["t-SNE of prompt adapter outputs"] = time.time() - t
+    times["total"] = time.time() - t_all
+
+    from .report import write_report
+
+    table = write_report(work, results, times)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

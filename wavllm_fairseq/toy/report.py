@@ -1,0 +1,133 @@
+"""The toy pipeline's report: one table (stage 1 vs stage 2, seen/unseen prompts), JSON, and PNG plots."""
+import json
+import os
+import re
+import time
+from typing import Dict, List
+
+# issue 8's targets on the held-out toy sets (checked after stage 2 unless said otherwise)
+TARGETS = {
+    ("test_asr", "asr", "wer"): "<= 20",
+    ("test_st", "st", "bleu"): ">= 40",
+    ("test_sv", "sv", "accuracy"): ">= 0.85",
+    ("test_er", "er", "accuracy"): ">= 0.85",
+    ("test_gender", "gender", "accuracy"): ">= 0.95",
+    ("test_multi", "multi", "ifr"): ">= 0.9 (and > stage 1)",
+    ("test_asr_unseen", "asr", "wer"): "within 3 of test_asr",
+}
+
+SKIP_METRICS = {"n", "missing"}
+
+
+def _rows(results: Dict[str, Dict[str, Dict[str, Dict[str, float]]]]) -> List[tuple]:
+    keys = []
+    for stage in results.values():
+        for subset, per_task in stage.items():
+            for task, metrics in per_task.items():
+                for metric in metrics:
+                    if metric not in SKIP_METRICS and (subset, task, metric) not in keys:
+                        keys.append((subset, task, metric))
+    return sorted(keys)
+
+
+def format_table(results, times) -> str:
+    stages = sorted(results)
+    lines = ["| test set | task | metric | " + " | ".join(stages) + " | target |",
+             "|---|---|---|" + "---|" * len(stages) + "---|"]
+    for subset, task, metric in _rows(results):
+        vals = []
+        for s in stages:
+            v = results[s].get(subset, {}).get(task, {}).get(metric)
+            vals.append("" if v is None else (f"{v:.2f}" if metric in ("wer", "bleu") or "wer" in metric else f"{v:.4g}"))
+        lines.append(f"| {subset} | {task} | {metric} | " + " | ".join(vals) + f" | {TARGETS.get((subset, task, metric), '')} |")
+    lines.append("")
+    lines.append("| step | wall time |")
+    lines.append("|---|---|")
+    for step, sec in times.items():
+        lines.append(f"| {step} | {sec / 60:.1f} min ({sec:.0f} s) |")
+    return "\n".join(lines)
+
+
+def read_train_log(path: str) -> Dict[str, List[tuple]]:
+    """(update, value) series of train_inner loss and valid loss from a fairseq json log."""
+    series: Dict[str, List[tuple]] = {"train": [], "valid": []}
+    if not os.path.isfile(path):
+        return series
+    for line in open(path, errors="replace"):
+        m = re.search(r"(\{.*\})\s*$", line)
+        if not m:
+            continue
+        try:
+            rec = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if "train_inner" in line and "loss" in rec and "num_updates" in rec:
+            series["train"].append((int(rec["num_updates"]), float(rec["loss"])))
+        elif "valid_loss" in rec and "valid_num_updates" in rec:
+            series["valid"].append((int(rec["valid_num_updates"]), float(rec["valid_loss"])))
+    return series
+
+
+def plot(work: str, results) -> List[str]:
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font search logs at DEBUG otherwise
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for stage in ("stage1", "stage2"):
+        s = read_train_log(os.path.join(work, stage, "train.log"))
+        if s["train"]:
+            ax.plot([u + offset for u, _ in s["train"]], [v for _, v in s["train"]], label=f"{stage} train")
+        if s["valid"]:
+            ax.plot([u + offset for u, _ in s["valid"]], [v for _, v in s["valid"]], "o-", label=f"{stage} valid")
+        if s["train"]:
+            offset += s["train"][-1][0]
+    ax.set_xlabel("update (stage 2 continues after stage 1)")
+    ax.set_ylabel("loss (bits per target token)")
+    ax.set_title("toy WavLLM training")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(work, "loss_curves.png")
+    fig.savefig(path, dpi=110)
+    written.append(path)
+    plt.close(fig)
+
+    keys = [k for k in _rows(results) if k[2] in ("wer", "bleu", "accuracy", "ifr")]
+    if keys:
+        fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(keys)), 4))
+        width = 0.4
+        for i, stage in enumerate(sorted(results)):
+            vals = []
+            for subset, task, metric in keys:
+                v = results[stage].get(subset, {}).get(task, {}).get(metric, 0.0)
+                vals.append(v / 100.0 if metric in ("wer", "bleu") else v)
+            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=stage)
+        ax.set_xticks([j + width / 2 for j in range(len(keys))])
+        ax.set_xticklabels([f"{s.replace('test_', '')}\n{m}" for s, _, m in keys], fontsize=7, rotation=45, ha="right")
+        ax.set_ylabel("score (WER and BLEU / 100)")
+        ax.set_title("held-out toy scores")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(work, "scores.png")
+        fig.savefig(path, dpi=110)
+        written.append(path)
+        plt.close(fig)
+    return written
+
+
+def write_report(work: str, results, times) -> str:
+    table = format_table(results, times)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "results": results, "times_s": times}, f, indent=1)
+    with open(os.path.join(work, "results.md"), "w") as f:
+        f.write(f"Toy WavLLM results, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
+    for p in plot(work, results):
+        print(f"wrote {p}")
+    return table
