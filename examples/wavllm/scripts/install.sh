@@ -26,7 +26,7 @@ fi
 # Skipped when this checkout is already the installed package with every dependency importable:
 # reinstalling would let pip put torchaudio back (fairseq-fixed requires it) until the step below
 # removes it again, and anything running meanwhile would fail to import transformers models.
-if $PY - "$PWD" <<'PYEOF' >/dev/null 2>&1
+if $PY -I - "$PWD" <<'PYEOF' >/dev/null 2>&1  # -I: not the cwd copy, the installed one
 import os, sys, importlib.metadata as md
 import wavllm_fairseq, fairseq, torch, transformers, sentencepiece, soundfile, scipy, numpy, editdistance
 import sacrebleu, hydra, omegaconf, matplotlib, sklearn, safetensors, pytest
