@@ -37,7 +37,6 @@ LoRA trained on other base weights than the ones loaded later decodes nonsense w
 hence the backbone check (``--no-check-backbones`` skips it).
 """
 import argparse
-import json
 import logging
 import os
 import re
@@ -236,9 +235,13 @@ def _recorded_lora(state: dict) -> Dict[str, Optional[float]]:
     return found
 
 
-def _read_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+def _hf_config(group: str, path: str):
+    """The backbone directory's Hugging Face config (errors name a missing directory or config.json)."""
+    from transformers import LlamaConfig, WavLMConfig, WhisperConfig
+
+    from .encoders import load_config
+
+    return load_config({"llm": LlamaConfig, "whisper": WhisperConfig, "wavlm": WavLMConfig}[group], path)
 
 
 def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str, str], lora_alpha: float,
@@ -251,17 +254,17 @@ def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str
                        llama_path=paths.get("llm", ""), backbone_dtype=backbone_dtype, bottleneck_norm="post")
     fill_from_arch(cfg, arch)
     if paths.get("llm"):
-        c = _read_config(paths["llm"])
-        cfg.llama_dim, cfg.llama_layers = c["hidden_size"], c["num_hidden_layers"]
-        cfg.llama_heads = c["num_attention_heads"]
-        cfg.llama_kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
-        cfg.llama_ffn_dim, cfg.llama_vocab_size = c["intermediate_size"], c["vocab_size"]
+        c = _hf_config("llm", paths["llm"])
+        cfg.llama_dim, cfg.llama_layers = c.hidden_size, c.num_hidden_layers
+        cfg.llama_heads = c.num_attention_heads
+        cfg.llama_kv_heads = c.num_key_value_heads or c.num_attention_heads
+        cfg.llama_ffn_dim, cfg.llama_vocab_size = c.intermediate_size, c.vocab_size
     if paths.get("whisper"):
-        c = _read_config(paths["whisper"])
-        cfg.whisper_d_model, cfg.whisper_layers = c["d_model"], c["encoder_layers"]
+        c = _hf_config("whisper", paths["whisper"])
+        cfg.whisper_d_model, cfg.whisper_layers = c.d_model, c.encoder_layers
     if paths.get("wavlm"):
-        c = _read_config(paths["wavlm"])
-        cfg.wavlm_hidden, cfg.wavlm_layers = c["hidden_size"], c["num_hidden_layers"]
+        c = _hf_config("wavlm", paths["wavlm"])
+        cfg.wavlm_hidden, cfg.wavlm_layers = c.hidden_size, c.num_hidden_layers
     elif "acoustic_adapter.layer_weights" in converted:
         cfg.wavlm_layers = int(converted["acoustic_adapter.layer_weights"].numel()) - 1
     lora_a = [v for k, v in converted.items() if k.endswith("self_attn.q_proj.lora_A.weight")]
@@ -320,8 +323,8 @@ def convert_checkpoint(src_path: str, dst_path: str, *, arch: str = "wavllm_7b",
 
     n_heads = n_kv = None
     if llama_path:
-        c = _read_config(llama_path)
-        n_heads, n_kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        c = _hf_config("llm", llama_path)
+        n_heads, n_kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
     else:
         from .model import WavLLMConfig, fill_from_arch
 

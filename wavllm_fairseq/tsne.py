@@ -17,18 +17,17 @@ import torch
 
 def prompt_scales(api, prompts: List[str], batch_size: int = 32) -> np.ndarray:
     """(N, D) prompt-adapter outputs r for the instructions ``prompts``."""
+    from .dataset import _pad_2d
+
     model, tok = api.model, api.tokenizer
     if model.prompt_scale is None:
         raise SystemExit("this checkpoint has no prompt adapter (stage 1): use a stage-2 checkpoint")
     out = []
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
-            ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]
+            ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]  # as the collater builds them
             lengths = torch.tensor([len(x) for x in ids])
-            tokens = torch.full((len(ids), int(lengths.max())), tok.pad_id, dtype=torch.long)
-            for j, x in enumerate(ids):
-                tokens[j, : len(x)] = torch.tensor(x)
-            out.append(model.prompt_lora_scale(tokens, lengths).float().cpu().numpy())
+            out.append(model.prompt_lora_scale(_pad_2d(ids, tok.pad_id), lengths).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -70,9 +69,8 @@ def main(argv=None) -> int:
               init="pca").fit_transform(r)
     import logging
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # before the import: it logs at DEBUG otherwise
     import matplotlib
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font search logs at DEBUG otherwise
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

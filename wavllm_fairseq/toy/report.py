@@ -71,9 +71,8 @@ def read_train_log(path: str) -> Dict[str, List[tuple]]:
 def plot(work: str, results) -> List[str]:
     import logging
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # before the import: it logs at DEBUG otherwise
     import matplotlib
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font search logs at DEBUG otherwise
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,12 +91,7 @@ def plot(work: str, results) -> List[str]:
     ax.set_xlabel("update (stage 2 continues after stage 1)")
     ax.set_ylabel("loss (bits per target token)")
     ax.set_title("toy WavLLM training")
-    ax.legend()
-    fig.tight_layout()
-    path = os.path.join(work, "loss_curves.png")
-    fig.savefig(path, dpi=110)
-    written.append(path)
-    plt.close(fig)
+    written.append(_save(plt, fig, ax, os.path.join(work, "loss_curves.png")))
 
     keys = [k for k in _rows(results) if k[2] in ("wer", "bleu", "accuracy", "ifr")]
     if keys:
@@ -113,13 +107,17 @@ def plot(work: str, results) -> List[str]:
         ax.set_xticklabels([f"{s.replace('test_', '')}\n{m}" for s, _, m in keys], fontsize=7, rotation=45, ha="right")
         ax.set_ylabel("score (WER and BLEU / 100)")
         ax.set_title("held-out toy scores")
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(work, "scores.png")
-        fig.savefig(path, dpi=110)
-        written.append(path)
-        plt.close(fig)
+        written.append(_save(plt, fig, ax, os.path.join(work, "scores.png")))
     return written
+
+
+def _save(plt, fig, ax, path: str) -> str:
+    """Legend, tight layout, PNG at 110 dpi, figure closed; returns ``path``."""
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(work: str, results, times) -> str:
