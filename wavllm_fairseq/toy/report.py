@@ -96,14 +96,15 @@ def plot(work: str, results) -> List[str]:
     keys = [k for k in _rows(results) if k[2] in ("wer", "bleu", "accuracy", "ifr")]
     if keys:
         fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(keys)), 4))
-        width = 0.4
-        for i, stage in enumerate(sorted(results)):
+        stages = sorted(results)
+        width = 0.8 / len(stages)  # one group of bars per score, all stages side by side inside it
+        for i, stage in enumerate(stages):
             vals = []
             for subset, task, metric in keys:
                 v = results[stage].get(subset, {}).get(task, {}).get(metric, 0.0)
                 vals.append(v / 100.0 if metric in ("wer", "bleu") else v)
             ax.bar([j + i * width for j in range(len(keys))], vals, width, label=stage)
-        ax.set_xticks([j + width / 2 for j in range(len(keys))])
+        ax.set_xticks([j + width * (len(stages) - 1) / 2 for j in range(len(keys))])
         ax.set_xticklabels([f"{s.replace('test_', '')}\n{m}" for s, _, m in keys], fontsize=7, rotation=45, ha="right")
         ax.set_ylabel("score (WER and BLEU / 100)")
         ax.set_title("held-out toy scores")
