@@ -126,3 +126,48 @@ def test_a_second_run_is_cached(built):
     res = subprocess.run([sys.executable, "-m", "wavllm_fairseq.toy.corpus", "--out", built["a"], "--size", "small",
                           "--seed", "5"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "cached" in res.stdout
+
+
+def test_library_synthesis_equals_the_command_and_reports_every_word(tmp_path):
+    """espeak.synthesize (in-process library, fresh per call) writes the command's samples exactly,
+    is repeatable, and places a start for every word, also for words espeak joins to a neighbour."""
+    import numpy as np
+    import soundfile as sf
+
+    from wavllm_fairseq.toy.espeak import synthesize, word_starts
+
+    text = "the green cow carries the book in the garden"  # en-gb-scotland joins "in the"
+    for voice, pitch, speed, amp in (("en-gb-scotland+f1", 50, 165, 100), ("en-us+m3", 70, 190, 200)):
+        wav, sr, starts = synthesize(text, voice, pitch, speed, amp)
+        again, _, starts_again = synthesize(text, voice, pitch, speed, amp)
+        path = str(tmp_path / "cli.wav")
+        subprocess.run([ESPEAK, "-v", voice, "-p", str(pitch), "-s", str(speed), "-a", str(amp), "-w", path, text],
+                       check=True)
+        cli, cli_sr = sf.read(path, dtype="int16")
+        assert sr == cli_sr and np.array_equal(wav, cli) and np.array_equal(wav, again) and starts == starts_again
+        assert len(starts) == 9 and starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:]))
+        assert starts[-1] < len(wav)
+    # a word without its own event is placed by character share between its neighbours' events
+    assert word_starts("in the park", [(1, 0), (8, 1100)], 2000) == [0, 471, 1100]  # "the" starts 3 of the 7 characters into the span
+
+
+def test_word_alignments_cover_each_clip_in_order(built):
+    rows = rows_of(built["a"], "train_asr") + rows_of(built["a"], "test_sv")
+    for r in rows:
+        spans = json.loads(r.extra["word_samples"])
+        assert len(spans) == len(r.tgt_text.split()) or r.task == "sv", r.id
+        assert all(0 <= s <= e <= r.n_frames for s, e in spans), r.id
+        assert all(spans[k][1] <= spans[k + 1][0] for k in range(len(spans) - 1)), r.id
+        assert spans[-1][1] - spans[0][0] > 0.5 * r.n_frames, r.id  # the words fill most of the clip
+
+
+def test_frame_labels_follow_the_alignment():
+    from types import SimpleNamespace
+
+    from wavllm_fairseq.toy.stage0 import word_frame_labels
+
+    row = SimpleNamespace(id="x", n_frames=3200, extra={"word_samples": "[[300,1300],[1300,2600]]"})
+    labels = word_frame_labels(row, [7, 9], 320)  # 10 frames of 20 ms
+    assert labels.tolist() == [0, 7, 7, 7, 9, 9, 9, 9, 0, 0]
+    with pytest.raises(ValueError, match="row x"):
+        word_frame_labels(row, [7], 320)

@@ -4,9 +4,9 @@
 
 Speech: sentences of a small grammar (``the big red cat follows the dog near the river``) spoken by
 espeak-ng voices = accent x variant (8 English accents x 26 male/female variants), with per-clip
-pitch and speed jitter and one of four speaking styles (neutral / happy / sad / angry, rendered by
-pitch, speed and amplitude). Test voices (4 variants held out in every accent) and test sentences
-(a seeded 15% of the grammar) never occur in training.
+pitch, speed and loudness jitter and one of four speaking styles (neutral / happy / sad / angry, each
+moving pitch, speed and amplitude by more than the jitter). Test voices (4 variants held out in every
+accent) and test sentences (a seeded 15% of the grammar) never occur in training.
 
 Tasks (manifest ``<split>_<task>.tsv``; the same clip serves several tasks with different prompts,
 so the model must read the instruction): ``asr``; ``st`` (toy English->German by a deterministic word
@@ -17,18 +17,21 @@ with "To begin,", "Then,", "Lastly,", answered in order, each answer starting wi
 the key part of its prompt). Every task has >= 10 training (seen) prompts and a disjoint unseen pool
 of 5 used only by ``test_<task>_unseen.tsv`` (same clips as ``test_<task>.tsv``, other prompts).
 
+Synthesis runs espeak-ng's C library (``espeak.py``; the same samples as the ``espeak-ng`` command),
+which also reports where each word starts: every speech row carries the [start, end) sample span of
+each word of its clip in the column ``word_samples`` (JSON), the alignment stage 0 trains the Whisper
+stand-in with.
+
 Also written: ``prompts/<task>.{seen,unseen}.txt``, ``lm_text.txt`` (all training text, for the toy
 tokenizer and LM of stage 0) and ``corpus.json`` (seed, size, counts, voice split). Deterministic for a
-seed (same manifests byte for byte); a second run with the same seed and size is skipped.
+seed (same manifests byte for byte); a second run with the same seed, size and format is skipped.
 """
 import argparse
 import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -59,11 +62,12 @@ ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-
 FEMALE = ["f1", "f2", "f3", "f4", "f5", "Alicia", "Andrea", "Annie", "aunty", "belinda", "linda", "steph"]
 MALE = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "adam", "Andy", "benjamin", "caleb", "david", "john", "max"]
 TEST_VARIANTS = ["f4", "Annie", "m5", "david"]  # held out in every accent
-STYLES = {  # pitch offset, speed factor, amplitude
-    "neutral": (0, 1.0, 100), "happy": (22, 1.18, 120), "sad": (-18, 0.78, 60), "angry": (6, 1.1, 190)}
+# pitch offset, speed factor, amplitude: each style moves at least two of them by more than the per-clip
+# jitter below, so a clip's style shows through the voices' own differences in pitch and loudness
+STYLES = {"neutral": (0, 1.0, 100), "happy": (28, 1.25, 125), "sad": (-22, 0.72, 55), "angry": (10, 1.12, 200)}
 
 SIZES = {"small": dict(train=160, test=24, valid=12, sv_train=40, multi_train=80, multi_test=16, it_train=60),
-         "default": dict(train=1500, test=100, valid=40, sv_train=300, multi_train=900, multi_test=60,
+         "default": dict(train=1500, test=100, valid=40, sv_train=800, multi_train=900, multi_test=60,
                          it_train=500)}
 
 # ------------------------------------------------------------------ prompt pools (seen, unseen)
@@ -145,8 +149,9 @@ IT_TEMPLATES_UNSEEN = [("In German, what is {w}?", lambda w: DE[w]),
                        ("Which letter does {w} start with?", lambda w: w[0]),
                        ("Turn {w} into capital letters.", lambda w: w.upper())]
 IT_WORDS = NOUNS + OBJECTS + ADJS
+FORMAT = 2  # 2: word alignments (column word_samples); a cached corpus of another format is rebuilt
 HEADER = ["id", "audio", "n_frames", "prompt", "tgt_text", "with_speech", "task", "speaker", "gender", "label",
-          "prompt_pool", "subtasks", "sub_markers", "sub_targets"]
+          "prompt_pool", "subtasks", "sub_markers", "sub_targets", "word_samples"]
 
 
 def log(msg: str) -> None:
@@ -189,40 +194,41 @@ def voices(split: str) -> List[Tuple[str, str, str]]:
 
 
 # ------------------------------------------------------------------ synthesis
-def _synth(job) -> Tuple[str, int]:
-    """One clip: espeak-ng -> 16 kHz mono PCM16 (or two utterances joined by silence for SV)."""
+def _synth(job) -> Tuple[str, int, List[List[int]]]:
+    """One clip: espeak-ng -> 16 kHz mono PCM16 (two utterances joined by silence for SV), and the
+    [start, end) sample span of every word in the written clip (the alignment stage 0 trains on)."""
     import soundfile as sf
 
     from ..audio import resample_to_16k
+    from .espeak import synthesize
 
     out_path, parts = job
-    pieces = []
-    for text, accent, variant, pitch, speed, amp in parts:
-        with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-            cmd = ["espeak-ng", "-v", f"{accent}+{variant}", "-p", str(pitch), "-s", str(speed), "-a", str(amp),
-                   "-w", tmp.name, text]
-            subprocess.run(cmd, check=True, capture_output=True)
-            wav, sr = sf.read(tmp.name, dtype="float32")
-        if wav.ndim > 1:
-            wav = wav.mean(1)
-        wav = resample_to_16k(wav, sr)
+    pieces, spans, offset = [], [], 0
+    for k, (text, accent, variant, pitch, speed, amp) in enumerate(parts):
+        raw, sr, starts = synthesize(text, f"{accent}+{variant}", pitch, speed, amp)
+        wav = resample_to_16k(raw.astype(np.float32) / 32768.0, sr)
+        starts16 = [int(round(s * 16000 / sr)) for s in starts]
         nz = np.flatnonzero(np.abs(wav) > 1e-3)  # trim espeak's leading/trailing silence
-        if len(nz):
-            wav = wav[max(0, nz[0] - 800): nz[-1] + 800]
+        lo, hi = (max(0, nz[0] - 800), nz[-1] + 800) if len(nz) else (0, len(wav))
+        last = nz[-1] if len(nz) else hi  # the last word ends with the last sound
+        wav = wav[lo:hi]
+        bounds = [min(max(0, s - lo), len(wav)) for s in starts16 + [last]]
+        if k == 1:  # 0.3 s of silence between the two utterances of an SV clip
+            pieces.append(np.zeros(4800, dtype=np.float32))
+            offset += 4800
+        spans += [[int(offset + bounds[i]), int(offset + max(bounds[i], bounds[i + 1]))] for i in range(len(starts16))]
         pieces.append(wav)
-    if len(pieces) == 2:
-        pieces = [pieces[0], np.zeros(4800, dtype=np.float32), pieces[1]]
-    wav = np.concatenate(pieces).astype(np.float32)
-    wav = np.clip(wav, -1, 1)
+        offset += len(wav)
+    wav = np.clip(np.concatenate(pieces).astype(np.float32), -1, 1)
     sf.write(out_path, wav, 16000, subtype="PCM_16")
-    return out_path, len(wav)
+    return out_path, len(wav), spans
 
 
 def _voice_params(rng: np.random.Generator, style: str) -> Tuple[int, int, int]:
     dp, fs, amp = STYLES[style]
-    pitch = int(np.clip(50 + dp + rng.integers(-8, 9), 5, 99))
-    speed = int(165 * fs * rng.uniform(0.92, 1.08))
-    return pitch, speed, int(amp * rng.uniform(0.9, 1.1))
+    pitch = int(np.clip(50 + dp + rng.integers(-5, 6), 5, 99))
+    speed = int(165 * fs * rng.uniform(0.95, 1.05))
+    return pitch, speed, int(min(200, amp * rng.uniform(0.9, 1.1)))
 
 
 # ------------------------------------------------------------------ rows
@@ -277,7 +283,8 @@ def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generato
         tgt, label = answer(task, c)
         rows.append(_row(id=f"{task}_{c['id']}" + ("_unseen" if pool == "unseen" else ""), audio=c["audio"], n_frames=c["n_frames"],
                          prompt=prompts[int(rng.integers(len(prompts)))], tgt_text=tgt, with_speech="True", task=task,
-                         speaker=c["speaker"], gender=c["gender"], label=label or "", prompt_pool=pool))
+                         speaker=c["speaker"], gender=c["gender"], label=label or "", prompt_pool=pool,
+                         word_samples=c["word_samples"]))
     return rows
 
 
@@ -367,14 +374,15 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
     every = train + test + valid + sv_train + sv_test + sv_valid
     log(f"synthesizing {len(every)} clips with espeak-ng on {jobs} processes")
     work = [(os.path.join(out, c["audio"]), c["synth"]) for c in every]
-    lengths = {}
+    lengths, spans = {}, {}
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for k, (path, n) in enumerate(pool.map(_synth, work, chunksize=16)):
-            lengths[path] = n
+        for k, (path, n, words) in enumerate(pool.map(_synth, work, chunksize=16)):
+            lengths[path], spans[path] = n, words
             if (k + 1) % 500 == 0 or k + 1 == len(work):
                 log(f"progress {k + 1}/{len(work)} clips ({time.time() - t0:.0f} s)")
     for c in every:
         c["n_frames"] = lengths[os.path.join(out, c["audio"])]
+        c["word_samples"] = json.dumps(spans[os.path.join(out, c["audio"])], separators=(",", ":"))
 
     manifests: Dict[str, List[dict]] = {}
     words = IT_WORDS
@@ -440,7 +448,7 @@ def main(argv=None) -> int:
     meta_path = os.path.join(out, "corpus.json")
     if not args.force and os.path.isfile(meta_path):
         meta = json.load(open(meta_path))
-        if meta.get("seed") == args.seed and meta.get("size") == args.size and all(
+        if meta.get("seed") == args.seed and meta.get("size") == args.size and meta.get("format") == FORMAT and all(
                 os.path.isfile(os.path.join(out, n + ".tsv")) for n in meta.get("counts", {})):
             log(f"cached: {out} (seed {args.seed}, size {args.size}); --force rebuilds")
             return 0
@@ -452,7 +460,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     meta = build(out, args.seed, args.size, args.jobs)
-    meta.update(seed=args.seed, size=args.size, seconds=round(time.time() - t0, 1))
+    meta.update(seed=args.seed, size=args.size, format=FORMAT, seconds=round(time.time() - t0, 1))
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     log(f"done in {meta['seconds']} s: " + ", ".join(f"{k}={v}" for k, v in meta["counts"].items()))
