@@ -366,3 +366,26 @@ def test_configs_saved_by_older_versions_get_the_behaviour_they_were_trained_wit
     new = {"bottleneck_norm": "post", "prompt_adapter_pool_bos": False}
     complete_model_cfg(new)
     assert new["bottleneck_norm"] == "post" and new["prompt_adapter_pool_bos"] is False
+
+
+def test_layer_norm_wavlm_runs_a_padded_batch_as_each_clip_alone():
+    """WavLM with a per-frame LayerNorm extractor (the toy stand-in's layout) runs unequal clips as one
+    masked batch; each clip's hidden states equal its own run and its padding frames are zero."""
+    from transformers import WavLMConfig, WavLMModel
+
+    from wavllm_fairseq.encoders import WavLMAcousticEncoder
+
+    torch.manual_seed(0)
+    cfg = WavLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      conv_dim=(32,) * 7, conv_bias=True, feat_extract_norm="layer", num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=4, num_buckets=32, max_bucket_distance=64)
+    enc = WavLMAcousticEncoder(WavLMModel(cfg).eval())
+    wav, lengths = torch.randn(3, 16000), torch.tensor([16000, 9000, 5000])
+    with torch.no_grad():
+        hidden, out_len = enc(wav, lengths)  # (L+1, B, T, C)
+        for b in range(3):
+            alone, alone_len = enc(wav[b: b + 1, : lengths[b]], lengths[b: b + 1])
+            n = alone.shape[2]
+            assert int(out_len[b]) == int(alone_len[0]) == n
+            assert torch.allclose(hidden[:, b, :n], alone[:, 0], atol=1e-4)
+            assert not hidden[:, b, n:].any()

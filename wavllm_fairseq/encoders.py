@@ -196,7 +196,8 @@ class WavLMAcousticEncoder(nn.Module):
     def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # WavLM-base's feature extractor group-normalises each channel over time, so padding would
         # change a clip's features: clips of different lengths run one by one on their own samples
-        # (exactly what each would get alone), equal lengths run as one batch.
+        # (exactly what each would get alone), equal lengths run as one batch. A layer-norm extractor
+        # (feat_extract_norm="layer") runs any batch at once with an attention mask.
         dtype = next(self.wavlm.parameters()).dtype
         lengths = self.output_lengths(wav_lengths)
         # clips shorter than the first conv's receptive field (400 samples) get no frames
@@ -204,6 +205,15 @@ class WavLMAcousticEncoder(nn.Module):
         if bool((run_len == run_len[0]).all()):
             out = self.wavlm(wav[:, : int(run_len[0])].to(dtype), output_hidden_states=True)
             hidden = torch.stack(out.hidden_states, dim=0)  # (L+1, B, T, C)
+        elif self.wavlm.config.feat_extract_norm == "layer":
+            # per-frame LayerNorm in the feature extractor (WavLM-large's layout): a padded batch with
+            # an attention mask gives each clip's valid frames as alone, so it runs as one batch
+            wav = wav[:, : int(run_len.max())]
+            mask = (torch.arange(wav.shape[1], device=wav.device)[None, :] < run_len[:, None]).long()
+            out = self.wavlm(wav.to(dtype), attention_mask=mask, output_hidden_states=True)
+            hidden = torch.stack(out.hidden_states, dim=0)  # (L+1, B, T, C)
+            valid = torch.arange(hidden.shape[2], device=wav.device)[None, :] < self.output_lengths(run_len)[:, None]
+            hidden = hidden * valid[None, :, :, None].to(hidden.dtype)  # padding frames are zero, as alone
         else:
             rows = [torch.stack(self.wavlm(wav[b: b + 1, : int(run_len[b])].to(dtype),
                                            output_hidden_states=True).hidden_states, dim=0)  # (L+1, 1, T_b, C)
