@@ -3,7 +3,7 @@ import json
 import os
 import re
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 # issue 8's targets on the held-out toy sets (checked after stage 2 unless said otherwise)
 TARGETS = {
@@ -30,7 +30,18 @@ def _rows(results: Dict[str, Dict[str, Dict[str, Dict[str, float]]]]) -> List[tu
     return sorted(keys)
 
 
-def format_table(results, times) -> str:
+# held-out checks of the stage-0 stand-in backbones on their own (keys of stage0.json)
+STANDIN_CHECKS = [("whisper_ctc_wer_valid", "Whisper stand-in: CTC greedy WER % (valid_asr)"),
+                  ("wavlm_style_acc_valid", "WavLM stand-in: style accuracy, own head (valid_er)"),
+                  ("wavlm_gender_acc_valid", "WavLM stand-in: gender accuracy, own head (valid_er)"),
+                  ("wavlm_sv_acc_valid", "WavLM stand-in: same/different speaker accuracy, own clip head (valid_sv)"),
+                  ("wavlm_change_acc_valid", "WavLM stand-in: same/different speaker accuracy, own frame head (valid_sv)"),
+                  ("llama_valid_ppl", "LLaMA stand-in: perplexity (held-out chat rows)"),
+                  ("llama_copy_loss_valid", "LLaMA stand-in: answer loss, transcript in the speech span (valid_asr)"),
+                  ("llama_nocopy_loss_valid", "LLaMA stand-in: answer loss, empty speech span (valid_asr)")]
+
+
+def format_table(results, times, standins: Optional[dict] = None) -> str:
     stages = sorted(results)
     lines = ["| test set | task | metric | " + " | ".join(stages) + " | target |",
              "|---|---|---|" + "---|" * len(stages) + "---|"]
@@ -40,6 +51,9 @@ def format_table(results, times) -> str:
             v = results[s].get(subset, {}).get(task, {}).get(metric)
             vals.append("" if v is None else (f"{v:.2f}" if metric in ("wer", "bleu") or "wer" in metric else f"{v:.4g}"))
         lines.append(f"| {subset} | {task} | {metric} | " + " | ".join(vals) + f" | {TARGETS.get((subset, task, metric), '')} |")
+    if standins:
+        lines += ["", "| stage-0 stand-in check | value |", "|---|---|"]
+        lines += [f"| {name} | {standins[key]} |" for key, name in STANDIN_CHECKS if key in standins]
     lines.append("")
     lines.append("| step | wall time |")
     lines.append("|---|---|")
@@ -121,10 +135,11 @@ def _save(plt, fig, ax, path: str) -> str:
     return path
 
 
-def write_report(work: str, results, times) -> str:
-    table = format_table(results, times)
+def write_report(work: str, results, times, standins: Optional[dict] = None) -> str:
+    table = format_table(results, times, standins)
     with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "results": results, "times_s": times}, f, indent=1)
+        json.dump({"date": time.strftime("%Y-%m-%d"), "results": results, "times_s": times,
+                   "stage0": {k: standins[k] for k, _ in STANDIN_CHECKS if standins and k in standins}}, f, indent=1)
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write(f"Toy WavLLM results, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
     for p in plot(work, results):

@@ -8,15 +8,17 @@ downloaded here. This step makes small ``transformers`` models that play their r
 fields as the real weights (``model.whisper_path`` ...) and keep them frozen.
 
 * Whisper stand-in (``WhisperEncoder``): a CTC objective on the transcripts (word units) over the same
-  log-mel input and windowing the plugin uses (``encoders.WhisperSemanticEncoder``), so its frames carry
-  the content, as Whisper's do.
-* WavLM stand-in (``WavLMModel``): speaker, gender and speaking-style classification of random crops of
-  the waveform (its frames then carry who speaks and how, as WavLM's do).
+  log-mel input and windowing the plugin uses (``encoders.WhisperSemanticEncoder``), plus frame-level
+  cross entropy on the word alignment the synthesizer reported (manifest column ``word_samples``), which
+  makes it learn several times faster than CTC alone; its frames carry the content, as Whisper's do.
+* WavLM stand-in (``WavLMModel``, per-frame LayerNorm feature extractor): speaker, gender and
+  speaking-style classification of training clips and same/different speaker of two-utterance training
+  clips (its frames then carry who speaks, whether the speaker changes, and how, as WavLM's do).
 * LLaMA stand-in (``LlamaForCausalLM``) and its sentencepiece ``tokenizer.model``: a language model on
   the chat-formatted training prompts and answers (text only), standing in for the chat LLM.
 
 The result is cached: ``OUT/stage0.json`` records the corpus and settings; a second run with the same
-ones does nothing. Each model reports a held-out check (CTC WER, style/gender accuracy, perplexity).
+ones does nothing. Each model reports a held-out check (CTC WER, style/gender/SV accuracy, perplexity, in-context reading).
 """
 import argparse
 import hashlib
@@ -26,26 +28,29 @@ import os
 import random
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+CODE_VERSION = 3  # part of the cache key: bump when a change here changes what stage 0 trains
+
 # fixed settings per size: model sizes and optimisation steps (deterministic for a seed)
 SETTINGS = {
     "default": dict(
         vocab=1000,
-        whisper=dict(unit="word", d_model=192, layers=3, heads=4, ffn=768, window_positions=150, steps=600, batch=16,
-                     lr=3e-3),
-        wavlm=dict(hidden=192, layers=3, heads=4, ffn=768, conv_dim=64, steps=600, batch=16, crop=1.2, lr=1e-3),
+        whisper=dict(unit="word", d_model=192, layers=3, heads=4, ffn=768, window_positions=200, steps=600, batch=16,
+                     lr=3e-3, align_weight=1.0),
+        wavlm=dict(hidden=144, layers=3, heads=4, ffn=576, conv_dim=48, steps=400, batch=8, sv_batch=6, lr=1.5e-3),
         llama=dict(dim=256, layers=4, heads=4, ffn=688, steps=700, batch=24, lr=2e-3),
     ),
     "small": dict(
         vocab=600,
-        whisper=dict(unit="char", d_model=96, layers=2, heads=2, ffn=256, window_positions=150, steps=60, batch=8, lr=2e-3),
-        wavlm=dict(hidden=64, layers=2, heads=2, ffn=128, conv_dim=32, steps=30, batch=8, crop=1.0, lr=2e-3),
+        whisper=dict(unit="word", d_model=96, layers=2, heads=2, ffn=256, window_positions=200, steps=60, batch=8, lr=2e-3,
+                     align_weight=1.0),
+        wavlm=dict(hidden=64, layers=2, heads=2, ffn=128, conv_dim=32, steps=30, batch=8, sv_batch=2, lr=2e-3),
         llama=dict(dim=96, layers=2, heads=2, ffn=192, steps=60, batch=16, lr=3e-3),
     ),
 }
@@ -104,6 +109,21 @@ def tokenizer_texts(corpus: str) -> List[str]:
 
 
 # ------------------------------------------------------------------ Whisper stand-in
+def word_frame_labels(row, word_ids: List[int], frame_samples: int) -> torch.Tensor:
+    """Per encoder frame (``frame_samples`` long): the id of the word spoken there (from the manifest's
+    ``word_samples`` alignment, written by the corpus generator), 0 (blank) outside every word."""
+    spans = json.loads(row.extra.get("word_samples") or "[]")
+    if len(spans) != len(word_ids):
+        raise ValueError(f"row {row.id}: {len(spans)} word alignments for {len(word_ids)} words; regenerate the "
+                         "corpus with wavllm-make-toy-corpus --force")
+    n = -(-int(row.n_frames) // frame_samples)
+    labels = torch.zeros(n, dtype=torch.long)
+    half = frame_samples // 2
+    for w, (start, end) in zip(word_ids, spans):
+        labels[(start + half) // frame_samples: (end + half) // frame_samples] = w
+    return labels
+
+
 def train_whisper(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]:
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -126,6 +146,8 @@ def train_whisper(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, floa
     head = nn.Linear(cfg["d_model"], len(vocab) + 1)
     wavs, vwavs = _audio(corpus, train), _audio(corpus, valid)
     targets = [[index[u] for u in units(r.tgt_text)] for r in train]
+    frame_targets = [word_frame_labels(r, [index[u] for u in _words(r.tgt_text)], encoder.hop_length * 2)
+                     if cfg.get("align_weight") and cfg.get("unit", "char") == "word" else None for r in train]
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.01)
     rng = random.Random(seed)
@@ -142,6 +164,13 @@ def train_whisper(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, floa
         tgt = torch.cat([torch.tensor(targets[i]) for i in idx])
         tlen = torch.tensor([len(targets[i]) for i in idx])
         loss = F.ctc_loss(logp, tgt, flen, tlen, blank=0, zero_infinity=True)
+        if frame_targets[idx[0]] is not None:  # frame-level word labels from the synthesizer's alignment
+            logits = logp.transpose(0, 1)  # (B, T, V) log-probabilities
+            labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
+            for b, i in enumerate(idx):
+                n = min(int(flen[b]), len(frame_targets[i]))
+                labels[b, :n] = frame_targets[i][:n]
+            loss = loss + cfg["align_weight"] * F.nll_loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         _schedule(opt, step, cfg["steps"], cfg["lr"], max(1, cfg["steps"] // 10))
         opt.zero_grad()
         loss.backward()
@@ -167,54 +196,95 @@ def train_whisper(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, floa
 
 
 # ------------------------------------------------------------------ WavLM stand-in
+def wavlm_config(cfg: dict):
+    """WavLM with a per-frame LayerNorm feature extractor and conv biases (WavLM-large's layout): unlike
+    WavLM-base's group norm over time, it keeps the loudness a speaking style is partly made of, and it
+    runs padded batches with an attention mask."""
+    from transformers import WavLMConfig
+
+    return WavLMConfig(hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                       intermediate_size=cfg["ffn"], conv_dim=(cfg["conv_dim"],) * 7, feat_extract_norm="layer",
+                       conv_bias=True, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, mask_time_prob=0.0,
+                       hidden_dropout=0.05, attention_dropout=0.05, activation_dropout=0.0, feat_proj_dropout=0.0,
+                       layerdrop=0.0)
+
+
+def speaker_change_labels(row, n_frames: int, frame_samples: int) -> torch.Tensor:
+    """Per WavLM frame of a two-utterance SV clip: 1 on the frames of the second utterance when it has
+    another speaker, else 0. The second utterance starts after the widest pause between words
+    (``word_samples``)."""
+    labels = torch.zeros(n_frames, dtype=torch.long)
+    if row.extra.get("label") == "no":
+        spans = json.loads(row.extra.get("word_samples") or "[]")
+        if len(spans) < 2:
+            raise ValueError(f"row {row.id}: an SV clip needs word alignments (word_samples); regenerate the corpus")
+        k = max(range(1, len(spans)), key=lambda i: spans[i][0] - spans[i - 1][1])
+        labels[spans[k][0] // frame_samples:] = 1
+    return labels
+
+
 def train_wavlm(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]:
-    from transformers import WavLMConfig, WavLMModel
+    """Speaker, gender and style classification of whole training clips, plus, on the two-utterance SV
+    training clips, same/different speaker of the clip and a per-frame speaker change (frames of a
+    second speaker), from softmax-weighted hidden states. WavLM's own pre-training (masked prediction on
+    mixed, overlapping utterances) is what makes its frames carry speaker identity and speaker changes;
+    these objectives stand in for it. Training voices only."""
+    from transformers import WavLMModel
 
     torch.manual_seed(seed)
     train = _rows(corpus, "train_asr")
-    valid = _rows(corpus, "valid_er")
     speakers = sorted({r.extra["speaker"] for r in train})
     styles = sorted({r.extra["label"] for r in _rows(corpus, "train_er")})
     # the ER manifest names the style of its clips (a share of the ASR clips, which carry speaker/gender)
     style_of = {r.audio: r.extra["label"] for r in _rows(corpus, "train_er")}
-    config = WavLMConfig(hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-                         intermediate_size=cfg["ffn"], conv_dim=(cfg["conv_dim"],) * 7,
-                         num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, mask_time_prob=0.0,
-                         hidden_dropout=0.05, attention_dropout=0.05, activation_dropout=0.0, feat_proj_dropout=0.0,
-                         layerdrop=0.0)
-    model = WavLMModel(config)
-    n_states = cfg["layers"] + 1
-    layer_w = nn.Parameter(torch.zeros(n_states))
-    heads = nn.ModuleDict({"speaker": nn.Linear(cfg["hidden"], len(speakers)),
-                           "gender": nn.Linear(cfg["hidden"], 2), "style": nn.Linear(cfg["hidden"], len(styles))})
+    model = WavLMModel(wavlm_config(cfg))
+    frame_samples = int(np.prod(model.config.conv_stride))
+    layer_w = nn.Parameter(torch.zeros(cfg["layers"] + 1))
+    heads = nn.ModuleDict({"speaker": nn.Linear(cfg["hidden"], len(speakers)), "gender": nn.Linear(cfg["hidden"], 2),
+                           "style": nn.Linear(cfg["hidden"], len(styles)), "sv": nn.Linear(cfg["hidden"], 2),
+                           "change": nn.Linear(cfg["hidden"], 2)})
     er_rows = [r for r in train if r.audio in style_of]
     wavs = _audio(corpus, er_rows)
     labels = [(speakers.index(r.extra["speaker"]), int(r.extra["gender"] == "male"), styles.index(style_of[r.audio]))
               for r in er_rows]
+    sv_rows = _rows(corpus, "train_sv")
+    sv_wavs = _audio(corpus, sv_rows)
+    sv_labels = [int(r.extra["label"] == "yes") for r in sv_rows]
     params = list(model.parameters()) + list(heads.parameters()) + [layer_w]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.01)
     rng = random.Random(seed)
-    crop = int(cfg["crop"] * 16000)
 
-    def pooled(wav: torch.Tensor) -> torch.Tensor:
-        hs = torch.stack(model(wav, output_hidden_states=True).hidden_states, 0)  # (L+1, B, T, C)
-        mixed = (F.softmax(layer_w, 0)[:, None, None, None] * hs).sum(0)
-        return mixed.mean(1)
+    def frames(items: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+        wav, lengths = _batch_wav(items)
+        mask = (torch.arange(wav.shape[1])[None] < lengths[:, None]).long()
+        hs = torch.stack(model(wav, attention_mask=mask, output_hidden_states=True).hidden_states, 0)  # (L+1, B, T, C)
+        mixed = (F.softmax(layer_w, 0)[:, None, None, None] * hs).sum(0)  # (B, T, C)
+        valid = torch.arange(mixed.shape[1])[None] < model._get_feat_extract_output_lengths(lengths)[:, None]
+        return mixed, valid  # (B, T, C), (B, T)
+
+    def pool(mixed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        v = valid.float()
+        return (mixed * v[..., None]).sum(1) / v.sum(1, keepdim=True)  # (B, C)
+
+    def pooled(items: Sequence[np.ndarray]) -> torch.Tensor:
+        return pool(*frames(items))
 
     t0 = time.time()
     model.train()
     for step in range(cfg["steps"]):
         idx = [rng.randrange(len(wavs)) for _ in range(cfg["batch"])]
-        batch = torch.zeros(len(idx), crop)
-        for b, i in enumerate(idx):
-            w = wavs[i]
-            start = rng.randrange(max(1, len(w) - crop))
-            piece = w[start: start + crop]
-            batch[b, : len(piece)] = torch.from_numpy(piece)
-        h = pooled(batch)
+        h = pooled([wavs[i] for i in idx])
         y = torch.tensor([labels[i] for i in idx])
         loss = (F.cross_entropy(heads["speaker"](h), y[:, 0]) + F.cross_entropy(heads["gender"](h), y[:, 1])
                 + F.cross_entropy(heads["style"](h), y[:, 2]))
+        sv_idx = [rng.randrange(len(sv_wavs)) for _ in range(cfg["sv_batch"])]
+        mixed, valid = frames([sv_wavs[i] for i in sv_idx])
+        change = torch.full(valid.shape, -100, dtype=torch.long)
+        for b, i in enumerate(sv_idx):
+            n = int(valid[b].sum())
+            change[b, :n] = speaker_change_labels(sv_rows[i], n, frame_samples)
+        loss = (loss + F.cross_entropy(heads["sv"](pool(mixed, valid)), torch.tensor([sv_labels[i] for i in sv_idx]))
+                + F.cross_entropy(heads["change"](mixed).reshape(-1, 2), change.reshape(-1), ignore_index=-100))
         _schedule(opt, step, cfg["steps"], cfg["lr"], max(1, cfg["steps"] // 10))
         opt.zero_grad()
         loss.backward()
@@ -223,30 +293,62 @@ def train_wavlm(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]
         if (step + 1) % 100 == 0 or step + 1 == cfg["steps"]:
             log(f"wavlm stand-in: step {step + 1}/{cfg['steps']} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
     model.eval()
-    vw = _audio(corpus, valid)
-    correct_style = correct_gender = 0
+    scores = {}
     with torch.no_grad():
-        for r, w in zip(valid, vw):
-            h = pooled(torch.from_numpy(w)[None])
-            correct_style += int(styles[int(heads["style"](h).argmax())] == r.extra["label"])
-            correct_gender += int(int(heads["gender"](h).argmax()) == int(r.extra["gender"] == "male"))
-    style_acc, gender_acc = correct_style / max(1, len(valid)), correct_gender / max(1, len(valid))
-    log(f"wavlm stand-in: held-out style accuracy {style_acc:.3f}, gender accuracy {gender_acc:.3f} (valid_er)")
+        valid = _rows(corpus, "valid_er")
+        vw = _audio(corpus, valid)
+        hits = {"style": 0, "gender": 0}
+        for k in range(0, len(valid), 16):
+            h = pooled(vw[k: k + 16])
+            for j, r in enumerate(valid[k: k + 16]):
+                hits["style"] += int(styles[int(heads["style"](h[j]).argmax())] == r.extra["label"])
+                hits["gender"] += int(int(heads["gender"](h[j]).argmax()) == int(r.extra["gender"] == "male"))
+        scores = {f"wavlm_{k}_acc_valid": round(v / max(1, len(valid)), 4) for k, v in hits.items()}
+        vsv = _rows(corpus, "valid_sv")
+        vsw = _audio(corpus, vsv)
+        sv_hits = change_hits = 0
+        for k in range(0, len(vsv), 16):
+            mixed, valid = frames(vsw[k: k + 16])
+            pred = heads["sv"](pool(mixed, valid)).argmax(-1)
+            # a change is heard when >= 15% of the clip's frames are taken for a second speaker
+            changed = ((heads["change"](mixed).argmax(-1) == 1) & valid).float().sum(1) / valid.float().sum(1) >= 0.15
+            for j, r in enumerate(vsv[k: k + 16]):
+                same = r.extra["label"] == "yes"
+                sv_hits += int(int(pred[j]) == int(same))
+                change_hits += int(bool(changed[j]) != same)
+        scores["wavlm_sv_acc_valid"] = round(sv_hits / max(1, len(vsv)), 4)
+        scores["wavlm_change_acc_valid"] = round(change_hits / max(1, len(vsv)), 4)
+    log(f"wavlm stand-in: held-out style accuracy {scores['wavlm_style_acc_valid']:.3f}, gender "
+        f"{scores['wavlm_gender_acc_valid']:.3f} (valid_er), same/different speaker {scores['wavlm_sv_acc_valid']:.3f} "
+        f"(clip head) / {scores['wavlm_change_acc_valid']:.3f} (frame change head) (valid_sv; unseen voices)")
     model.save_pretrained(os.path.join(out, "wavlm"))
-    return {"wavlm_style_acc_valid": round(style_acc, 4), "wavlm_gender_acc_valid": round(gender_acc, 4),
-            "wavlm_params": sum(p.numel() for p in model.parameters())}
+    return {**scores, "wavlm_params": sum(p.numel() for p in model.parameters())}
 
 
 # ------------------------------------------------------------------ LLaMA stand-in
-def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 6000) -> List[List[int]]:
+SPAN_REPEATS = (1, 2, 2, 3, 3, 4)  # how often a word's piece is repeated in a text span (80 ms frames per word)
+
+
+def text_span(tok, text: str, rng: random.Random) -> List[int]:
+    """``text``'s pieces, each repeated as many times as speech frames would repeat it."""
+    span: List[int] = []
+    for piece in tok.encode(text):
+        span += [piece] * rng.choice(SPAN_REPEATS)
+    return span
+
+
+def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 3000) -> List[List[int]]:
     """Chat-formatted training rows for the LLaMA stand-in.
 
-    Every training row text-only, plus ``n_span`` rows with a *training* sentence of the toy grammar in
-    the speech span (words repeated 1-3 times, as frame-rate input repeats them) and an ASR, ST or SQA
-    question about it. A real chat LLM can already read, copy, translate and question a text in its
-    context; this gives the stand-in those in-context skills (on many distinct sentences, so that it
-    has to read the span rather than memorise), and stage 1 then has to map speech into that span.
-    Test sentences are never used.
+    Every training row, with its clip's transcript (when the clip has one sentence) in the speech span,
+    words repeated 1-4 times as 80 ms speech frames repeat them; text-only rows as they are. Plus
+    ``n_span`` rows with other *training* sentences of the grammar in the span and an ASR, ST or SQA
+    question about them. A real chat LLM can already read, copy, translate and question a text in its
+    context; this gives the stand-in those in-context skills (on many distinct sentences, so that it has
+    to read the span rather than memorise), and stage 1 then has to map speech into that span. Answers
+    that depend on how the clip sounds (style, gender, speaker) cannot be read from a transcript: the
+    stand-in learns their form and prior, and stage 1 has to bring the evidence. Test sentences are
+    never used.
     """
     from ..prompt_template import encode_example
     from . import corpus as toy
@@ -254,34 +356,39 @@ def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 6000) -> List[Li
     corpus_seed = json.load(open(os.path.join(corpus, "corpus.json"))).get("seed", 1)
     sentences = [(t, parts) for t, parts in toy.all_sentences() if toy._h(corpus_seed, "split", t) % 100 >= 15]
     rng = random.Random(seed)
+    transcript = {r.audio: r.tgt_text for r in _rows(corpus, "train_asr")}
     seqs = []
     for name in sorted(os.listdir(corpus)):
         if name.startswith("train_") and name.endswith(".tsv"):
             for r in _rows(corpus, name[:-4]):
-                e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=False)
-                seqs.append(e.pre + e.post)
+                if not r.with_speech:
+                    e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=False)
+                    seqs.append(e.pre + e.post)
+                    continue
+                e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=True)
+                text = transcript.get(r.audio)
+                seqs.append(e.pre + (text_span(tok, text, rng) if text else []) + e.post)
     for _ in range(n_span):
         text, parts = sentences[rng.randrange(len(sentences))]
         task = rng.choice(("asr", "asr", "st", "sqa"))
         prompt = rng.choice(toy.PROMPTS[task][0])
         answer = {"asr": text, "st": toy.translate(parts), "sqa": f"The {parts['obj']}."}[task]
         e = encode_example(tok, [(prompt, answer)], with_speech=True)
-        span = []
-        for piece in tok.encode(text):
-            span += [piece] * rng.choice((1, 1, 2, 3))
-        seqs.append(e.pre + span + e.post)
+        seqs.append(e.pre + text_span(tok, text, rng) + e.post)
     return seqs
 
 
 def copy_check(model, tok, corpus: str, n: int = 30) -> Dict[str, float]:
-    """Answer loss on held-out ASR rows with the transcript in the speech span vs an empty span."""
+    """Answer loss on held-out ASR rows with the transcript in the speech span (pieces repeated as in
+    training) vs an empty span."""
     from ..prompt_template import encode_example
 
+    rng = random.Random(0)
     losses = {"with_text": [], "empty": []}
     for r in _rows(corpus, "valid_asr")[:n]:
         e = encode_example(tok, [(r.prompt, r.tgt_text)], with_speech=True)
         for mode in losses:
-            span = tok.encode(r.tgt_text) if mode == "with_text" else []
+            span = text_span(tok, r.tgt_text, rng) if mode == "with_text" else []
             ids = torch.tensor([e.pre + span + e.post])
             pos = torch.tensor([len(e.pre) + len(span) + i for i, m in enumerate(e.post_target_mask) if m])
             with torch.no_grad():
@@ -350,10 +457,10 @@ def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, f
 # ------------------------------------------------------------------ main
 def fingerprint(corpus: str, size: str, seed: int) -> str:
     """Hash of what stage 0 reads (every training manifest, the LM text) and of its settings."""
-    h = hashlib.sha1(json.dumps([size, seed, SETTINGS[size], 2], sort_keys=True).encode())
+    h = hashlib.sha1(json.dumps([size, seed, SETTINGS[size], CODE_VERSION], sort_keys=True).encode())
     for name in sorted(os.listdir(corpus)):
         if (name.startswith("train_") and name.endswith(".tsv")) or name in ("lm_text.txt", "valid_asr.tsv",
-                                                                            "valid_er.tsv"):
+                                                                            "valid_er.tsv", "valid_sv.tsv"):
             with open(os.path.join(corpus, name), "rb") as f:
                 h.update(name.encode() + f.read())
     return h.hexdigest()[:16]
