@@ -18,9 +18,10 @@ the key part of its prompt). Every task has >= 10 training (seen) prompts and a 
 of 5 used only by ``test_<task>_unseen.tsv`` (same clips as ``test_<task>.tsv``, other prompts).
 
 Synthesis runs espeak-ng's C library (``espeak.py``; the same samples as the ``espeak-ng`` command),
-which also reports where each word starts: every speech row carries the [start, end) sample span of
-each word of its clip in the column ``word_samples`` (JSON), the alignment stage 0 trains the Whisper
-stand-in with.
+which also reports where each word starts. Every speech row records its clip: ``transcript`` (the
+spoken words; two sentences in an SV clip), ``word_samples`` (JSON [start, end) 16 kHz sample span of
+each of those words: the alignment stage 0 trains the Whisper stand-in with), ``style`` and
+``n_speakers`` (1, or 2 in an SV clip with two voices).
 
 Also written: ``prompts/<task>.{seen,unseen}.txt``, ``lm_text.txt`` (all training text, for the toy
 tokenizer and LM of stage 0) and ``corpus.json`` (seed, size, counts, voice split). Deterministic for a
@@ -149,9 +150,10 @@ IT_TEMPLATES_UNSEEN = [("In German, what is {w}?", lambda w: DE[w]),
                        ("Which letter does {w} start with?", lambda w: w[0]),
                        ("Turn {w} into capital letters.", lambda w: w.upper())]
 IT_WORDS = NOUNS + OBJECTS + ADJS
-FORMAT = 2  # 2: word alignments (column word_samples); a cached corpus of another format is rebuilt
+FORMAT = 3  # 3: word alignments and what the clip holds (word_samples, transcript, style, n_speakers); a cached
+# corpus of another format is rebuilt
 HEADER = ["id", "audio", "n_frames", "prompt", "tgt_text", "with_speech", "task", "speaker", "gender", "label",
-          "prompt_pool", "subtasks", "sub_markers", "sub_targets", "word_samples"]
+          "prompt_pool", "subtasks", "sub_markers", "sub_targets", "word_samples", "transcript", "style", "n_speakers"]
 
 
 def log(msg: str) -> None:
@@ -276,6 +278,13 @@ def sub_answer(task: str, clip: Optional[dict], it_item: Optional[Tuple[str, str
     return answer(task, clip)[0]
 
 
+def clip_columns(clip: dict) -> dict:
+    """What a speech row records about its clip: the spoken words and their sample spans, the speaking
+    style and how many speakers it holds (SV clips: 1 or 2)."""
+    return dict(word_samples=clip["word_samples"], transcript=clip["text"], style=clip["style"],
+                n_speakers=1 if clip.get("same", True) else 2)
+
+
 def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generator) -> List[dict]:
     prompts = PROMPTS[task][0 if pool == "seen" else 1]
     rows = []
@@ -284,7 +293,7 @@ def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generato
         rows.append(_row(id=f"{task}_{c['id']}" + ("_unseen" if pool == "unseen" else ""), audio=c["audio"], n_frames=c["n_frames"],
                          prompt=prompts[int(rng.integers(len(prompts)))], tgt_text=tgt, with_speech="True", task=task,
                          speaker=c["speaker"], gender=c["gender"], label=label or "", prompt_pool=pool,
-                         word_samples=c["word_samples"]))
+                         **clip_columns(c)))
     return rows
 
 
@@ -314,7 +323,7 @@ def multi_rows(clips: List[dict], sv_clips: List[dict], n: int, pool: str, rng, 
             answers.append(f"{MARKERS[t]} {sub}")
         rows.append(_row(id=f"multi_{pool}{i}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"], prompt=" ".join(prompts),
                          tgt_text=" ".join(answers), with_speech="True", task="+".join(combo), speaker=c["speaker"],
-                         gender=c["gender"], prompt_pool=pool, subtasks=json.dumps(list(combo)),
+                         gender=c["gender"], prompt_pool=pool, subtasks=json.dumps(list(combo)), **clip_columns(c),
                          sub_markers=json.dumps([MARKERS[t] for t in combo]), sub_targets=json.dumps(subs)))
     return rows
 

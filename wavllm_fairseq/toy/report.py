@@ -38,7 +38,9 @@ STANDIN_CHECKS = [("whisper_ctc_wer_valid", "Whisper stand-in: CTC greedy WER % 
                   ("wavlm_change_acc_valid", "WavLM stand-in: same/different speaker accuracy, own frame head (valid_sv)"),
                   ("llama_valid_ppl", "LLaMA stand-in: perplexity (held-out chat rows)"),
                   ("llama_copy_loss_valid", "LLaMA stand-in: answer loss, transcript in the speech span (valid_asr)"),
-                  ("llama_nocopy_loss_valid", "LLaMA stand-in: answer loss, empty speech span (valid_asr)")]
+                  ("llama_nocopy_loss_valid", "LLaMA stand-in: answer loss, empty speech span (valid_asr)"),
+                  ("llama_tag_loss_valid", "LLaMA stand-in: style/gender/SV answer loss, tags in the span"),
+                  ("llama_notag_loss_valid", "LLaMA stand-in: style/gender/SV answer loss, words only in the span")]
 
 
 def format_table(results, times, standins: Optional[dict] = None) -> str:
@@ -77,8 +79,12 @@ def read_train_log(path: str) -> Dict[str, List[tuple]]:
             continue
         if "train_inner" in line and "loss" in rec and "num_updates" in rec:
             series["train"].append((int(rec["num_updates"]), float(rec["loss"])))
-        elif "valid_loss" in rec and "valid_num_updates" in rec:
-            series["valid"].append((int(rec["valid_num_updates"]), float(rec["valid_loss"])))
+        else:  # fairseq names validation keys after the subset: valid_<subset>_loss, valid_<subset>_num_updates
+            loss = [k for k in rec if k.startswith("valid") and k.endswith("_loss") and not k.endswith(("nll_loss", "best_loss"))
+                    and "_loss_" not in k]
+            updates = [k for k in rec if k.startswith("valid") and k.endswith("_num_updates")]
+            if len(loss) == 1 and len(updates) == 1:
+                series["valid"].append((int(rec[updates[0]]), float(rec[loss[0]])))
     return series
 
 

@@ -28,14 +28,14 @@ import os
 import random
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CODE_VERSION = 3  # part of the cache key: bump when a change here changes what stage 0 trains
+CODE_VERSION = 5  # part of the cache key: bump when a change here changes what stage 0 trains
 
 # fixed settings per size: model sizes and optimisation steps (deterministic for a seed)
 SETTINGS = {
@@ -216,10 +216,7 @@ def speaker_change_labels(row, n_frames: int, frame_samples: int) -> torch.Tenso
     labels = torch.zeros(n_frames, dtype=torch.long)
     if row.extra.get("label") == "no":
         spans = json.loads(row.extra.get("word_samples") or "[]")
-        if len(spans) < 2:
-            raise ValueError(f"row {row.id}: an SV clip needs word alignments (word_samples); regenerate the corpus")
-        k = max(range(1, len(spans)), key=lambda i: spans[i][0] - spans[i - 1][1])
-        labels[spans[k][0] // frame_samples:] = 1
+        labels[spans[second_utterance(spans)][0] // frame_samples:] = 1
     return labels
 
 
@@ -327,28 +324,59 @@ def train_wavlm(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]
 
 # ------------------------------------------------------------------ LLaMA stand-in
 SPAN_REPEATS = (1, 2, 2, 3, 3, 4)  # how often a word's piece is repeated in a text span (80 ms frames per word)
+SECOND_SPEAKER_TAG = "two"  # tag of the words a second, different speaker says in an SV clip
+TAG_SCALE = 0.5  # tags are added at half a token's scale, so the word stays the main part of a position
+
+# A span position holds a word piece id and, summed into its embedding, the ids of the clip's tags.
+Span = Tuple[List[int], List[Tuple[int, ...]]]
 
 
-def text_span(tok, text: str, rng: random.Random) -> List[int]:
-    """``text``'s pieces, each repeated as many times as speech frames would repeat it."""
-    span: List[int] = []
-    for piece in tok.encode(text):
-        span += [piece] * rng.choice(SPAN_REPEATS)
-    return span
+def second_utterance(spans: Sequence[Sequence[int]]) -> int:
+    """Index of the first word after the widest pause between words (where an SV clip's second
+    utterance starts)."""
+    if len(spans) < 2:
+        raise ValueError("a two-utterance clip needs at least two word alignments (word_samples)")
+    return max(range(1, len(spans)), key=lambda i: spans[i][0] - spans[i - 1][1])
 
 
-def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 3000) -> List[List[int]]:
-    """Chat-formatted training rows for the LLaMA stand-in.
+def word_tags(tok, row) -> List[Tuple[int, ...]]:
+    """Per spoken word of a toy clip: the pieces of what is heard besides the words (the speaker's
+    gender, the speaking style, and a second speaker's turn in an SV clip), read from the row's columns."""
+    words = row.extra["transcript"].split()
+    base = tuple(tok.encode(row.extra[k])[0] for k in ("gender", "style") if row.extra.get(k))
+    tags = [base] * len(words)
+    if row.extra.get("n_speakers") == "2":
+        k = second_utterance(json.loads(row.extra["word_samples"]))
+        other = (tok.encode(SECOND_SPEAKER_TAG)[0],) + base[1:]  # the first speaker's gender does not hold
+        tags = tags[:k] + [other] * (len(words) - k)
+    return tags
 
-    Every training row, with its clip's transcript (when the clip has one sentence) in the speech span,
-    words repeated 1-4 times as 80 ms speech frames repeat them; text-only rows as they are. Plus
+
+def text_span(tok, text: str, rng: random.Random, tags: Optional[List[Tuple[int, ...]]] = None) -> Span:
+    """``text``'s pieces, each repeated as many times as speech frames would repeat it, with the tags of
+    its word (``tags``: one tuple per word) at each position."""
+    pieces: List[int] = []
+    span_tags: List[Tuple[int, ...]] = []
+    for i, word in enumerate(text.split()):
+        for piece in tok.encode(word):
+            k = rng.choice(SPAN_REPEATS)
+            pieces += [piece] * k
+            span_tags += [tags[i] if tags else ()] * k
+    return pieces, span_tags
+
+
+def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 3000) -> List[Span]:
+    """Chat-formatted training rows for the LLaMA stand-in: (token ids, tag ids summed into each position).
+
+    Every training row, with its clip in the speech span as text: the spoken words, repeated 1-4 times as
+    80 ms speech frames repeat them, each position's embedding plus the embeddings of what is heard
+    besides the words (gender, style, a second speaker: ``word_tags``); text-only rows as they are. Plus
     ``n_span`` rows with other *training* sentences of the grammar in the span and an ASR, ST or SQA
     question about them. A real chat LLM can already read, copy, translate and question a text in its
     context; this gives the stand-in those in-context skills (on many distinct sentences, so that it has
-    to read the span rather than memorise), and stage 1 then has to map speech into that span. Answers
-    that depend on how the clip sounds (style, gender, speaker) cannot be read from a transcript: the
-    stand-in learns their form and prior, and stage 1 has to bring the evidence. Test sentences are
-    never used.
+    to read the span rather than memorise), and stage 1 then has to map speech into that span: the
+    semantic adapter onto the words, the acoustic adapter onto the tags (the projector adds the two, as
+    the tags are added here). Test sentences and test voices are never used.
     """
     from ..prompt_template import encode_example
     from . import corpus as toy
@@ -356,26 +384,60 @@ def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 3000) -> List[Li
     corpus_seed = json.load(open(os.path.join(corpus, "corpus.json"))).get("seed", 1)
     sentences = [(t, parts) for t, parts in toy.all_sentences() if toy._h(corpus_seed, "split", t) % 100 >= 15]
     rng = random.Random(seed)
-    transcript = {r.audio: r.tgt_text for r in _rows(corpus, "train_asr")}
-    seqs = []
+    seqs: List[Span] = []
     for name in sorted(os.listdir(corpus)):
         if name.startswith("train_") and name.endswith(".tsv"):
             for r in _rows(corpus, name[:-4]):
-                if not r.with_speech:
-                    e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=False)
-                    seqs.append(e.pre + e.post)
-                    continue
-                e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=True)
-                text = transcript.get(r.audio)
-                seqs.append(e.pre + (text_span(tok, text, rng) if text else []) + e.post)
+                e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=r.with_speech)
+                span, tags = text_span(tok, r.extra["transcript"], rng, word_tags(tok, r)) if r.with_speech else ([], [])
+                seqs.append((e.pre + span + e.post, [()] * len(e.pre) + tags + [()] * len(e.post)))
     for _ in range(n_span):
         text, parts = sentences[rng.randrange(len(sentences))]
         task = rng.choice(("asr", "asr", "st", "sqa"))
         prompt = rng.choice(toy.PROMPTS[task][0])
         answer = {"asr": text, "st": toy.translate(parts), "sqa": f"The {parts['obj']}."}[task]
         e = encode_example(tok, [(prompt, answer)], with_speech=True)
-        seqs.append(e.pre + text_span(tok, text, rng) + e.post)
+        span, tags = text_span(tok, text, rng)
+        seqs.append((e.pre + span + e.post, [()] * len(e.pre) + tags + [()] * len(e.post)))
     return seqs
+
+
+def embed_with_tags(model, batch: Sequence[Span]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (inputs_embeds (B, T, D), ids (B, T) with -100 on padding, attention mask (B, T))."""
+    emb = model.get_input_embeddings()
+    T = max(len(ids) for ids, _ in batch)
+    K = max([len(t) for _, tags in batch for t in tags] + [1])
+    ids = torch.full((len(batch), T), -100, dtype=torch.long)
+    tag_ids = torch.zeros(len(batch), T, K, dtype=torch.long)
+    tag_on = torch.zeros(len(batch), T, K)
+    for b, (seq, tags) in enumerate(batch):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        for t, tag in enumerate(tags):
+            for k, x in enumerate(tag):
+                tag_ids[b, t, k], tag_on[b, t, k] = x, 1.0
+    mask = (ids >= 0).long()
+    x = emb(ids.clamp(min=0)) + TAG_SCALE * (emb(tag_ids) * tag_on[..., None]).sum(2)  # (B, T, D)
+    return x, ids, mask
+
+
+def tag_check(model, tok, corpus: str, n: int = 40) -> Dict[str, float]:
+    """Answer loss on held-out style/gender/SV rows with the clip's tags in the span vs the words alone."""
+    from ..prompt_template import encode_example
+
+    losses = {"tags": [], "words_only": []}
+    for name in ("valid_er", "valid_gender", "valid_sv"):
+        for r in _rows(corpus, name)[:n]:
+            e = encode_example(tok, [(r.prompt, r.tgt_text)], with_speech=True)
+            for mode in losses:
+                rng = random.Random(0)
+                span, tags = text_span(tok, r.extra["transcript"], rng, word_tags(tok, r) if mode == "tags" else None)
+                x, _, mask = embed_with_tags(model, [(e.pre + span + e.post, [()] * len(e.pre) + tags + [()] * len(e.post))])
+                pos = torch.tensor([len(e.pre) + len(span) + i for i, m in enumerate(e.post_target_mask) if m])
+                with torch.no_grad():
+                    logits = model(inputs_embeds=x, attention_mask=mask).logits[0]
+                ids = torch.tensor(e.post)[pos - len(e.pre) - len(span)]
+                losses[mode].append(F.cross_entropy(logits[pos - 1], ids).item())
+    return {k: float(np.mean(v)) for k, v in losses.items()}
 
 
 def copy_check(model, tok, corpus: str, n: int = 30) -> Dict[str, float]:
@@ -388,7 +450,7 @@ def copy_check(model, tok, corpus: str, n: int = 30) -> Dict[str, float]:
     for r in _rows(corpus, "valid_asr")[:n]:
         e = encode_example(tok, [(r.prompt, r.tgt_text)], with_speech=True)
         for mode in losses:
-            span = text_span(tok, r.tgt_text, rng) if mode == "with_text" else []
+            span = text_span(tok, r.tgt_text, rng)[0] if mode == "with_text" else []
             ids = torch.tensor([e.pre + span + e.post])
             pos = torch.tensor([len(e.pre) + len(span) + i for i, m in enumerate(e.post_target_mask) if m])
             with torch.no_grad():
@@ -416,16 +478,9 @@ def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, f
     nn.init.normal_(model.model.embed_tokens.weight, std=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.01)
 
-    def batch_loss(items: List[List[int]]) -> torch.Tensor:
-        T = max(len(s) for s in items)
-        ids = torch.full((len(items), T), tok.eos_id, dtype=torch.long)
-        labels = torch.full((len(items), T), -100, dtype=torch.long)
-        mask = torch.zeros(len(items), T, dtype=torch.long)
-        for b, s in enumerate(items):
-            ids[b, : len(s)] = torch.tensor(s)
-            labels[b, : len(s)] = torch.tensor(s)
-            mask[b, : len(s)] = 1
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    def batch_loss(items: Sequence[Span]) -> torch.Tensor:
+        x, labels, mask = embed_with_tags(model, items)
+        return model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
 
     t0 = time.time()
     model.train()
@@ -449,8 +504,12 @@ def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, f
     cc = copy_check(model, tok, corpus)
     log(f"llama stand-in: held-out transcript loss {cc['with_text']:.3f} with the text in the speech span, "
         f"{cc['empty']:.3f} without (in-context reading)")
+    tc = tag_check(model, tok, corpus)
+    log(f"llama stand-in: held-out style/gender/SV answer loss {tc['tags']:.3f} with the clip's tags in the span, "
+        f"{tc['words_only']:.3f} with its words only (reading what is heard besides the words)")
     model.save_pretrained(os.path.join(out, "llama"))
-    return {"llama_valid_ppl": round(math.exp(vloss), 3), "llama_copy_loss_valid": round(cc["with_text"], 4),
+    return {"llama_tag_loss_valid": round(tc["tags"], 4), "llama_notag_loss_valid": round(tc["words_only"], 4),
+            "llama_valid_ppl": round(math.exp(vloss), 3), "llama_copy_loss_valid": round(cc["with_text"], 4),
             "llama_nocopy_loss_valid": round(cc["empty"], 4), "llama_params": sum(p.numel() for p in model.parameters())}
 
 
