@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what wavllm_fairseq needs on a fresh Debian + Python 3.11 machine; a no-op when present.
-#   espeak-ng (Debian)      - synthesizes the toy corpus
+#   espeak-ng (Debian)      - synthesizes the toy corpus (through its library libespeak-ng, a dependency)
 #   torch==2.13.0 (CPU)     - from the local wheel pip is configured to find (no CUDA downloads)
 #   fairseq-fixed 0.12.3.1  - the `fairseq` import name; upstream fairseq 0.12.2 does not import on 3.11
 #   this package (editable) + its Python dependencies
