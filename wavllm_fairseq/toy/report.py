@@ -79,12 +79,12 @@ def read_train_log(path: str) -> Dict[str, List[tuple]]:
             continue
         if "train_inner" in line and "loss" in rec and "num_updates" in rec:
             series["train"].append((int(rec["num_updates"]), float(rec["loss"])))
-        else:  # fairseq names validation keys after the subset: valid_<subset>_loss, valid_<subset>_num_updates
-            loss = [k for k in rec if k.startswith("valid") and k.endswith("_loss") and not k.endswith(("nll_loss", "best_loss"))
-                    and "_loss_" not in k]
-            updates = [k for k in rec if k.startswith("valid") and k.endswith("_num_updates")]
-            if len(loss) == 1 and len(updates) == 1:
-                series["valid"].append((int(rec[updates[0]]), float(rec[loss[0]])))
+        else:  # fairseq names validation keys after the subset: valid_<subset>_num_updates, valid_<subset>_loss
+            for key in rec:
+                if key.startswith("valid") and key.endswith("_num_updates"):
+                    loss = key[: -len("num_updates")] + "loss"
+                    if loss in rec:
+                        series["valid"].append((int(rec[key]), float(rec[loss])))
     return series
 
 

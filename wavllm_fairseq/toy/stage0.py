@@ -209,6 +209,14 @@ def wavlm_config(cfg: dict):
                        layerdrop=0.0)
 
 
+def second_utterance(spans: Sequence[Sequence[int]]) -> int:
+    """Index of the first word after the widest pause between words (where an SV clip's second
+    utterance starts)."""
+    if len(spans) < 2:
+        raise ValueError("a two-utterance clip needs at least two word alignments (word_samples)")
+    return max(range(1, len(spans)), key=lambda i: spans[i][0] - spans[i - 1][1])
+
+
 def speaker_change_labels(row, n_frames: int, frame_samples: int) -> torch.Tensor:
     """Per WavLM frame of a two-utterance SV clip: 1 on the frames of the second utterance when it has
     another speaker, else 0. The second utterance starts after the widest pause between words
@@ -290,7 +298,6 @@ def train_wavlm(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]
         if (step + 1) % 100 == 0 or step + 1 == cfg["steps"]:
             log(f"wavlm stand-in: step {step + 1}/{cfg['steps']} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
     model.eval()
-    scores = {}
     with torch.no_grad():
         valid = _rows(corpus, "valid_er")
         vw = _audio(corpus, valid)
@@ -305,10 +312,10 @@ def train_wavlm(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]
         vsw = _audio(corpus, vsv)
         sv_hits = change_hits = 0
         for k in range(0, len(vsv), 16):
-            mixed, valid = frames(vsw[k: k + 16])
-            pred = heads["sv"](pool(mixed, valid)).argmax(-1)
+            mixed, frame_ok = frames(vsw[k: k + 16])
+            pred = heads["sv"](pool(mixed, frame_ok)).argmax(-1)
             # a change is heard when >= 15% of the clip's frames are taken for a second speaker
-            changed = ((heads["change"](mixed).argmax(-1) == 1) & valid).float().sum(1) / valid.float().sum(1) >= 0.15
+            changed = ((heads["change"](mixed).argmax(-1) == 1) & frame_ok).float().sum(1) / frame_ok.float().sum(1) >= 0.15
             for j, r in enumerate(vsv[k: k + 16]):
                 same = r.extra["label"] == "yes"
                 sv_hits += int(int(pred[j]) == int(same))
@@ -329,14 +336,6 @@ TAG_SCALE = 0.5  # tags are added at half a token's scale, so the word stays the
 
 # A span position holds a word piece id and, summed into its embedding, the ids of the clip's tags.
 Span = Tuple[List[int], List[Tuple[int, ...]]]
-
-
-def second_utterance(spans: Sequence[Sequence[int]]) -> int:
-    """Index of the first word after the widest pause between words (where an SV clip's second
-    utterance starts)."""
-    if len(spans) < 2:
-        raise ValueError("a two-utterance clip needs at least two word alignments (word_samples)")
-    return max(range(1, len(spans)), key=lambda i: spans[i][0] - spans[i - 1][1])
 
 
 def word_tags(tok, row) -> List[Tuple[int, ...]]:
@@ -389,17 +388,31 @@ def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 3000) -> List[Sp
         if name.startswith("train_") and name.endswith(".tsv"):
             for r in _rows(corpus, name[:-4]):
                 e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=r.with_speech)
-                span, tags = text_span(tok, r.extra["transcript"], rng, word_tags(tok, r)) if r.with_speech else ([], [])
-                seqs.append((e.pre + span + e.post, [()] * len(e.pre) + tags + [()] * len(e.post)))
+                span = text_span(tok, r.extra["transcript"], rng, word_tags(tok, r)) if r.with_speech else ([], [])
+                seqs.append(with_span(e, span))
     for _ in range(n_span):
         text, parts = sentences[rng.randrange(len(sentences))]
         task = rng.choice(("asr", "asr", "st", "sqa"))
         prompt = rng.choice(toy.PROMPTS[task][0])
         answer = {"asr": text, "st": toy.translate(parts), "sqa": f"The {parts['obj']}."}[task]
         e = encode_example(tok, [(prompt, answer)], with_speech=True)
-        span, tags = text_span(tok, text, rng)
-        seqs.append((e.pre + span + e.post, [()] * len(e.pre) + tags + [()] * len(e.post)))
+        seqs.append(with_span(e, text_span(tok, text, rng)))
     return seqs
+
+
+def with_span(e, span: Span) -> Span:
+    """An encoded chat example (``encode_example``) with ``span`` in its speech span; no tags outside it."""
+    pieces, tags = span
+    return e.pre + pieces + e.post, [()] * len(e.pre) + tags + [()] * len(e.post)
+
+
+def answer_loss(model, e, span: Span) -> float:
+    """Mean cross entropy of the answer tokens of ``e`` with ``span`` in its speech span."""
+    x, ids, mask = embed_with_tags(model, [with_span(e, span)])
+    pos = torch.tensor([len(e.pre) + len(span[0]) + i for i, m in enumerate(e.post_target_mask) if m])
+    with torch.no_grad():
+        logits = model(inputs_embeds=x, attention_mask=mask).logits[0]
+    return F.cross_entropy(logits[pos - 1], ids[0, pos]).item()
 
 
 def embed_with_tags(model, batch: Sequence[Span]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -429,14 +442,8 @@ def tag_check(model, tok, corpus: str, n: int = 40) -> Dict[str, float]:
         for r in _rows(corpus, name)[:n]:
             e = encode_example(tok, [(r.prompt, r.tgt_text)], with_speech=True)
             for mode in losses:
-                rng = random.Random(0)
-                span, tags = text_span(tok, r.extra["transcript"], rng, word_tags(tok, r) if mode == "tags" else None)
-                x, _, mask = embed_with_tags(model, [(e.pre + span + e.post, [()] * len(e.pre) + tags + [()] * len(e.post))])
-                pos = torch.tensor([len(e.pre) + len(span) + i for i, m in enumerate(e.post_target_mask) if m])
-                with torch.no_grad():
-                    logits = model(inputs_embeds=x, attention_mask=mask).logits[0]
-                ids = torch.tensor(e.post)[pos - len(e.pre) - len(span)]
-                losses[mode].append(F.cross_entropy(logits[pos - 1], ids).item())
+                tags = word_tags(tok, r) if mode == "tags" else None
+                losses[mode].append(answer_loss(model, e, text_span(tok, r.extra["transcript"], random.Random(0), tags)))
     return {k: float(np.mean(v)) for k, v in losses.items()}
 
 
@@ -450,12 +457,7 @@ def copy_check(model, tok, corpus: str, n: int = 30) -> Dict[str, float]:
     for r in _rows(corpus, "valid_asr")[:n]:
         e = encode_example(tok, [(r.prompt, r.tgt_text)], with_speech=True)
         for mode in losses:
-            span = text_span(tok, r.tgt_text, rng)[0] if mode == "with_text" else []
-            ids = torch.tensor([e.pre + span + e.post])
-            pos = torch.tensor([len(e.pre) + len(span) + i for i, m in enumerate(e.post_target_mask) if m])
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits[0]
-            losses[mode].append(F.cross_entropy(logits[pos - 1], ids[0, pos]).item())
+            losses[mode].append(answer_loss(model, e, text_span(tok, r.tgt_text, rng) if mode == "with_text" else ([], [])))
     return {k: float(np.mean(v)) for k, v in losses.items()}
 
 
@@ -519,7 +521,8 @@ def fingerprint(corpus: str, size: str, seed: int) -> str:
     h = hashlib.sha1(json.dumps([size, seed, SETTINGS[size], CODE_VERSION], sort_keys=True).encode())
     for name in sorted(os.listdir(corpus)):
         if (name.startswith("train_") and name.endswith(".tsv")) or name in ("lm_text.txt", "valid_asr.tsv",
-                                                                            "valid_er.tsv", "valid_sv.tsv"):
+                                                                            "valid_er.tsv", "valid_gender.tsv",
+                                                                            "valid_sv.tsv"):
             with open(os.path.join(corpus, name), "rb") as f:
                 h.update(name.encode() + f.read())
     return h.hexdigest()[:16]
