@@ -31,7 +31,9 @@ its number of audio samples, or ``TEXT_TOKEN_COST`` samples per token for text-o
 position of speech is 80 ms = 1280 samples).
 """
 import bisect
+import dataclasses
 import logging
+import random
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -87,6 +89,12 @@ class InstructionDataset(FairseqDataset):
         self.skip_bad = skip_bad
         self.shuffle = shuffle
         self.pad = tokenizer.pad_id
+        self.system_prompt = system_prompt
+        self.max_positions = max_positions
+        self.speech_frames = speech_frames
+        self.augment: Optional[Callable] = None  # PromptAugmenter: training rows get varied prompts
+        self.augment_seed = 0
+        self.epoch = 1
         self.rows, self.encoded, sizes = [], [], []
         self.skipped: Dict[str, int] = {}
         for row in rows:
@@ -128,9 +136,33 @@ class InstructionDataset(FairseqDataset):
     def __len__(self):
         return len(self.rows)
 
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def set_augment(self, augment: Optional[Callable], seed: int = 0) -> None:
+        """Vary the prompts of augmentable rows (``prompt_augment.augmentable``) with ``augment(prompt,
+        rng)``; the variant of a row depends on (seed, epoch, row), so a run is repeatable and resumable."""
+        self.augment, self.augment_seed = augment, seed
+
+    def _augmented(self, index: int, row):
+        from .prompt_augment import augmentable
+
+        if self.augment is None or row.task not in getattr(self.augment, "tasks", {row.task}) or not augmentable(row):
+            return None
+        rng = random.Random((int(self.augment_seed) * 1_000_003 + int(self.epoch)) * 10_000_019 + int(index))
+        prompt = self.augment(row.prompt, rng)
+        if prompt == row.prompt:
+            return None
+        enc, gen_len = self._encode(dataclasses.replace(row, prompt=prompt, turns=[(prompt, row.tgt_text)]),
+                                    self.system_prompt)
+        n_speech = self.speech_frames(row.n_frames)
+        if self.max_positions is not None and len(enc.pre) + n_speech + len(enc.post) > self.max_positions:
+            return None  # the row fitted with its own prompt: keep that one
+        return enc, gen_len
+
     def __getitem__(self, index):
         row = self.rows[index]
-        enc, gen_len = self.encoded[index]
+        enc, gen_len = self._augmented(index, row) or self.encoded[index]
         audio = None
         if row.with_speech:
             try:
@@ -193,6 +225,10 @@ class MultiCorpusDataset(FairseqDataset):
 
     def ordered_indices(self):
         return np.argsort(self.sizes, kind="mergesort")
+
+    def set_epoch(self, epoch):
+        for c in self.corpora:
+            c.set_epoch(epoch)
 
     def costs_by_corpus(self) -> Dict[str, np.ndarray]:
         return {n: c.sizes for n, c in zip(self.names, self.corpora)}

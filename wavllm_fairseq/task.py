@@ -38,6 +38,7 @@ class WavLLMInstructionConfig(FairseqDataclass):
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping with an error"})
     check_audio_on_load: bool = field(default=True, metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before training)"})
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "the system prompt of the chat template"})
+    prompt_augment: bool = field(default=False, metadata={"help": "instruction augmentation on the training split: single-task speech prompts get words dropped (one word only that task's prompts use always stays) and words shared by 3+ tasks inserted, so the model keys on task words (prompt_augment.py; not in the paper; mixed on the toy, see the README)"})
     max_len_per_task: str = field(default="", metadata={"help": "decoding length caps per task, e.g. 'sv:20,er:20,asr:120' (tokens)"})
     loop_guard_ngram: int = field(default=4, metadata={"help": "decoding: stop a hypothesis whose tail repeats an n-gram (n <= this) 3 times; 0 = off"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
@@ -189,6 +190,13 @@ class WavLLMInstructionTask(FairseqTask):
         if split == "train" and (self.cfg.curriculum or self.cfg.train_manifests):
             cur = self.train_curriculum()
             corpora = {name: self.load_corpus(path, corpus=name) for name, path in cur.corpora.items()}
+            if self.cfg.prompt_augment:
+                from .prompt_augment import PromptAugmenter, prompt_pools
+
+                augment = PromptAugmenter(prompt_pools(r for ds in corpora.values() for r in ds.rows))
+                logger.info(f"instruction augmentation on the training split: {augment}")
+                for ds in corpora.values():
+                    ds.set_augment(augment, seed=self.cfg.seed)
             self.datasets[split] = MultiCorpusDataset(corpora)
             self.curriculum = cur
         else:
