@@ -92,7 +92,7 @@ class InstructionDataset(FairseqDataset):
         self.system_prompt = system_prompt
         self.max_positions = max_positions
         self.speech_frames = speech_frames
-        self.augment: Optional[Callable] = None  # PromptAugmenter: training rows get varied prompts
+        self.augment = None  # a prompt_augment.PromptAugmenter: the training split's prompts get varied
         self.augment_seed = 0
         self.epoch = 1
         self.rows, self.encoded, sizes = [], [], []
@@ -139,15 +139,15 @@ class InstructionDataset(FairseqDataset):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def set_augment(self, augment: Optional[Callable], seed: int = 0) -> None:
-        """Vary the prompts of augmentable rows (``prompt_augment.augmentable``) with ``augment(prompt,
-        rng)``; the variant of a row depends on (seed, epoch, row), so a run is repeatable and resumable."""
+    def set_augment(self, augment, seed: int = 0) -> None:
+        """Vary the prompts of augmentable rows of ``augment.tasks`` (``prompt_augment``) with
+        ``augment(prompt, rng)``; a row's variant depends on (seed, epoch, row): repeatable and resumable."""
         self.augment, self.augment_seed = augment, seed
 
     def _augmented(self, index: int, row):
         from .prompt_augment import augmentable
 
-        if self.augment is None or row.task not in getattr(self.augment, "tasks", {row.task}) or not augmentable(row):
+        if self.augment is None or row.task not in self.augment.tasks or not augmentable(row):
             return None
         rng = random.Random((int(self.augment_seed) * 1_000_003 + int(self.epoch)) * 10_000_019 + int(index))
         prompt = self.augment(row.prompt, rng)

@@ -1,6 +1,7 @@
 """The embedded toy default, end to end: corpus -> stage 0 -> stage 1 -> stage 2 -> decode -> score.
 
     python -m wavllm_fairseq.toy.pipeline [--work work_toy] [--size default|small] [--seed 1]
+        [--train-seed N] [--override KEY=VALUE ...]   # ablations: stages 1-2 only
 
 Every step is the real tool a user runs: ``wavllm-make-toy-corpus``, ``wavllm-toy-pretrain``,
 ``fairseq-hydra-train`` (examples/wavllm/config/toy/*.yaml), ``fairseq-generate`` on every test manifest
@@ -123,7 +124,15 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="parallel fairseq-generate processes")
     p.add_argument("--max-len-b", type=int, default=60)
     p.add_argument("--skip-train", action="store_true", help="reuse existing checkpoints in --work")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="common.seed of stages 1 and 2 (default: --seed); the corpus and stage 0 keep --seed, so "
+                        "runs differing only here measure the run-to-run spread of training")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra hydra override for both training stages, e.g. task.prompt_augment=true (repeatable)")
     args = p.parse_args(argv)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
+    if any("=" not in o for o in args.override):
+        p.error("--override takes KEY=VALUE")
     work, corpus = os.path.abspath(args.work), os.path.abspath(args.corpus)
     os.makedirs(work, exist_ok=True)
     times: Dict[str, float] = {}
@@ -155,7 +164,7 @@ def main(argv=None) -> int:
         else:
             log(f"stage {stage} training -> {out}")
             ckpts[stage] = train_stage(stage, corpus, backbones, out, size[f"stage{stage}_updates"],
-                                       ckpts.get(1) if stage == 2 else None, [f"common.seed={args.seed}"])
+                                       ckpts.get(1) if stage == 2 else None, [f"common.seed={train_seed}"] + args.override)
         times[f"stage{stage}"] = time.time() - t
 
     results = {}
@@ -163,7 +172,7 @@ def main(argv=None) -> int:
     log("baseline: the stage-1 model before any update (random adapters/LoRA B = 0) on test_asr")
     base_dir = os.path.join(work, "untrained")
     base = train_stage(1, corpus, backbones, base_dir, 1, None,
-                       [f"common.seed={args.seed}", "optimization.lr=[1e-12]", "lr_scheduler.warmup_updates=0",
+                       [f"common.seed={train_seed}", "optimization.lr=[1e-12]", "lr_scheduler.warmup_updates=0",
                         "dataset.validate_interval_updates=0", "dataset.disable_validation=true"], echo=False)
     gen = {"test_asr": decode_one(corpus, base, "test_asr", os.path.join(work, "decode", "untrained"), args.max_len_b)}
     results["untrained"] = score_all(corpus, gen, os.path.join(work, "decode", "untrained"))
