@@ -34,7 +34,7 @@ import bisect
 import dataclasses
 import logging
 import random
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -94,14 +94,14 @@ class InstructionDataset(FairseqDataset):
         self.speech_frames = speech_frames
         self.augment = None  # a prompt_augment.PromptAugmenter: the training split's prompts get varied
         self.augment_seed = 0
+        self.augment_rows: frozenset = frozenset()  # indices of the rows it varies
         self.epoch = 1
         self.rows, self.encoded, sizes = [], [], []
         self.skipped: Dict[str, int] = {}
         for row in rows:
             try:
                 enc, gen_len = self._encode(row, system_prompt)
-                n_speech = speech_frames(row.n_frames) if row.with_speech else 0
-                total = len(enc.pre) + n_speech + len(enc.post)
+                n_speech, total = self._positions(row, enc)
                 if max_positions is not None and total > max_positions:
                     raise ManifestError(
                         f"id={row.id}: prompt + speech + answer need {total} positions (speech {n_speech}, "
@@ -119,6 +119,11 @@ class InstructionDataset(FairseqDataset):
         self.sizes = np.asarray(sizes, dtype=np.int64)
         if skip_bad and self.skipped:
             logger.warning(f"{manifest_path}: skipped {sum(self.skipped.values())} bad rows {self.skipped}")
+
+    def _positions(self, row, enc) -> Tuple[int, int]:
+        """(speech positions, all positions) of ``row`` encoded as ``enc``."""
+        n_speech = self.speech_frames(row.n_frames) if row.with_speech else 0
+        return n_speech, len(enc.pre) + n_speech + len(enc.post)
 
     def _count_skip(self, err: WavLLMInputError) -> None:
         self.skipped[err.reason] = self.skipped.get(err.reason, 0) + 1
@@ -142,12 +147,14 @@ class InstructionDataset(FairseqDataset):
     def set_augment(self, augment, seed: int = 0) -> None:
         """Vary the prompts of augmentable rows of ``augment.tasks`` (``prompt_augment``) with
         ``augment(prompt, rng)``; a row's variant depends on (seed, epoch, row): repeatable and resumable."""
-        self.augment, self.augment_seed = augment, seed
-
-    def _augmented(self, index: int, row):
         from .prompt_augment import augmentable
 
-        if self.augment is None or row.task not in self.augment.tasks or not augmentable(row):
+        self.augment, self.augment_seed = augment, seed
+        self.augment_rows = frozenset(i for i, r in enumerate(self.rows)
+                                      if augment is not None and r.task in augment.tasks and augmentable(r))
+
+    def _augmented(self, index: int, row):
+        if index not in self.augment_rows:
             return None
         rng = random.Random((int(self.augment_seed) * 1_000_003 + int(self.epoch)) * 10_000_019 + int(index))
         prompt = self.augment(row.prompt, rng)
@@ -155,8 +162,7 @@ class InstructionDataset(FairseqDataset):
             return None
         enc, gen_len = self._encode(dataclasses.replace(row, prompt=prompt, turns=[(prompt, row.tgt_text)]),
                                     self.system_prompt)
-        n_speech = self.speech_frames(row.n_frames)
-        if self.max_positions is not None and len(enc.pre) + n_speech + len(enc.post) > self.max_positions:
+        if self.max_positions is not None and self._positions(row, enc)[1] > self.max_positions:
             return None  # the row fitted with its own prompt: keep that one
         return enc, gen_len
 
