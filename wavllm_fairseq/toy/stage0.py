@@ -209,11 +209,12 @@ def wavlm_config(cfg: dict):
                        layerdrop=0.0)
 
 
-def second_utterance(spans: Sequence[Sequence[int]]) -> int:
+def second_utterance(spans: Sequence[Sequence[int]], where: str = "a two-utterance clip") -> int:
     """Index of the first word after the widest pause between words (where an SV clip's second
-    utterance starts)."""
+    utterance starts); ``where`` names the clip in the error."""
     if len(spans) < 2:
-        raise ValueError("a two-utterance clip needs at least two word alignments (word_samples)")
+        raise ValueError(f"{where}: an SV clip needs at least two word alignments (word_samples); "
+                         "regenerate the corpus")
     return max(range(1, len(spans)), key=lambda i: spans[i][0] - spans[i - 1][1])
 
 
@@ -224,7 +225,7 @@ def speaker_change_labels(row, n_frames: int, frame_samples: int) -> torch.Tenso
     labels = torch.zeros(n_frames, dtype=torch.long)
     if row.extra.get("label") == "no":
         spans = json.loads(row.extra.get("word_samples") or "[]")
-        labels[spans[second_utterance(spans)][0] // frame_samples:] = 1
+        labels[spans[second_utterance(spans, f"row {row.id}")][0] // frame_samples:] = 1
     return labels
 
 
@@ -345,7 +346,7 @@ def word_tags(tok, row) -> List[Tuple[int, ...]]:
     base = tuple(tok.encode(row.extra[k])[0] for k in ("gender", "style") if row.extra.get(k))
     tags = [base] * len(words)
     if row.extra.get("n_speakers") == "2":
-        k = second_utterance(json.loads(row.extra["word_samples"]))
+        k = second_utterance(json.loads(row.extra["word_samples"]), f"row {row.id}")
         other = (tok.encode(SECOND_SPEAKER_TAG)[0],) + base[1:]  # the first speaker's gender does not hold
         tags = tags[:k] + [other] * (len(words) - k)
     return tags
