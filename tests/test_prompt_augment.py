@@ -101,3 +101,10 @@ def test_a_varied_prompt_that_would_not_fit_the_context_falls_back_to_the_row_s_
     assert asr[0]["enc"] != enc  # room enough: varied
     asr.max_positions = len(enc.pre) + asr.speech_frames(asr.rows[0].n_frames) + len(enc.post)
     assert asr[0]["enc"] is enc  # exactly the row's own length: kept as it is
+
+
+def test_words_of_any_alphabet_stay_whole():
+    assert prompt_words("Übersetze das Audio, bitte!") == ["übersetze", "das", "audio", "bitte"]
+    assert prompt_words("Is this a man's voice?") == ["is", "this", "a", "man's", "voice"]
+    aug = PromptAugmenter({"st": ["Übersetze das Audio."], "asr": ["Schreibe das Audio."]})
+    assert "übersetze" in aug.specific and "schreibe" in aug.specific

@@ -13,16 +13,17 @@ the shared ones are noise. Only single-turn speech rows of single tasks are vari
 depends on (seed, epoch, row), so runs repeat and resume exactly.
 """
 import random
-import re
 from typing import Dict, Iterable, List, Sequence
+
+from .scoring import normalise
 
 WORD_DROP = 0.35  # chance that a word of the prompt is dropped
 SHARED_INSERT = 0.5  # chance that one or two shared words are inserted
 
 
 def prompt_words(text: str) -> List[str]:
-    """Lower-cased words of ``text`` (letters and apostrophes)."""
-    return re.findall(r"[a-z']+", text.lower())
+    """Words of ``text`` as the scorer normalises them (lower case, punctuation removed, any alphabet)."""
+    return normalise(text).split()
 
 
 def augmentable(row) -> bool:
