@@ -1,7 +1,8 @@
 """The embedded toy default, end to end: corpus -> stage 0 -> stage 1 -> stage 2 -> decode -> score.
 
     python -m wavllm_fairseq.toy.pipeline [--work work_toy] [--size default|small] [--seed 1]
-        [--train-seed N] [--override KEY=VALUE ...]   # ablations: stages 1-2 only
+        [--train-seed N] [--stage1-updates N] [--stage2-updates N] [--override KEY=VALUE ...]
+        [--skip-train]   # ablations: stages 1-2 only; --skip-train reuses the checkpoints found in --work
 
 Every step is the real tool a user runs: ``wavllm-make-toy-corpus``, ``wavllm-toy-pretrain``,
 ``fairseq-hydra-train`` (examples/wavllm/config/toy/*.yaml), ``fairseq-generate`` on every test manifest
@@ -64,13 +65,15 @@ def test_manifests(corpus: str) -> List[str]:
 
 
 def train_stage(stage: int, corpus: str, backbones: str, out: str, updates: Optional[int], init: Optional[str],
-                extra: List[str], echo: bool = True) -> str:
+                extra: List[str], echo: bool = True, warmup: Optional[int] = None) -> str:
     cmd = ["fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", f"toy_stage{stage}",
            f"common.user_dir={USER_DIR}", f"task.data={corpus}", f"checkpoint.save_dir={out}",
            f"model.whisper_path={backbones}/whisper", f"model.wavlm_path={backbones}/wavlm",
            f"model.llama_path={backbones}/llama", f"hydra.run.dir={out}/hydra"]
     if updates:
         cmd.append(f"optimization.max_update={updates}")
+    if warmup is not None:
+        cmd.append(f"lr_scheduler.warmup_updates={warmup}")
     if init:
         cmd.append(f"checkpoint.finetune_from_model={init}")
     run(cmd + extra, os.path.join(out, "train.log"), echo=echo)
@@ -127,12 +130,17 @@ def main(argv=None) -> int:
     p.add_argument("--train-seed", type=int, default=None,
                    help="common.seed of stages 1 and 2 (default: --seed); the corpus and stage 0 keep --seed, so "
                         "runs differing only here measure the run-to-run spread of training")
+    for stage in (1, 2):
+        p.add_argument(f"--stage{stage}-updates", type=int, default=None, metavar="N",
+                       help=f"stage-{stage} updates (default: the toy config's, or the --size preset); warm-up 10%% of N")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra hydra override for both training stages, e.g. task.prompt_augment=true (repeatable)")
     args = p.parse_args(argv)
     train_seed = args.seed if args.train_seed is None else args.train_seed
     if any("=" not in o for o in args.override):
         p.error("--override takes KEY=VALUE")
+    if any(n is not None and n < 1 for n in (args.stage1_updates, args.stage2_updates)):
+        p.error("--stage1-updates / --stage2-updates take a positive number of updates")
     work, corpus = os.path.abspath(args.work), os.path.abspath(args.corpus)
     os.makedirs(work, exist_ok=True)
     times: Dict[str, float] = {}
@@ -163,8 +171,11 @@ def main(argv=None) -> int:
             ckpts[stage] = os.path.join(out, "checkpoint_last.pt")
         else:
             log(f"stage {stage} training -> {out}")
-            ckpts[stage] = train_stage(stage, corpus, backbones, out, size[f"stage{stage}_updates"],
-                                       ckpts.get(1) if stage == 2 else None, [f"common.seed={train_seed}"] + args.override)
+            # --stageN-updates keeps the configs' warm-up of 10% of max_update; the --size preset does not touch it
+            asked = getattr(args, f"stage{stage}_updates")
+            ckpts[stage] = train_stage(stage, corpus, backbones, out, asked or size[f"stage{stage}_updates"],
+                                       ckpts.get(1) if stage == 2 else None, [f"common.seed={train_seed}"] + args.override,
+                                       warmup=max(1, round(asked / 10)) if asked else None)
         times[f"stage{stage}"] = time.time() - t
 
     results = {}
