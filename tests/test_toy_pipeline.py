@@ -60,6 +60,22 @@ def test_every_test_set_is_scored_for_both_stages_with_plots(pipeline):
     assert "[stage0]" in pipeline["log"] and "[corpus]" in pipeline["log"]
 
 
+def test_each_stage_gets_an_error_breakdown_over_every_test_row(pipeline):
+    from wavllm_fairseq.manifest import read_manifest
+
+    corpus = os.path.join(pipeline["work"], "corpus")
+    for stage in ("stage1", "stage2"):
+        counts = json.load(open(os.path.join(pipeline["work"], "decode", stage, "breakdown.json")))
+        for name, per_pool in counts["single"].items():
+            rows, _ = read_manifest(os.path.join(corpus, name + ".tsv"))
+            assert sum(c["rows"] for c in per_pool.values()) == len(rows), (stage, name)
+            for c in per_pool.values():
+                assert c["right"] + c["asked task, wrong"] + c["another task"] + c["neither"] == c["rows"]
+        multi, _ = read_manifest(os.path.join(corpus, "test_multi.tsv"))
+        assert sum(n for v in counts["multi"].values() for _, n in v.values()) == len(multi)
+    assert "Where the stage-2 answers go" in open(os.path.join(pipeline["work"], "results.md")).read()
+
+
 def test_stage1_beats_the_untrained_model_on_asr(pipeline):
     res = pipeline["results"]["results"]
     untrained = res["untrained"]["test_asr"]["asr"]["wer"]

@@ -203,10 +203,24 @@ def main(argv=None) -> int:
     times["t-SNE of prompt adapter outputs"] = time.time() - t
     times["total"] = time.time() - t_all
 
+    from .breakdown import breakdown, format_breakdown
     from .report import write_report
 
+    where = {}
+    for stage in (1, 2):  # where each stage's answers go: right, wrong, another task's, neither
+        out = os.path.join(work, "decode", f"stage{stage}")
+        counts = breakdown(corpus, out)
+        with open(os.path.join(out, "breakdown.json"), "w") as f:
+            json.dump(counts, f, indent=1)
+        where[stage] = format_breakdown(counts)
+        with open(os.path.join(out, "breakdown.md"), "w") as f:
+            f.write(where[stage] + "\n")
     table = write_report(work, results, times, standins)
+    with open(os.path.join(work, "results.md"), "a") as f:
+        f.write(f"\nWhere the stage-2 answers go (python -m wavllm_fairseq.toy.breakdown; stage 1: "
+                f"decode/stage1/breakdown.md)\n\n{where[2]}\n")
     print(table)
+    print(where[2])
     return 0
 
 
