@@ -220,6 +220,7 @@ def main(argv=None) -> int:
         f.write(f"\nWhere the stage-2 answers go (python -m wavllm_fairseq.toy.breakdown; stage 1: "
                 f"decode/stage1/breakdown.md)\n\n{where[2]}\n")
     print(table)
+    print("\nWhere the stage-2 answers go (python -m wavllm_fairseq.toy.breakdown):\n")
     print(where[2])
     return 0
 
