@@ -94,6 +94,36 @@ def first_label(hyp: str, labels: Iterable[str]) -> Optional[str]:
     return best[1] if best else None
 
 
+def close_answer(ref: str, hyp: str) -> bool:
+    """An ASR/ST answer close enough to count: WER <= 50% against ``ref``."""
+    e, n = word_errors(ref, hyp)
+    return n > 0 and e / n <= 0.5
+
+
+def gold_label(row) -> str:
+    """A row's gold label: its ``label`` column, else its normalised target."""
+    return row.extra.get("label") or normalise(row.tgt_text)
+
+
+def task_labels(task: str, rows) -> Optional[List[str]]:
+    """The labels a task's accuracy picks from (label tasks; SQA when every row has a ``label``), else None."""
+    if task in LABEL_TASKS or (task == "sqa" and all(r.extra.get("label") for r in rows)):
+        return sorted({gold_label(r) for r in rows})
+    return None
+
+
+def row_right(task: str, row, hyp: str, labels: Optional[Sequence[str]]) -> bool:
+    """One row as ``task``'s accuracy counts it (``labels`` from ``task_labels``): the gold label named
+    first; SQA without labels: the target contained; ASR/ST: ``close_answer``; else normalised exact match."""
+    if labels is not None:
+        return first_label(hyp, labels) == gold_label(row)
+    if task in ("asr", "st"):
+        return close_answer(row.tgt_text, hyp)
+    if task == "sqa":
+        return _contains_words(normalise(hyp), normalise(row.tgt_text)) >= 0
+    return normalise(row.tgt_text) == normalise(hyp)
+
+
 def _ngrams(tokens: List[str], n: int) -> Counter:
     return Counter(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
 
@@ -185,8 +215,7 @@ def follow_multi(row, hyp: str) -> Tuple[bool, bool]:
     ok = True
     for task, target, seg in zip(subtasks, targets, segments):
         if task in ("asr", "st"):
-            e, n = word_errors(target, seg)
-            ok &= n > 0 and e / n <= 0.5
+            ok &= close_answer(target, seg)
         else:
             ok &= _contains_words(seg, normalise(target)) >= 0
     return True, bool(ok)
@@ -276,16 +305,11 @@ def _task_metrics(task: str, rows, hyps: List[str], bertscore_model: str) -> Dic
         if bertscore_model:
             m["bertscore"] = round(bertscore(refs, hyps, bertscore_model), 2)
         return m
-    labelled = all(r.extra.get("label") for r in rows)
-    if task in LABEL_TASKS or (task == "sqa" and labelled):
-        gold = [r.extra.get("label") or normalise(r.tgt_text) for r in rows]
-        labels = sorted(set(gold))
-        return {"accuracy": round(sum(first_label(h, labels) == g for h, g in zip(hyps, gold)) / len(rows), 4)}
-    if task == "sqa":
-        return {"accuracy": round(sum(_contains_words(normalise(h), normalise(r)) >= 0
-                                      for r, h in zip(refs, hyps)) / len(rows), 4)}
+    labels = task_labels(task, rows)
+    if labels is not None or task == "sqa":
+        return {"accuracy": round(sum(row_right(task, r, h, labels) for r, h in zip(rows, hyps)) / len(rows), 4)}
     if task == "it":
-        exact = sum(normalise(r) == normalise(h) for r, h in zip(refs, hyps)) / len(rows)
+        exact = sum(row_right(task, r, h, None) for r, h in zip(rows, hyps)) / len(rows)
         contained = sum(_contains_words(normalise(h), normalise(r)) >= 0 for r, h in zip(refs, hyps)) / len(rows)
         return {"accuracy": round(exact, 4), "containment": round(contained, 4)}
     # any other task: exact match and WER, both stated

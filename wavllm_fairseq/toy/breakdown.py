@@ -4,8 +4,8 @@
 
 For every single-task test set and prompt pool (seen / unseen paraphrases) each row is counted once:
 
-* ``right``: what the scorer counts right (the gold label named first; ASR/ST: the row's WER <= 50%, the
-  threshold ``wavllm-score`` uses for multi-task sub-answers);
+* ``right``: what the scorer counts right (``scoring.row_right``: the gold label named first; ASR/ST: the
+  row's WER <= 50%, the threshold ``wavllm-score`` uses for multi-task sub-answers);
 * ``asked task, wrong``: the answer has the asked task's form but not its content (another style, a
   garbled transcript); for labelled tasks the (gold -> said) label pairs are counted too;
 * ``another task``: the answer is closer to another task's answers (``The speaker is male.`` to an ASR
@@ -22,21 +22,21 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..manifest import read_manifest
-from ..scoring import LABEL_TASKS, first_label, follow_multi, normalise, read_hypotheses, word_errors
+from ..scoring import first_label, follow_multi, gold_label, normalise, read_hypotheses, row_right, task_labels
 
 NEITHER = 0.5  # nearest answer of any task further than this (edit distance / longer length): "neither"
 
 
-def _distance(a: List[str], b: List[str]) -> float:
+def _distance(a: Sequence[str], b: Sequence[str]) -> float:
     import editdistance
 
     return editdistance.eval(a, b) / max(1, len(a), len(b))
 
 
-def nearest_task(hyp: str, answers: Dict[str, List[List[str]]]) -> Tuple[Optional[str], float]:
+def nearest_task(hyp: str, answers: Dict[str, Iterable[Sequence[str]]]) -> Tuple[Optional[str], float]:
     """The task whose test answers come nearest to ``hyp``, and that distance (None when no answers)."""
     h = normalise(hyp).split()
     best: Tuple[Optional[str], float] = (None, float("inf"))
@@ -45,16 +45,6 @@ def nearest_task(hyp: str, answers: Dict[str, List[List[str]]]) -> Tuple[Optiona
         if d < best[1]:
             best = (task, d)
     return best
-
-
-def is_right(task: str, row, hyp: str, labels: Sequence[str]) -> bool:
-    if task in ("asr", "st"):
-        e, n = word_errors(row.tgt_text, hyp)
-        return n > 0 and e / n <= 0.5
-    gold = row.extra.get("label") or normalise(row.tgt_text)
-    if task in LABEL_TASKS or (task == "sqa" and row.extra.get("label")):
-        return first_label(hyp, labels) == gold
-    return normalise(hyp) == normalise(row.tgt_text)
 
 
 def _is_multi(row) -> bool:
@@ -84,12 +74,10 @@ def _load(corpus: str, decode: str) -> Dict[str, Tuple[list, Dict[int, str]]]:
 
 def breakdown(corpus: str, decode: str) -> dict:
     sets = _load(corpus, decode)
-    answers: Dict[str, List[List[str]]] = defaultdict(list)
+    answers: Dict[str, Set[Tuple[str, ...]]] = defaultdict(set)
     for rows, _ in sets.values():
         for r in rows:
-            words, task = normalise(r.tgt_text).split(), _combination(r) if _is_multi(r) else r.task
-            if words not in answers[task]:
-                answers[task].append(words)
+            answers[_combination(r) if _is_multi(r) else r.task].add(tuple(normalise(r.tgt_text).split()))
     single: Dict[str, Dict[str, dict]] = {}
     multi: Dict[str, Dict[str, List[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for name, (rows, hyps) in sets.items():
@@ -102,7 +90,7 @@ def breakdown(corpus: str, decode: str) -> dict:
         tasks = {r.task for r in rows if not _is_multi(r)}
         for task in sorted(tasks):
             task_rows = [(i, r) for i, r in enumerate(rows) if r.task == task]
-            labels = sorted({r.extra.get("label") or normalise(r.tgt_text) for _, r in task_rows})
+            labels = task_labels(task, [r for _, r in task_rows])
             for i, r in task_rows:
                 hyp = hyps.get(i, "")
                 pool = r.extra.get("prompt_pool", "all")
@@ -111,7 +99,7 @@ def breakdown(corpus: str, decode: str) -> dict:
                                                                       "answered instead": Counter(),
                                                                       "wrong labels": Counter()})
                 cell["rows"] += 1
-                if is_right(task, r, hyp, labels):
+                if row_right(task, r, hyp, labels):
                     cell["right"] += 1
                     continue
                 other, d = nearest_task(hyp, answers)
@@ -119,8 +107,8 @@ def breakdown(corpus: str, decode: str) -> dict:
                     cell["neither"] += 1
                 elif other == task:
                     cell["asked task, wrong"] += 1
-                    if r.extra.get("label") and (task in LABEL_TASKS or task == "sqa"):
-                        cell["wrong labels"][f"{r.extra['label']} -> {first_label(hyp, labels)}"] += 1
+                    if labels is not None:
+                        cell["wrong labels"][f"{gold_label(r)} -> {first_label(hyp, labels)}"] += 1
                 else:
                     cell["another task"] += 1
                     cell["answered instead"][other] += 1

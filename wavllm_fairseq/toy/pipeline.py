@@ -216,12 +216,10 @@ def main(argv=None) -> int:
         with open(os.path.join(out, "breakdown.md"), "w") as f:
             f.write(where[stage] + "\n")
     table = write_report(work, results, times, standins)
+    where_title = "Where the stage-2 answers go (python -m wavllm_fairseq.toy.breakdown; stage 1: decode/stage1/breakdown.md)"
     with open(os.path.join(work, "results.md"), "a") as f:
-        f.write(f"\nWhere the stage-2 answers go (python -m wavllm_fairseq.toy.breakdown; stage 1: "
-                f"decode/stage1/breakdown.md)\n\n{where[2]}\n")
-    print(table)
-    print("\nWhere the stage-2 answers go (python -m wavllm_fairseq.toy.breakdown):\n")
-    print(where[2])
+        f.write(f"\n{where_title}\n\n{where[2]}\n")
+    print(f"{table}\n\n{where_title}\n\n{where[2]}")
     return 0
 
 
