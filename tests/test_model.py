@@ -327,8 +327,8 @@ def test_load_reports_mismatches_and_fresh_prompt_adapter(caplog):
 
 def test_bf16_autocast_forward_is_close_to_fp32():
     model = tiny(seed=6).eval()
-    for m in lora_modules(model.llm):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    for m in lora_modules(model.llm):  # a LoRA update of the size training gives (A is ~U(+-1/sqrt(R)))
+        torch.nn.init.normal_(m.lora_B.weight, std=0.005)
     batch = make_batch([16000, 8000, 0])
     ref, _, _ = model(**batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -339,18 +339,65 @@ def test_bf16_autocast_forward_is_close_to_fp32():
     assert (low.float().argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    grads = []
+@pytest.mark.parametrize("stage", [1, 2])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(stage):
+    """Recomputing the LLM layers in backward must see the forward's LoRA state: in stage 2 the
+    per-utterance scale r is set by a context that has exited by then (it once recomputed with
+    alpha/R: a different graph, and torch raised 'a different number of tensors was saved').
+    LoRA dropout is on, so the recomputation must also replay the forward's random mask."""
+    results = []
     for ckpt in (False, True):
-        model = tiny(seed=7, activation_checkpointing=ckpt, lora_dropout=0.0)
+        model = tiny(seed=7, activation_checkpointing=ckpt, lora_dropout=0.1, prompt_adapter=(stage == 2),
+                     prompt_adapter_init="random")
+        model.train()
         for m in lora_modules(model.llm):
             torch.nn.init.normal_(m.lora_B.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(3)  # the same dropout masks in both runs
         logits, target, _ = model(**make_batch([16000, 8000, 0]))
-        torch.nn.functional.cross_entropy(logits, target).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss0, g0), (loss1, g1) = results
+    assert torch.equal(loss0, loss1)
+    assert g0.keys() == g1.keys()
+    if stage == 2:
+        assert any(n.startswith("prompt_scale.") for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)
+        assert g0[n].abs().sum() > 0, n  # every trainable tensor is reached
+
+
+def test_checkpoint_context_reinstalls_the_forward_lora_state():
+    """The recomputation context sets each LoRA layer's (scale, enabled) to what the forward saw and
+    puts back what was there after."""
+    from wavllm_fairseq.lora import checkpoint_context_fn, lora_scale_context
+
+    model = tiny(prompt_adapter=True)
+    llm = model.llm
+    mods = list(lora_modules(llm))
+    fn = checkpoint_context_fn(llm)
+    r = torch.rand(2, model.llm_dim)
+    with lora_scale_context(llm, r):
+        _, recompute = fn()
+    assert all(m.scale_vector is None for m in mods)
+    with recompute:
+        assert all(m.scale_vector is r and m.enabled for m in mods)
+    assert all(m.scale_vector is None for m in mods)
+
+
+def test_the_unused_reference_projector_is_held_frozen_but_counted():
+    """wavllm_7b holds the reference's Whisper-only projector, unused while WavLM is on: it is counted
+    in the paper's trainable 76.6 M, but gets no gradient, so it is not optimised."""
+    from wavllm_fairseq.count_params import PAPER_STAGE1_TRAINABLE, count
+
+    res = count("wavllm_7b", 1)
+    model = res["model"]
+    assert res["trainable"] == PAPER_STAGE1_TRAINABLE
+    unused = model.semantic_only_projector
+    assert res["trainable"] - res["optimised"] == sum(p.numel() for p in unused.parameters())
+    assert not any(p.requires_grad for p in unused.parameters())
+    assert "semantic_only_projector.weight" in model.state_dict()
 
 
 def test_configs_saved_by_older_versions_get_the_behaviour_they_were_trained_with():
@@ -389,3 +436,22 @@ def test_layer_norm_wavlm_runs_a_padded_batch_as_each_clip_alone():
             assert int(out_len[b]) == int(alone_len[0]) == n
             assert torch.allclose(hidden[:, b, :n], alone[:, 0], atol=1e-4)
             assert not hidden[:, b, n:].any()
+
+
+def test_lora_a_init_matches_the_reference_bound():
+    """The reference stores A as (in, R) and applies kaiming-uniform(a=sqrt(5)) to it, so its fan-in is R:
+    A ~ U(+-1/sqrt(R)) (0.177 at R=32). nn.Linear's (R, in) layout would give U(+-1/sqrt(in))."""
+    import math
+
+    from wavllm_fairseq.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(4096, 4096, bias=False)
+    ref = LoRALinear(base, rank=32, alpha=32.0)
+    a = ref.lora_A.weight
+    assert a.abs().max() <= 1 / math.sqrt(32) and a.abs().max() > 0.95 / math.sqrt(32)
+    assert torch.count_nonzero(ref.lora_B.weight) == 0
+    peft = LoRALinear(base, rank=32, alpha=32.0, a_init="fan_in_features").lora_A.weight
+    assert peft.abs().max() <= 1 / math.sqrt(4096)
+    with pytest.raises(ValueError, match="A init"):
+        LoRALinear(base, rank=32, alpha=32.0, a_init="xavier")

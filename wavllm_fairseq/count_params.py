@@ -1,8 +1,9 @@
 """``wavllm-count-params ARCH [--stage 1|2]``: parameter counts of a named architecture.
 
 The model is built on the meta device (no weights, no memory), so the full-size ``wavllm_7b``
-counts in seconds on a laptop. Prints total and trainable parameters per group, then the two lines
-``total <int>`` and ``trainable <int>``.
+counts in seconds on a laptop. Prints total and trainable parameters per group, then the lines
+``total <int>``, ``trainable <int>`` (the paper's count) and ``optimised <int>`` (what gets gradients:
+trainable less the reference's unused Whisper-only projector, see model.trainable_groups).
 """
 import argparse
 import logging
@@ -51,13 +52,14 @@ def _lora(model):
 
 
 def count(arch: str, stage: int, vocab_size: Optional[int] = None) -> Dict[str, int]:
-    from .model import count_parameters
+    from .model import count_parameters, is_optimised
 
     model = count_parameters(arch, stage=stage, vocab_size=vocab_size)
     counts = {g: n for g, (_, n) in model.trainable_counts.items()}
     return {"model": model, "groups": counts,
             "total": sum(counts.values()),
-            "trainable": sum(n for g, n in counts.items() if not g.startswith("frozen:"))}
+            "trainable": sum(n for g, n in counts.items() if not g.startswith("frozen:")),
+            "optimised": sum(n for g, n in counts.items() if is_optimised(g))}
 
 
 def main(argv=None) -> int:
@@ -82,8 +84,8 @@ def main(argv=None) -> int:
     print(f"{args.arch} stage {args.stage} (counted on the meta device)")
     print("parameters per group:")
     for group, n in res["groups"].items():
-        state = "frozen   " if group.startswith("frozen:") else "trainable"
-        print(f"  {state} {group.replace('frozen:', ''):<18} {n:>15,}")
+        state = {"frozen": "frozen   ", "unused": "unused   "}.get(group.split(":")[0], "trainable")
+        print(f"  {state} {group.split(':')[-1]:<30} {n:>15,}")
     print("trainable breakdown:")
     for line in breakdown(model):
         print(line)
@@ -91,8 +93,13 @@ def main(argv=None) -> int:
         same = "matches" if res["trainable"] == PAPER_STAGE1_TRAINABLE else "DIFFERS FROM"
         print(f"paper: 76.6M trainable of 7.55B; this count {same} the reference's {PAPER_STAGE1_TRAINABLE:,} "
               f"and totals {res['total'] / 1e9:.3f}B")
+    if res["optimised"] != res["trainable"]:
+        print(f"unused: the reference's Whisper-only projector is trainable there (so counted in 'trainable', as the "
+              f"paper counts it) but unused while WavLM is on: it gets no gradient, so it is held frozen "
+              f"(requires_grad=False: no optimizer state, no DDP reduction) and saved unchanged")
     print(f"total {res['total']}")
     print(f"trainable {res['trainable']}")
+    print(f"optimised {res['optimised']}")
     return 0
 
 

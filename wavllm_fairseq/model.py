@@ -27,7 +27,7 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 from . import encoders
 from .adapters import ModalityAdapter
 from .errors import CheckpointError, WavLLMInputError
-from .lora import (inject_lora, lora_disabled, lora_parameters, lora_scale_context, merge_lora,
+from .lora import (checkpoint_context_fn, inject_lora, lora_disabled, lora_parameters, lora_scale_context, merge_lora,
                    rotary_meta_to_hf_rows, unmerge_lora)
 from .prompt_adapter import PromptAwareLoRAScale
 
@@ -129,7 +129,8 @@ class WavLLMConfig(FairseqDataclass):
     # ---- LoRA and the prompt-aware adapter
     lora_rank: Optional[int] = field(default=None, metadata={"help": "LoRA rank R"})
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (stage-1 scale alpha/R)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA input (the reference's 0.1)"})
+    lora_a_init: str = field(default="reference", metadata={"help": "LoRA A init: reference (uniform +-1/sqrt(R), kaiming-uniform with fan-in R as the reference stores A) or fan_in_features (kaiming-uniform with fan-in = input width, PEFT's; about sqrt(in/R) smaller)"})
     prompt_adapter: bool = field(default=False, metadata={"help": "stage 2: build and train the prompt-aware LoRA weight adapter"})
     prompt_adapter_dim: Optional[int] = field(default=None, metadata={"help": "prompt adapter bottleneck K"})
     lora_scale_layout: str = field(default="hf", metadata={"help": "feature order of the stage-2 scale r for q/k LoRA: hf (this plugin) or meta (checkpoints converted from the reference, whose r follows Meta's rotary layout)"})
@@ -189,11 +190,18 @@ def _dtype(name: str) -> torch.dtype:
 
 def trainable_groups(model: "WavLLMModel") -> Dict[str, List[Tuple[str, nn.Parameter]]]:
     """THE place that decides what trains. Stage 1: adapters (+ WavLM layer weights), projector(s),
-    LoRA. Stage 2 (``prompt_adapter=True``): the same plus the prompt adapter. Backbones: frozen."""
+    LoRA. Stage 2 (``prompt_adapter=True``): the same plus the prompt adapter. Backbones: frozen.
+
+    The reference's Whisper-only projector (Linear adapter_out -> D) is trainable in the reference and
+    counted in the paper's 76.6 M, but with WavLM on it is never used, so it never gets a gradient.
+    It goes to the group ``unused:semantic_only_projector`` and is held with ``requires_grad=False``:
+    no optimizer state, no weight decay on a zero gradient, no DDP bucket waiting for it; it is saved
+    in checkpoints unchanged (converted reference checkpoints round-trip). Counts report it separately
+    (``wavllm-count-params``: trainable = optimised + unused, the paper's figure)."""
     named = dict(model.named_parameters())
     groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {
         "semantic_adapter": [], "acoustic_adapter": [], "projector": [], "lora": [], "prompt_adapter": [],
-        "frozen:whisper": [], "frozen:wavlm": [], "frozen:llama": [],
+        "unused:semantic_only_projector": [], "frozen:whisper": [], "frozen:wavlm": [], "frozen:llama": [],
     }
     lora_names = set(lora_parameters(model.llm))
     for name, p in named.items():
@@ -201,8 +209,10 @@ def trainable_groups(model: "WavLLMModel") -> Dict[str, List[Tuple[str, nn.Param
             groups["semantic_adapter"].append((name, p))
         elif name.startswith("acoustic_adapter."):
             groups["acoustic_adapter"].append((name, p))
-        elif name.startswith("projector.") or name.startswith("semantic_only_projector."):
+        elif name.startswith("projector."):
             groups["projector"].append((name, p))
+        elif name.startswith("semantic_only_projector."):
+            groups["projector" if model.wavlm is None else "unused:semantic_only_projector"].append((name, p))
         elif name.startswith("prompt_scale."):
             groups["prompt_adapter"].append((name, p))
         elif name.startswith("llm.") and name[len("llm."):] in lora_names:
@@ -218,18 +228,25 @@ def trainable_groups(model: "WavLLMModel") -> Dict[str, List[Tuple[str, nn.Param
     return {k: v for k, v in groups.items() if v}
 
 
+def is_optimised(group: str) -> bool:
+    """Whether a trainable_groups group gets gradients (``frozen:`` backbones and ``unused:`` do not)."""
+    return not group.startswith(("frozen:", "unused:"))
+
+
 def apply_trainability(model: "WavLLMModel") -> Dict[str, Tuple[int, int]]:
     """Set requires_grad from trainable_groups; return {group: (n_tensors, n_params)} and log it."""
     counts = {}
     for group, params in trainable_groups(model).items():
-        train = not group.startswith("frozen:")
         for _, p in params:
-            p.requires_grad_(train)
+            p.requires_grad_(is_optimised(group))
         counts[group] = (len(params), sum(p.numel() for _, p in params))
     total = sum(n for _, n in counts.values())
     trainable = sum(n for g, (_, n) in counts.items() if not g.startswith("frozen:"))
+    optimised = sum(n for g, (_, n) in counts.items() if is_optimised(g))
     logger.info("trainable parameters by group: " + ", ".join(f"{g}={n:,}" for g, (_, n) in counts.items()))
-    logger.info(f"trainable {trainable:,} of {total:,} parameters")
+    logger.info(f"trainable {trainable:,} of {total:,} parameters (the paper's count); optimised {optimised:,}"
+                + (" (the reference's unused projector is held frozen: it never gets a gradient)"
+                   if optimised != trainable else ""))
     return counts
 
 
@@ -278,8 +295,6 @@ class WavLLMModel(BaseFairseqModel):
             raise WavLLMInputError(
                 f"the LLM has {self.llm.config.vocab_size} tokens but the tokenizer has {vocab_size}: "
                 f"use the tokenizer.model of the same LLaMA directory ({cfg.llama_path or 'random init'})")
-        if cfg.activation_checkpointing:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         d_llm = self.llm.config.hidden_size
         # ---- trainable parts
         self.semantic_adapter = ModalityAdapter(self.whisper.dim, cfg.semantic_conv_mid_dim, cfg.semantic_conv_out_dim,
@@ -299,7 +314,13 @@ class WavLLMModel(BaseFairseqModel):
             self.semantic_only_projector = nn.Linear(cfg.adapter_out_dim, d_llm)
         else:
             self.semantic_only_projector = None
-        self.lora_modules = inject_lora(self.llm, LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        self.lora_modules = inject_lora(self.llm, LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                        cfg.lora_a_init)
+        if cfg.activation_checkpointing:
+            # the recomputation in backward must see the LoRA scale of the forward (set by a context that
+            # has exited by then): checkpoint_context_fn reinstalls it
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False, "context_fn": checkpoint_context_fn(self.llm)})
         if cfg.lora_scale_layout not in ("hf", "meta"):
             raise ValueError(f"lora_scale_layout must be hf or meta, got {cfg.lora_scale_layout!r}")
         if cfg.lora_scale_layout == "meta":
