@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="WavLLM speech LLM (dual Whisper/WavLM encoders, LoRA LLaMA, prompt-aware LoRA) for fairseq",
     packages=find_packages(include=["wavllm_fairseq", "wavllm_fairseq.*"]),
-    package_data={"wavllm_fairseq": ["toy/*.txt", "toy/*.json"]},
+    package_data={"wavllm_fairseq": ["toy/*.txt", "toy/*.json"], "wavllm_fairseq.serve": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[
         # fairseq-fixed installs the `fairseq` import name and, unlike fairseq==0.12.2, imports on 3.11
@@ -25,7 +25,10 @@ setup(
         "scikit-learn",
         "safetensors",
     ],
-    extras_require={"test": ["pytest"]},
+    # serve: wavllm-serve (FastAPI + uvicorn, python-multipart for uploads); its tests also drive a browser over
+    # the DevTools protocol (websockets) and call the server with the official OpenAI client
+    extras_require={"test": ["pytest", "fastapi", "uvicorn", "python-multipart", "websockets", "openai"],
+                    "serve": ["fastapi", "uvicorn", "python-multipart"]},
     entry_points={
         "console_scripts": [
             "wavllm-count-params=wavllm_fairseq.count_params:main",
@@ -37,6 +40,8 @@ setup(
             "wavllm-plot-prompt-tsne=wavllm_fairseq.tsne:main",
             "wavllm-convert-reference-checkpoint=wavllm_fairseq.checkpoint_convert:main",
             "wavllm-bench-generate=wavllm_fairseq.bench_generate:main",
+            "wavllm-serve=wavllm_fairseq.serve.cli:main",
+            "wavllm-bench-serve=wavllm_fairseq.serve.bench:main",
         ]
     },
 )

@@ -1,0 +1,279 @@
+"""Dynamic batching: requests that arrive within ``max_wait_ms`` of each other decode as one batch.
+
+One worker thread owns the model. It takes the oldest waiting request, then every request that
+arrives within ``max_wait_ms`` of it (up to ``max_batch``) and decodes with the same settings, and
+runs them through the batched generator (left-padded prefixes; finished rows leave the batch). A
+request that arrives while a batch decodes waits for the next batch (no joining mid-decode)::
+
+    handlers (event loop) --submit(Job)--> queue --> worker thread: collect <= max_batch jobs
+                                                     collate -> StreamingGenerator.generate
+    handlers <--on_token(id) / on_done(Answer)------ (called from the worker thread)
+
+Batch invariance: each row's length cap is its own ``max_tokens`` (the generator's per-task caps,
+keyed by a per-row task name) and greedy rows compute what they compute alone (generator.py), so
+a greedy answer does not depend on which requests shared its batch. Sampling requests batch with
+other sampling requests of the same temperature/top-p; one that sets ``seed`` decodes alone, so the
+seed reproduces its answer.
+
+Streaming and cancelling: :class:`WavLLMGenerator` has no per-token hook, so
+:class:`StreamingGenerator` subclasses it and wraps two of its steps, ``_process`` (sees each live
+row's token history, used to map batch rows back to requests and to end a cancelled row by forcing
+``</s>``) and ``_choose`` (the tokens picked at each step). If a rewrite of the generator stops
+calling them, answers stay right and only the streaming granularity is lost (the whole answer
+arrives as one chunk, and a warning is logged).
+"""
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..dataset import collate
+from ..generator import WavLLMGenerator
+from ..prompt_template import EncodedPrompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings of one request; requests batch together only when these are equal."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: Optional[int] = None
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+    def batch_key(self, job_id: int) -> Tuple:
+        if not self.sampling:
+            return ("greedy",)
+        if self.seed is not None:  # a seeded sample is reproducible only alone
+            return ("seeded", job_id)
+        return ("sample", self.temperature, self.top_p, self.top_k)
+
+
+@dataclass
+class Answer:
+    """What a finished request gets back."""
+
+    text: str
+    tokens: List[int]  # answer tokens, without the closing </s>
+    finish_reason: str  # "stop" (</s> or a loop guard), "length" (max_tokens reached) or "cancelled"
+    text_tokens: int  # prompt template + instruction tokens
+    speech_tokens: int  # LLM positions the speech takes (80 ms each)
+    batch_size: int  # how many requests shared the batch
+
+
+@dataclass
+class Job:
+    """One request: its encoded prompt and audio, settings, and the callbacks the worker calls."""
+
+    enc: EncodedPrompt
+    audio: Optional[np.ndarray]  # (T,) float32 16 kHz mono, or None for a text-only question
+    max_tokens: int
+    decoding: Decoding = Decoding()
+    on_token: Optional[Callable[[int], None]] = None  # each generated token id, from the worker thread
+    on_done: Optional[Callable[[object], None]] = None  # an Answer, or the exception that failed the batch
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class StreamingGenerator(WavLLMGenerator):
+    """The batched generator with a per-token callback and per-row cancellation (see module doc)."""
+
+    def __init__(self, *args, on_token: Optional[Callable[[int, int], None]] = None,
+                 is_cancelled: Optional[Callable[[int], bool]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_token = on_token
+        self.is_cancelled = is_cancelled
+        self.hooked = False  # whether the generator called the hooks (False: streaming not available)
+        self._rows: Dict[int, int] = {}
+        self._active: Optional[List[int]] = None
+
+    def generate(self, models, sample, **kwargs):
+        self._rows, self._active, self.hooked = {}, None, False
+        return super().generate(models, sample, **kwargs)
+
+    def _process(self, lprobs, histories, step):
+        if not self._rows:  # first step: every row is live, in batch order; the lists live until the end
+            self._rows = {id(h): b for b, h in enumerate(histories)}
+        self._active = [self._rows.get(id(h), -1) for h in histories]
+        lprobs = super()._process(lprobs, histories, step)
+        if self.is_cancelled is not None:
+            for j, b in enumerate(self._active):
+                if b >= 0 and self.is_cancelled(b):  # end the row now: only </s> is possible
+                    lprobs[j] = -math.inf
+                    lprobs[j, self.eos] = 0.0
+        return lprobs
+
+    def _choose(self, logits):
+        nxt = super()._choose(logits)
+        if self._active is not None and self.on_token is not None and len(self._active) == len(nxt):
+            self.hooked = True
+            for b, t in zip(self._active, nxt.tolist()):
+                if b >= 0:
+                    self.on_token(b, int(t))
+        return nxt
+
+
+class BatchEngine:
+    """Owns a loaded :class:`~wavllm_fairseq.hub.WavLLM` and decodes submitted jobs in dynamic batches."""
+
+    def __init__(self, api, max_batch: int = 8, max_wait_ms: float = 20.0, loop_guard_ngram: int = 4):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.api = api
+        self.max_batch = int(max_batch)
+        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
+        self.loop_guard_ngram = int(loop_guard_ngram)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "failed_batches": 0}
+        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._ids = itertools.count()
+        self._warned_unhooked = False
+        self._thread = threading.Thread(target=self._loop, name="wavllm-batcher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def context_length(self) -> int:
+        return int(self.api.model.context_length)
+
+    def speech_tokens(self, n_samples: int) -> int:
+        if n_samples <= 0:
+            return 0
+        return int(self.api.model.speech_frames(torch.tensor([n_samples]))[0])
+
+    def submit(self, job: Job) -> Job:
+        job.id = next(self._ids)
+        job.arrival = time.monotonic()
+        self._queue.put(job)
+        return job
+
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        pending: Deque[Job] = deque()  # taken from the queue but not batchable with the batch being built
+        stop = False
+        while not (stop and not pending):
+            first = pending.popleft() if pending else self._queue.get()
+            if first is None:
+                break
+            key = first.decoding.batch_key(first.id)
+            batch = [first]
+            for job in list(pending):  # earlier arrivals with the same settings first
+                if len(batch) < self.max_batch and job.decoding.batch_key(job.id) == key:
+                    pending.remove(job)
+                    batch.append(job)
+            deadline = first.arrival + self.max_wait
+            while len(batch) < self.max_batch and not stop:
+                try:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                elif job.decoding.batch_key(job.id) == key:
+                    batch.append(job)
+                else:
+                    pending.append(job)
+            live = []
+            for job in batch:
+                if job.cancelled.is_set():  # the client left while it waited
+                    self.stats["cancelled"] += 1
+                    _call(job.on_done, _cancelled_answer(job, len(batch)))
+                else:
+                    live.append(job)
+            if live:
+                self._run(live)
+
+    def _run(self, jobs: List[Job]) -> None:
+        B = len(jobs)
+        self.stats["requests"] += B
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], B)
+        tok = self.api.tokenizer
+        items = [{"id": i, "row": _Row(str(j.id)), "audio": j.audio, "enc": j.enc, "gen_len": len(j.enc.post),
+                  "task": f"request{i}"} for i, j in enumerate(jobs)]
+        d = jobs[0].decoding
+        caps = [max(1, int(j.max_tokens)) for j in jobs]
+
+        def on_token(b: int, t: int) -> None:
+            _call(jobs[b].on_token, t)
+
+        gen = StreamingGenerator(
+            [self.api.model], self.api.task.target_dictionary, max_len_b=max(caps),
+            max_len_per_task={f"request{i}": c for i, c in enumerate(caps)}, sampling=d.sampling,
+            temperature=d.temperature if d.sampling else 1.0, sampling_topp=d.top_p if d.top_p < 1 else -1.0,
+            sampling_topk=d.top_k, loop_guard_ngram=self.loop_guard_ngram, on_token=on_token,
+            is_cancelled=lambda b: jobs[b].cancelled.is_set())
+        try:
+            batch = _to(collate(items, tok.pad_id), self.api.device)
+            if d.sampling:
+                torch.manual_seed(d.seed if d.seed is not None else int(time.time_ns() % (2 ** 31)))
+            with torch.inference_mode():
+                hyps = gen.generate([self.api.model], batch)
+        except Exception as e:  # noqa: BLE001 - the batch's clients get the error, the server keeps serving
+            logger.exception(f"decoding a batch of {B} failed")
+            self.stats["failed_batches"] += 1
+            for j in jobs:
+                _call(j.on_done, e)
+            return
+        if not gen.hooked and not self._warned_unhooked and any(j.on_token for j in jobs):
+            self._warned_unhooked = True
+            logger.warning("the generator did not call StreamingGenerator's hooks: streams send whole answers")
+        for b, (job, nbest) in enumerate(zip(jobs, hyps)):
+            ids = nbest[0]["tokens"].tolist()
+            answer = ids[:-1] if ids and ids[-1] == tok.eos_id else ids
+            if job.cancelled.is_set():
+                reason = "cancelled"
+                self.stats["cancelled"] += 1
+            else:
+                reason = "length" if len(answer) >= caps[b] else "stop"
+            n = 0 if job.audio is None else len(job.audio)
+            _call(job.on_done, Answer(text=tok.decode(ids), tokens=answer, finish_reason=reason,
+                                      text_tokens=len(job.enc.pre) + len(job.enc.post),
+                                      speech_tokens=self.speech_tokens(n), batch_size=B))
+
+
+@dataclass
+class _Row:
+    id: str
+
+
+def _cancelled_answer(job: Job, batch_size: int) -> Answer:
+    return Answer("", [], "cancelled", len(job.enc.pre) + len(job.enc.post), 0, batch_size)
+
+
+def _call(fn, arg) -> None:
+    if fn is None:
+        return
+    try:
+        fn(arg)
+    except Exception:  # noqa: BLE001 - a client's callback must not stop the worker
+        logger.exception("a request callback failed")
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    return batch
