@@ -3,6 +3,7 @@
 #   espeak-ng (Debian)      - synthesizes the toy corpus (through its library libespeak-ng, a dependency)
 #   torch==2.13.0 (CPU)     - from the local wheel pip is configured to find (no CUDA downloads)
 #   fairseq-fixed 0.12.3.1  - the `fairseq` import name; upstream fairseq 0.12.2 does not import on 3.11
+#   chromium (Debian)       - the headless browser the serving page's test drives
 #   this package (editable) + its Python dependencies
 # and removes torchaudio, which fairseq-fixed pulls in: its native library needs CUDA and makes
 # every transformers model import fail. Nothing here needs torchaudio.
@@ -14,6 +15,12 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   echo "[install] espeak-ng (Debian)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  # tests/test_serve_browser.py drives the wavllm-serve page in it, headless (about 115 MB, 15 s)
+  echo "[install] chromium (Debian, for the serving page's browser test)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 if ! $PY -c "import torch" >/dev/null 2>&1; then
   echo "[install] torch 2.13.0 (CPU wheel)"
@@ -30,6 +37,7 @@ if $PY -I - "$PWD" <<'PYEOF' >/dev/null 2>&1  # -I: not the cwd copy, the instal
 import os, sys, importlib.metadata as md
 import wavllm_fairseq, fairseq, torch, transformers, sentencepiece, soundfile, scipy, numpy, editdistance
 import sacrebleu, hydra, omegaconf, matplotlib, sklearn, safetensors, pytest
+import fastapi, uvicorn, python_multipart, websockets, openai  # the serve extra and its tests
 assert os.path.dirname(os.path.dirname(os.path.abspath(wavllm_fairseq.__file__))) == os.path.abspath(sys.argv[1])
 md.distribution("wavllm_fairseq")
 import re, shutil  # every console script setup.py declares is on PATH (a new one needs a reinstall)
