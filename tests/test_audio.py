@@ -1,4 +1,5 @@
 """Audio loading (formats, rates, channels, zip slices, every error reason) and Whisper log-mel features."""
+import logging
 import os
 import struct
 import zipfile
@@ -81,7 +82,7 @@ def test_stereo_44k_mixdown_and_resample(tmp_path):
     assert np.abs(y - expected)[200:-200].max() < 2e-3
     # mean, not sum or first channel: opposite channels cancel to silence
     write(tmp_path / "anti.wav", np.stack([left, -left], 1), 44100, subtype="FLOAT")
-    assert reason_of(load_audio, "anti.wav", str(tmp_path)).reason == "silent"
+    assert np.abs(load_audio("anti.wav", str(tmp_path))).max() < SILENCE_PEAK
 
 
 @pytest.mark.parametrize("sr,n,expected", [(8000, 4000, 8000), (44100, 1000, 363), (22050, 100, 73),
@@ -126,7 +127,7 @@ def test_zip_slice_equals_direct_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ errors
-def test_error_reasons_and_messages(tmp_path):
+def test_error_reasons_and_messages(tmp_path, caplog):
     root = str(tmp_path)
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "random.wav").write_bytes(np.random.default_rng(0).bytes(3000))
@@ -137,13 +138,17 @@ def test_error_reasons_and_messages(tmp_path):
     write(tmp_path / "quiet.wav", np.full(1600, SILENCE_PEAK * 2, np.float32), SAMPLE_RATE, subtype="FLOAT")
     write(tmp_path / "long.wav", sine(SAMPLE_RATE, 3 * SAMPLE_RATE), SAMPLE_RATE)
     cases = {"missing.wav": "missing", "empty.wav": "empty", "random.wav": "corrupt", "song.m4a": "unsupported",
-             "noext.bin": "unsupported", "zero.wav": "zero_length", "hush.wav": "silent"}
+             "noext.bin": "unsupported", "zero.wav": "zero_length"}
     for name, reason in cases.items():
         err = reason_of(load_audio, name, root, where=("data/train_asr.tsv", 7))
         assert err.reason == reason, (name, str(err))
         assert str(err).startswith("data/train_asr.tsv:7: audio ") and os.path.join(root, name) in str(err)
         assert (err.file, err.row) == ("data/train_asr.tsv", 7)
     assert len(load_audio("quiet.wav", root)) == 1600  # just above the silence threshold
+    # silence is valid audio ("Is anyone speaking?"): returned, with a warning naming file and row
+    with caplog.at_level(logging.WARNING):
+        assert len(load_audio("hush.wav", root, where=("data/train_asr.tsv", 7))) == 1600
+    assert "data/train_asr.tsv:7: audio" in caplog.text and "hush.wav is silent" in caplog.text
     err = reason_of(load_audio, "long.wav", root, max_seconds=2.5)
     assert err.reason == "too_long" and "3.00 s" in str(err) and "2.5 s" in str(err)
     assert reason_of(audio_num_frames, "long.wav", root, max_seconds=2.5).reason == "too_long"
@@ -187,27 +192,40 @@ def extractor():
 def test_log_mel_matches_whisper_feature_extractor(extractor):
     n = 20800  # 1.3 s: 130 valid frames
     x = _clip(n)
-    ref = extractor(x, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"][0]  # (80, 3000), 30 s pad
+    out = extractor(x, sampling_rate=SAMPLE_RATE, return_tensors="np", return_attention_mask=True)
+    ref = out["input_features"][0]  # (80, 3000), 30 s pad
     mel, frames = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]))
-    assert mel.shape == (1, 80, 130) and frames.tolist() == [130]
+    assert mel.shape == (1, 80, 130) and frames.tolist() == [130] == [int(out["attention_mask"].sum())]
     assert abs(float(mel.max() - mel.min()) - 2.0) < 1e-5  # the (max - 8) floor is exercised
     np.testing.assert_allclose(mel[0].numpy(), ref[:, :130], atol=1e-5)  # measured max diff: 0.0
-    padded = np.zeros(30 * SAMPLE_RATE, np.float32)
-    padded[:n] = x
-    full, _ = whisper_log_mel(torch.from_numpy(padded)[None], torch.tensor([n]))
-    assert full.shape == (1, 80, 3000)
-    np.testing.assert_allclose(full[0].numpy(), ref, atol=1e-5)  # padding frames too
-    window, _ = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]), num_frames=3000)
-    torch.testing.assert_close(window, full, atol=1e-6, rtol=0)
+    window, _ = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]), window_frames=3000)
+    assert window.shape == (1, 80, 3000)
+    np.testing.assert_allclose(window[0].numpy(), ref, atol=1e-5)  # padding frames too
+
+
+@pytest.mark.parametrize("n", [480000, 480160, 600001, 960000])
+def test_log_mel_windows_are_the_extractor_on_each_30s_chunk(extractor, n):
+    """A clip over 30 s, as the reference feeds it (speechllm_dataset.py process_audio_source: 30 s
+    chunks, each through the feature extractor alone): every window has its own peak and reflect
+    padding at its own edges; the valid frames are the masks' sum, ceil(n / 160)."""
+    x = _clip(n, seed=3) * np.linspace(0.2, 1.0, n, dtype=np.float32)  # louder later: per-window peaks differ
+    chunks = [x[i: i + 480000] for i in range(0, n, 480000)]
+    outs = [extractor(c, sampling_rate=SAMPLE_RATE, return_tensors="np", return_attention_mask=True) for c in chunks]
+    ref = np.concatenate([o["input_features"][0] for o in outs], axis=1)
+    mel, frames = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]), window_frames=3000)
+    assert mel.shape == (1, 80, 3000 * len(chunks))
+    assert int(frames[0]) == sum(int(o["attention_mask"].sum()) for o in outs) == -(-n // 160)
+    np.testing.assert_allclose(mel[0].numpy(), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [999, 12345, 16000, 16159])
 def test_log_mel_frame_count(extractor, n):
-    # F = T // hop: the centred STFT gives 1 + T // hop frames and Whisper drops the last one
+    # ceil(T / hop) frames, the extractor's attention mask when it pads to 30 s (the reference's length)
     x = _clip(n)
-    ref = extractor(x, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np")["input_features"]
+    out = extractor(x, sampling_rate=SAMPLE_RATE, return_tensors="np", return_attention_mask=True)
     mel, frames = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]))
-    assert mel.shape[-1] == ref.shape[-1] == n // 160 == int(frames[0])
+    assert mel.shape[-1] == int(out["attention_mask"].sum()) == -(-n // 160) == int(frames[0])
+    np.testing.assert_allclose(mel[0].numpy(), out["input_features"][0, :, : mel.shape[-1]], atol=1e-5)
 
 
 def test_log_mel_batch_invariance():
@@ -220,11 +238,14 @@ def test_log_mel_batch_invariance():
     batch_dirty[0, 4810:] = 0.9  # garbage past the length is ignored
     lengths = torch.tensor([4810, 24000])
     alone, _ = whisper_log_mel(torch.from_numpy(a)[None], torch.tensor([4810]))
-    assert alone.shape == (1, 80, 30)
+    assert alone.shape == (1, 80, 31)
     for wav in (batch, batch_dirty):
         mel, frames = whisper_log_mel(wav, lengths)
-        assert mel.shape == (2, 80, 150) and frames.tolist() == [30, 150]
-        torch.testing.assert_close(mel[0, :, :30], alone[0], atol=1e-5, rtol=0)
+        assert mel.shape == (2, 80, 150) and frames.tolist() == [31, 150]
+        torch.testing.assert_close(mel[0, :, :31], alone[0], atol=1e-5, rtol=0)
+        windowed, _ = whisper_log_mel(wav, lengths, window_frames=100)
+        alone_w, _ = whisper_log_mel(torch.from_numpy(a)[None], torch.tensor([4810]), window_frames=100)
+        torch.testing.assert_close(windowed[0, :, :100], alone_w[0], atol=1e-5, rtol=0)
     # per-utterance floor at the utterance's own max - 8 (2.0 after the / 4), and it is reached
     mel, _ = whisper_log_mel(batch, lengths)
     assert abs(float(mel[0, :, :30].max() - mel[0, :, :30].min()) - 2.0) < 1e-5

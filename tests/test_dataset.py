@@ -48,9 +48,11 @@ def test_batch_layout_with_speech_and_text_only_rows(task):
         tgt = batch["target"][b, : batch["target_lengths"][b]].tolist()
         assert tgt == post[gen:] and tgt[-1] == tok.eos_id
         pre = tok.decode(net["pre_tokens"][b, : net["pre_lengths"][b]])
-        assert pre.endswith("<SPEECH>") == row.with_speech
+        assert pre.endswith("<SPEECH>")  # the reference's strings on every row; text rows have no speech
         ins = net["instruction_tokens"][b, : net["instruction_lengths"][b]].tolist()
-        assert ins == [tok.bos_id] + tok.encode(row.prompt)
+        assert ins == tok.encode('"' + row.prompt + '"')  # the reference's prompt-adapter input, no <s>
+        legacy = net["legacy_instruction_tokens"][b, : net["legacy_instruction_lengths"][b]].tolist()
+        assert legacy == [tok.bos_id] + tok.encode(row.prompt)
     assert batch["ntokens"] == int(net["post_target_mask"].sum())
     assert batch["task_names"] == ["asr", "it", "asr"]
     # duration cost: audio samples, or 1280 samples per token on text-only rows
@@ -104,3 +106,68 @@ def test_unreadable_audio_at_load_time_names_the_file_or_is_skipped(corpus, task
         assert batch["nsentences"] == 1 and sum(ds.skipped.values()) == 1
     finally:
         os.rename(os.path.join(root, "wav/tr1.moved"), os.path.join(root, "wav/tr1.wav"))
+
+
+def _write(path, wav):
+    import soundfile as sf
+
+    sf.write(path, wav, 16000, subtype="PCM_16")
+    return path
+
+
+def test_audiobench_style_manifest_decodes_every_row(tmp_path, task, caplog):
+    """The shape AudioBench's WavLLM adapter writes (AudioLLMs/AudioBench src/model_src/wavllm_fairseq.py):
+    header ``id audio n_frames prompt tgt_text with_speech``, absolute audio paths, n_frames 0 on every
+    row, a placeholder target, a first "cold start" row, prompts with newlines replaced by spaces. Clips
+    up to 100 s (it truncates longer ones); here also a silent clip and a spoken question (empty prompt).
+    Every row must load, batch and decode: none rejected for its length, n_frames or silence."""
+    import logging
+
+    import numpy as np
+
+    from helpers import tone
+    from wavllm_fairseq.generator import WavLLMGenerator
+
+    long = np.concatenate([tone(1.0, 220 + 20 * k, k) for k in range(41)])  # 41 s: two 30 s windows
+    clips = [_write(str(tmp_path / "cold.wav"), tone(0.5, 300, 0)),
+             _write(str(tmp_path / "a1.wav"), tone(1.2, 250, 1)),
+             _write(str(tmp_path / "a2.wav"), long),
+             _write(str(tmp_path / "a3.wav"), np.zeros(16000, np.float32)),
+             _write(str(tmp_path / "a4.wav"), tone(0.8, 400, 2))]
+    instruction = "Listen to the clip.\nWhat is said?".replace("\n", " ").strip()
+    prompts = ["Please transcribe.", instruction, instruction, "Is anyone speaking?", ""]
+    answers = ["Placehoder."] + ["==== No reference Answer ===="] * 4
+    path = tmp_path / "wavllm_test.tsv"
+    with open(path, "w") as f:
+        f.write("id\taudio\tn_frames\tprompt\ttgt_text\twith_speech\n")
+        for i, (c, p, a) in enumerate(zip(clips, prompts, answers)):
+            f.write(f"{i}\t{c}\t0\t{p}\t{a}\tTrue\n")
+    with caplog.at_level(logging.WARNING):
+        ds = task.load_corpus(str(path), shuffle=False)
+    assert len(ds) == 5 and ds.rows[2].n_frames == len(long)  # n_frames 0: the true length is read
+    assert "n_frames is 0" in caplog.text
+    torch.manual_seed(0)
+    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=len(task.target_dictionary)).eval()
+    gen = WavLLMGenerator([model], task.target_dictionary, beam_size=1, max_len_b=3)
+    with caplog.at_level(logging.WARNING):
+        batch = collate([ds[i] for i in range(len(ds))], task.tokenizer.pad_id)
+    assert "is silent" in caplog.text and "a3.wav" in caplog.text
+    assert batch["nsentences"] == 5 and int(batch["net_input"]["audio_lengths"][2]) == len(long)
+    hyps = gen.generate([model], batch)
+    assert len(hyps) == 5 and all(len(h) >= 1 for h in hyps)
+
+
+def test_a_row_over_the_llm_context_is_refused_naming_row_and_numbers(tmp_path, task):
+    import numpy as np
+
+    from helpers import tone
+
+    wav = _write(str(tmp_path / "long.wav"), np.concatenate([tone(1.0, 200, k) for k in range(12)]))
+    path = tmp_path / "ctx.tsv"
+    with open(path, "w") as f:
+        f.write("id\taudio\tn_frames\tprompt\ttgt_text\twith_speech\nrow7\t" + wav + "\t0\tWhat?\tx\tTrue\n")
+    rows, _ = read_manifest(str(path), check_audio=True)
+    ds = InstructionDataset(rows, str(path), task.tokenizer, corpus="c", max_positions=400)  # 12 s: 150 speech
+    assert len(ds) == 1
+    with pytest.raises(ManifestError, match=r"ctx.tsv:2: id=row7: .*need \d+ positions \(speech 150.*context is 100"):
+        InstructionDataset(rows, str(path), task.tokenizer, corpus="c", max_positions=100)

@@ -139,12 +139,12 @@ BAD_ROWS = [
     ("corrupt", "x13\tclips/random.wav\t4000\tq\tt\tTrue"),
     ("unsupported", "x14\tclips/movie.m4a\t4000\tq\tt\tTrue"),
     ("corrupt", "x15\tclips/cut.wav\t4000\tq\tt\tTrue"),
-    ("silent", "x16\tclips/silent.wav\t1600\tq\tt\tTrue"),
     ("too_long", "x17\tclips/long.wav\t48000\tq\tt\tTrue"),
 ]
-AUDIO_REASONS = {"missing", "empty", "corrupt", "unsupported", "silent", "too_long"}
+AUDIO_REASONS = {"missing", "empty", "corrupt", "unsupported", "too_long"}
+# good4: silence is valid audio ("Is anyone speaking?"), a warning when the audio is decoded
 GOOD_ROWS = ["good1\tclips/ok.wav\t4000\tq\tt\tTrue", "good2\t-\t-\tq\tt\tFalse",
-             "good3\tclips/ok8k.flac\t999\tq\tt\tTrue"]
+             "good3\tclips/ok8k.flac\t999\tq\tt\tTrue", "good4\tclips/silent.wav\t1600\tq\tt\tTrue"]
 
 
 @pytest.fixture
@@ -167,7 +167,8 @@ def test_validate_counts_every_bad_row(bad_manifest, capsys):
     assert any(p.startswith(f"{bad_manifest}:{len(GOOD_ROWS) + n_bad + 1}: id=x18: encoding:") for p in problems)
     assert [p for p in problems if ": duplicate_id: " in p][0].count("line 2") == 1  # names the first use
     warnings = [line for line in out if ": warning:" in line]
-    assert len(warnings) == 1 and "id=good3" in warnings[0] and "999" in warnings[0] and "4000" in warnings[0]
+    assert len(warnings) == 2 and "id=good3" in warnings[0] and "999" in warnings[0] and "4000" in warnings[0]
+    assert "id=good4" in warnings[1] and "silent" in warnings[1]
 
 
 def test_validate_no_audio_and_several_files(bad_manifest, data, capsys):
@@ -179,9 +180,9 @@ def test_validate_no_audio_and_several_files(bad_manifest, data, capsys):
     total = len(BAD_ROWS) + 1 + 2 * len(GOOD_ROWS)
     assert out[-1] == f"rows {total} ok {total - n_bad} bad {n_bad}"
     code, out = run_validate([good], capsys)
-    assert code == 0 and out[-1] == "rows 3 ok 3 bad 0"
+    assert code == 0 and out[-1] == "rows 4 ok 4 bad 0"
     code, out = run_validate([str(data / "absent.tsv"), good], capsys)
-    assert code == 1 and out[0].startswith(str(data / "absent.tsv")) and out[-1] == "rows 3 ok 3 bad 0"
+    assert code == 1 and out[0].startswith(str(data / "absent.tsv")) and out[-1] == "rows 4 ok 4 bad 0"
 
 
 def test_first_bad_row_raises_without_skip(bad_manifest):
@@ -197,11 +198,10 @@ def test_first_bad_row_raises_without_skip(bad_manifest):
 def test_skip_bad_counts_and_logs(bad_manifest, caplog):
     with caplog.at_level(logging.WARNING):
         rows, report = read_manifest(bad_manifest, check_audio=True, skip_bad=True, max_audio_seconds=2)
-    # header-only audio check: silence is found only by decoding, so x16 passes here
-    assert [r.id for r in rows] == ["good1", "good2", "good3", "x16"]
-    assert report.bad == report.skipped == len(BAD_ROWS) and report.ok == 4
-    assert {p.reason for p in report.problems} == {r for r, _ in BAD_ROWS} - {"silent"} | {"encoding"}
-    assert sum("skipping bad row" in r.getMessage() for r in caplog.records) == len(BAD_ROWS)
+    assert [r.id for r in rows] == ["good1", "good2", "good3", "good4"]
+    assert report.bad == report.skipped == len(BAD_ROWS) + 1 and report.ok == 4  # + x18 (encoding)
+    assert {p.reason for p in report.problems} == {r for r, _ in BAD_ROWS} | {"encoding"}
+    assert sum("skipping bad row" in r.getMessage() for r in caplog.records) == len(BAD_ROWS) + 1
 
 
 def test_token_limit_and_optional_target(data):

@@ -184,26 +184,50 @@ def test_prompt_scale_from_model_ignores_instruction_padding():
     assert torch.allclose(r1, r2, atol=1e-5)
 
 
-def test_prompt_scale_pools_the_instruction_not_bos():
-    """The <s> state is the same for every prompt: r pools the instruction's own positions (all of
-    them, <s> included, only for an empty instruction or with prompt_adapter_pool_bos)."""
+def _last_layer_states(model, ids):
     from wavllm_fairseq.lora import lora_disabled
 
+    with torch.no_grad(), lora_disabled(model.llm):
+        cap = {}  # the last decoder layer's output, before the final norm
+        hook = model.llm.model.layers[-1].register_forward_hook(
+            lambda m, i, o: cap.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        model.llm.model(input_ids=ids)
+        hook.remove()
+    return cap["h"]
+
+
+def test_prompt_scale_pools_every_position_of_the_references_input():
+    """Default (the reference's, speechllm_model/llama.py forward_generate): the adapter reads
+    '"' + instruction + '"' without <s> and pools every position of it."""
+    torch.manual_seed(1)
+    model = tiny(prompt_adapter=True, prompt_adapter_init="random").eval()
+    assert model.cfg.prompt_adapter_input == "reference"
+    instr = torch.randint(3, VOCAB, (1, 5))
+    with torch.no_grad():
+        expected = model.prompt_scale(_last_layer_states(model, instr), torch.ones(1, 5, dtype=torch.bool))
+        got = model.prompt_lora_scale(instr, torch.tensor([5]))
+    torch.testing.assert_close(got, expected)
+
+
+def test_prompt_scale_of_older_checkpoints_pools_the_instruction_not_bos():
+    """prompt_adapter_input=bos_instruction (checkpoints of older versions): the batch's
+    legacy_instruction_tokens (<s> + instruction) are read; r pools the instruction's own positions (all of
+    them, <s> included, only for an empty instruction or with prompt_adapter_pool_bos)."""
     torch.manual_seed(1)
     for pool_bos in (False, True):
-        model = tiny(prompt_adapter=True, prompt_adapter_init="random", prompt_adapter_pool_bos=pool_bos).eval()
+        model = tiny(prompt_adapter=True, prompt_adapter_init="random", prompt_adapter_pool_bos=pool_bos,
+                     prompt_adapter_input="bos_instruction").eval()
         bos = model.llm.config.bos_token_id
         instr = torch.cat([torch.tensor([[bos]]), torch.randint(3, VOCAB, (1, 4))], 1)
-        with torch.no_grad(), lora_disabled(model.llm):
-            cap = {}  # the last decoder layer's output, before the final norm
-            hook = model.llm.model.layers[-1].register_forward_hook(
-                lambda m, i, o: cap.__setitem__("h", o[0] if isinstance(o, tuple) else o))
-            model.llm.model(input_ids=instr)
-            hook.remove()
+        quoted = torch.randint(3, VOCAB, (1, 6))  # the reference form in the same batch is not read
+        with torch.no_grad():
             first = 0 if pool_bos else 1
-            expected = model.prompt_scale(cap["h"][:, first:], torch.ones(1, 5 - first, dtype=torch.bool))
-            got = model.prompt_lora_scale(instr, torch.tensor([5]))
-            only_bos = model.prompt_lora_scale(instr[:, :1], torch.tensor([1]))
+            expected = model.prompt_scale(_last_layer_states(model, instr)[:, first:],
+                                          torch.ones(1, 5 - first, dtype=torch.bool))
+            got = model.prompt_lora_scale(quoted, torch.tensor([6]), {"legacy_instruction_tokens": instr,
+                                                                      "legacy_instruction_lengths": torch.tensor([5])})
+            only_bos = model.prompt_lora_scale(quoted, torch.tensor([6]), {
+                "legacy_instruction_tokens": instr[:, :1], "legacy_instruction_lengths": torch.tensor([1])})
         torch.testing.assert_close(got, expected)
         assert torch.isfinite(only_bos).all()
 
@@ -409,6 +433,7 @@ def test_configs_saved_by_older_versions_get_the_behaviour_they_were_trained_wit
     OmegaConf.set_struct(old, True)  # as fairseq hands it over
     complete_model_cfg(old)
     assert old.bottleneck_norm == "pre" and old.prompt_adapter_pool_bos is True
+    assert old.prompt_adapter_input == "bos_instruction" and old.decode_bos_after_speech is False
     assert old.prompt_adapter_init == WavLLMConfig.prompt_adapter_init and old.lora_scale_layout == "hf"
     new = {"bottleneck_norm": "post", "prompt_adapter_pool_bos": False}
     complete_model_cfg(new)

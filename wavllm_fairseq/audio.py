@@ -6,7 +6,7 @@ Audio cells are paths (absolute, or relative to the manifest's folder) or fairse
 channel count: channels are averaged, then ``scipy.signal.resample_poly`` converts to 16 kHz.
 
 Problems raise :class:`~wavllm_fairseq.errors.AudioError` whose ``reason`` is one of
-``missing, empty, corrupt, unsupported, zero_length, silent, too_long``. Rules:
+``missing, empty, corrupt, unsupported, zero_length, too_long``. Rules:
 
 * ``empty``: the file (or zip slice) has 0 bytes. ``zero_length``: it decodes but holds 0 samples.
 * ``unsupported`` vs ``corrupt``: when libsndfile cannot open the data, the first bytes (or, failing
@@ -17,10 +17,14 @@ Problems raise :class:`~wavllm_fairseq.errors.AudioError` whose ``reason`` is on
 * A truncated WAV/AIFF (the header promises more data than the file holds) is ``corrupt``: loading
   only what is there would pair half an utterance with its full transcript. WAVs streamed with a
   placeholder size (0 or 0xFFFFFFFF) are accepted.
-* ``silent``: the peak absolute value of the 16 kHz signal is below :data:`SILENCE_PEAK`.
+* ``too_long``: only when the caller sets ``max_seconds`` (by default nothing is too long: the
+  Whisper branch runs 30 s windows, as the reference does).
+* Silence is valid audio ("Is anyone speaking?"): a clip whose 16 kHz peak |x| is below
+  :data:`SILENCE_PEAK` is returned, with a warning naming it.
 """
 import functools
 import io
+import logging
 import math
 import os
 import re
@@ -33,8 +37,9 @@ from scipy.signal import resample_poly
 
 from .errors import AudioError
 
+logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
-SILENCE_PEAK = 1e-4  # a clip whose 16 kHz peak |x| is below this is "silent"
+SILENCE_PEAK = 1e-4  # a clip whose 16 kHz peak |x| is below this is silent (a warning, not an error)
 
 _ZIP_SPEC = re.compile(r"^(?P<path>.+\.zip):(?P<offset>\d+):(?P<length>\d+)$", re.IGNORECASE)
 # first bytes of formats libsndfile cannot decode -> (offset of the magic, magic, name)
@@ -223,8 +228,8 @@ def load_audio(spec: str, root: str = "", *, max_seconds: Optional[float] = None
     _too_long(s, len(wav), max_seconds, where)
     peak = float(np.abs(wav).max())
     if peak < SILENCE_PEAK:
-        raise _fail(s, f"is silent (peak |x| = {peak:.1e} < {SILENCE_PEAK:g}); fix the file or remove the row",
-                    "silent", where)
+        loc = f"{where[0]}:{where[1]}: " if where is not None else ""
+        logger.warning(f"{loc}audio {s} is silent (peak |x| = {peak:.1e} < {SILENCE_PEAK:g}); decoding it as it is")
     return wav
 
 
@@ -241,43 +246,48 @@ def _mel_filters(n_mels: int, n_fft: int) -> np.ndarray:
 
 
 def whisper_log_mel(wav, lengths, n_mels: int = 80, n_fft: int = 400, hop: int = 160,
-                    num_frames: Optional[int] = None):
-    """Whisper's log-mel spectrogram for a right-padded batch, identical for a clip alone or in a batch.
+                    window_frames: Optional[int] = None):
+    """Whisper's log-mel spectrogram for a right-padded batch, as ``WhisperFeatureExtractor`` makes it.
 
-    ``wav`` (B, T) float, ``lengths`` (B,) long -> ``mel`` (B, n_mels, max(T // hop, num_frames)) and
-    ``frame_lengths`` = ``lengths // hop`` (B,). This is ``WhisperFeatureExtractor``: periodic hann window, centred
-    STFT (``1 + T // hop`` frames, the last dropped), power, slaney mel filters, ``log10(max(x, 1e-10))``,
-    floor at (max - 8), ``(x + 4) / 4``. Differences, so padding never changes a clip's features:
+    ``wav`` (B, T) float, ``lengths`` (B,) long. Returns ``mel`` (B, n_mels, F) and the valid frame
+    counts ``ceil(lengths / hop)`` (B,): the extractor's attention mask (one entry per ``hop`` samples of
+    the clip, as the reference reads it). Each frame: periodic hann window, centred STFT, power, slaney
+    mel filters, ``log10(max(x, 1e-10))``, floor at (peak - 8), ``(x + 4) / 4``. Samples at and beyond
+    ``lengths[b]`` are taken as zeros (the extractor zero-pads), so a clip's features do not depend on the
+    batch it is in.
 
-    * samples at and beyond ``lengths[b]`` are set to zero (the extractor zero-pads to 30 s, so it
-      sees zeros there too) and the right edge is zero-padded; only the left edge is reflect-padded.
-    * the max is taken per utterance. Frames past the clip see only zeros and hold the clamp value
-      log10(1e-10) = -10, which never exceeds it, so this is the max the extractor takes over its
-      30 s window. (The extractor reflect-pads at the end of its window where we zero-pad, so its
-      frame 2999 can differ for clips within n_fft/2 samples of 30 s; longer clips it cuts.)
-    Frames beyond a clip's length are computed the same way (they equal the extractor's 30 s output):
-    ``num_frames`` (e.g. 3000, Whisper's window) zero-pads the batch to that many frames, which gives
-    the padding frames Whisper was trained on instead of zeros.
+    * ``window_frames`` given (3000 = Whisper's 30 s): the clip is cut into consecutive windows of
+      ``window_frames * hop`` samples, zero-padded to whole windows, and each window is what the
+      extractor makes of that window alone -- as the reference feeds a clip over 30 s, one 30 s chunk
+      at a time: its own peak, reflect padding at both edges of the window (real audio at the edge of a
+      full window, zeros after a clip that ends inside it). ``F = n_windows * window_frames``.
+    * ``window_frames=None``: one span; the peak is the utterance's own, the left edge is reflect-padded
+      and the right edge sees zeros (what the extractor gives when it pads the clip to 30 s).
+      ``F = ceil(T / hop)``.
     """
     import torch
 
     wav = wav.float()
-    if num_frames is not None and num_frames * hop > wav.shape[1]:
-        wav = torch.nn.functional.pad(wav, (0, num_frames * hop - wav.shape[1]))  # (B, num_frames * hop)
     B, T = wav.shape
     lengths = lengths.to(device=wav.device, dtype=torch.long)
     half = n_fft // 2
-    valid = torch.arange(T, device=wav.device)[None, :] < lengths[:, None]  # (B, T)
-    x = torch.where(valid, wav, torch.zeros((), device=wav.device))
-    x = torch.nn.functional.pad(x, (0, n_fft + 1))  # (B, T + n_fft + 1): zeros past the end (any T >= 0)
-    x = torch.cat([x[:, 1: half + 1].flip(1), x], dim=1)  # reflect the left edge, (B, half + T + n_fft + 1)
+    if window_frames:
+        W = window_frames * hop  # samples per window
+        n_win = max(1, -(-T // W))
+        keep = window_frames
+    else:
+        keep = max(1, -(-T // hop))
+        W, n_win = keep * hop + half, 1  # zeros past the end: the right reflect only sees zeros
+    wav = torch.nn.functional.pad(wav, (0, n_win * W - T)) if n_win * W > T else wav[:, : n_win * W]
+    valid = torch.arange(n_win * W, device=wav.device)[None, :] < lengths[:, None]  # (B, n*W)
+    x = torch.where(valid, wav, torch.zeros((), device=wav.device)).reshape(B * n_win, W)
     window = torch.hann_window(n_fft, device=wav.device)
-    spec = torch.stft(x, n_fft, hop, window=window, center=False, return_complex=True)  # (B, n_fft/2+1, F')
-    power = spec.abs() ** 2
+    spec = torch.stft(x, n_fft, hop, window=window, center=True, pad_mode="reflect",
+                      return_complex=True)  # (B*n, n_fft/2+1, 1 + W // hop)
+    power = spec[..., :-1].abs() ** 2  # the extractor drops the last frame
     filters = torch.from_numpy(_mel_filters(n_mels, n_fft)).to(wav.device)
-    log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()  # (B, n_mels, F')
-    # per-utterance max; frames past the clip are all-zero input, i.e. the clamp value -10, never above it
-    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
-    log_spec = torch.maximum(log_spec, peak - 8.0)
-    mel = (log_spec[:, :, : T // hop] + 4.0) / 4.0  # (B, n_mels, T // hop)
-    return mel, torch.div(lengths, hop, rounding_mode="floor")
+    log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()  # (B*n, n_mels, W // hop)
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # per window (per utterance without windows)
+    log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+    mel = log_spec[:, :, :keep].reshape(B, n_win, n_mels, keep).permute(0, 2, 1, 3).reshape(B, n_mels, n_win * keep)
+    return mel, torch.div(lengths + hop - 1, hop, rounding_mode="floor")

@@ -32,6 +32,10 @@ Layout changes:
   ``lora_scale_layout=meta`` so q and k read ``r`` through the same row permutation.
 * Bottleneck adapters: the reference computes ``x + LayerNorm(Up(GELU(Down(x))))``; the converted config
   sets ``bottleneck_norm=post`` (this plugin's default) so the math is the same.
+* Inputs as the reference gave them (parity measured by ``examples/wavllm/scripts/parity_reference.py``):
+  the prompt adapter reads '"' + instruction + '"' without ``<s>`` (``prompt_adapter_input=reference``),
+  and decoding feeds ``<s>`` where " </SPEECH>" starts (``decode_bos_after_speech``), as the
+  reference's generator does.
 
 LoRA trained on other base weights than the ones loaded later decodes nonsense without any error,
 hence the backbone check (``--no-check-backbones`` skips it).
@@ -276,7 +280,8 @@ def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str
     if cfg.prompt_adapter:
         cfg.prompt_adapter_dim = int(converted["prompt_scale.down.weight"].shape[0])
         cfg.lora_scale_layout = "meta"  # r was learnt against Meta-ordered q/k outputs
-        cfg.prompt_adapter_pool_bos = True  # the reference pools every position of the prompt it is given
+        cfg.prompt_adapter_input = "reference"  # '"' + instruction + '"', no <s>, every position pooled
+    cfg.decode_bos_after_speech = True  # the reference's generator puts <s> where " </SPEECH>" starts
     cfg.keep_reference_unused_projector = "semantic_only_projector.weight" in converted
     cfg.use_wavlm = "projector.weight" in converted
     if "llm.model.embed_tokens.weight" in converted:

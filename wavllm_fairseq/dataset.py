@@ -13,14 +13,17 @@ The batch dict (what ``collate`` returns and ``WavLLMModel.forward`` / the gener
       pre_tokens         LongTensor (B, P)      template tokens before the speech span (bos ... "<SPEECH>"),
                                                 RIGHT-padded with pad
       pre_lengths        LongTensor (B,)
-      post_tokens        LongTensor (B, Q)      tokens after the speech span: "</SPEECH>{instruction} [/INST]"
+      post_tokens        LongTensor (B, Q)      tokens after the speech span: " </SPEECH> {instruction} [/INST]"
                                                 + answer + eos (+ later turns), RIGHT-padded with pad
       post_lengths       LongTensor (B,)
       post_target_mask   BoolTensor (B, Q)      True on answer tokens and their eos (the only loss positions)
       prompt_post_lengths LongTensor (B,)       post tokens before the LAST answer (the generation prefix)
-      instruction_tokens LongTensor (B, M)      bos + first instruction (prompt-aware adapter input),
-                                                RIGHT-padded with pad
+      instruction_tokens LongTensor (B, M)      prompt-aware adapter input: '"' + first instruction + '"'
+                                                without bos (the reference's), RIGHT-padded with pad
       instruction_lengths LongTensor (B,)
+      legacy_instruction_tokens LongTensor (B, M') bos + first instruction: what checkpoints of older
+                                                versions (model.prompt_adapter_input=bos_instruction) read
+      legacy_instruction_lengths LongTensor (B,)
     target               LongTensor (B, S)      the last answer + eos, RIGHT-padded with pad (what
                                                 fairseq-generate prints as T- and scores)
     target_lengths       LongTensor (B,)
@@ -62,7 +65,7 @@ def expected_speech_frames(n_samples: int, use_wavlm: bool = True) -> int:
             n = (n - 1) // 2 + 1
         return n
 
-    whisper = (n_samples // 160 + 1) // 2
+    whisper = (-(-n_samples // 160) + 1) // 2  # ceil(n/160) valid mel frames, conv stride 2
     n = adapter(whisper)
     if use_wavlm:
         w = n_samples
@@ -277,7 +280,8 @@ def collate(samples: List[Optional[dict]], pad: int) -> dict:
     post = _pad_2d([e.post for e in encs], pad)
     tmask = _pad_2d([e.post_target_mask for e in encs], 0, dtype=torch.bool)
     bos = samples[0]["enc"].pre[0]
-    instr = [[bos] + list(e.instruction) for e in encs]
+    instr = [list(e.adapter_input) for e in encs]
+    legacy = [[bos] + list(e.instruction) for e in encs]
     targets = [e.post[g:] for e, g in zip(encs, (s["gen_len"] for s in samples))]
     ntokens = int(tmask.sum())
     return {
@@ -297,6 +301,8 @@ def collate(samples: List[Optional[dict]], pad: int) -> dict:
             "prompt_post_lengths": torch.tensor([s["gen_len"] for s in samples], dtype=torch.long),
             "instruction_tokens": _pad_2d(instr, pad),
             "instruction_lengths": torch.tensor([len(i) for i in instr], dtype=torch.long),
+            "legacy_instruction_tokens": _pad_2d(legacy, pad),
+            "legacy_instruction_lengths": torch.tensor([len(i) for i in legacy], dtype=torch.long),
         },
         "target": _pad_2d(targets, pad),
         "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),

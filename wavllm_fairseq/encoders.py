@@ -128,7 +128,8 @@ class WhisperSemanticEncoder(nn.Module):
         return self.encoder.config.d_model
 
     def output_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
-        mel = torch.div(wav_lengths, self.hop_length, rounding_mode="floor")
+        # valid mel frames: ceil(n / hop), the feature extractor's attention mask (the reference's length)
+        mel = torch.div(wav_lengths + self.hop_length - 1, self.hop_length, rounding_mode="floor")
         return torch.div(mel + 1, 2, rounding_mode="floor")  # conv2: k=3, s=2, p=1
 
     def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +139,10 @@ class WhisperSemanticEncoder(nn.Module):
         # pad the waveform (not the features) to whole windows: padding frames are then the log-mel of
         # silence, as Whisper's own feature extractor makes them, whatever the batch
         wav = nn.functional.pad(wav, (0, n_chunks * self.window * self.hop_length - wav.shape[1]))
+        # each 30 s window as the feature extractor makes it alone (its own peak, reflect at its edges),
+        # as the reference feeds long clips window by window; mel_lengths = ceil(n / hop)
         mel, mel_lengths = whisper_log_mel(wav, wav_lengths, n_mels=self.n_mels, n_fft=self.n_fft,
-                                           hop=self.hop_length)  # (B, n_mels, n*W)
+                                           hop=self.hop_length, window_frames=self.window)  # (B, n_mels, n*W)
         B, C, F = mel.shape
         chunks = mel.view(B, C, n_chunks, self.window).permute(0, 2, 1, 3).reshape(B * n_chunks, C, self.window)
         dtype = next(self.encoder.parameters()).dtype

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .audio import audio_num_frames, load_audio, parse_audio_spec
+from .audio import SILENCE_PEAK, audio_num_frames, load_audio, parse_audio_spec
 from .errors import AudioError, ManifestError, WavLLMInputError
 
 _log = logging.getLogger(__name__)
@@ -308,7 +308,12 @@ def _parse_row(cells: Dict[str, str], line: int, default_task: str, require_targ
 def _check_audio(row: ManifestRow, root: str, full: bool, max_seconds, path: str, report: ManifestReport) -> None:
     try:
         if full:
-            true_len = len(load_audio(row.audio, root, max_seconds=max_seconds))
+            wav = load_audio(row.audio, root, max_seconds=max_seconds)
+            true_len = len(wav)
+            peak = float(abs(wav).max())
+            if peak < SILENCE_PEAK:  # valid audio (it is decoded as it is), but worth a look
+                report.warnings.append(f"{path}:{row.line}: id={row.id}: warning: the audio is silent "
+                                       f"(peak |x| = {peak:.1e})")
         else:
             true_len = audio_num_frames(row.audio, root, max_seconds=max_seconds)
     except AudioError as e:

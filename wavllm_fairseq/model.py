@@ -135,7 +135,9 @@ class WavLLMConfig(FairseqDataclass):
     prompt_adapter_dim: Optional[int] = field(default=None, metadata={"help": "prompt adapter bottleneck K"})
     lora_scale_layout: str = field(default="hf", metadata={"help": "feature order of the stage-2 scale r for q/k LoRA: hf (this plugin) or meta (checkpoints converted from the reference, whose r follows Meta's rotary layout)"})
     prompt_adapter_init: str = field(default="stage1_scale", metadata={"help": "stage1_scale: P_u starts at weight 0, bias alpha/R, so r = alpha/R for every prompt and stage 2 starts where stage 1 ended; random: PyTorch's default Linear init"})
-    prompt_adapter_pool_bos: bool = field(default=False, metadata={"help": "include the <s> position in the prompt adapter's attention pooling (its state is the same for every prompt; default: pooled only when the instruction is empty)"})
+    prompt_adapter_input: str = field(default="reference", metadata={"help": "what the prompt adapter reads: reference ('\"' + instruction + '\"' without <s>, every position pooled: the reference's, and the default for training too) or bos_instruction (<s> + instruction: what checkpoints of older versions of this plugin read; <s> pooled per prompt_adapter_pool_bos)"})
+    prompt_adapter_pool_bos: bool = field(default=False, metadata={"help": "prompt_adapter_input=bos_instruction only: include the <s> position in the pooling (its state is the same for every prompt; default: pooled only when the instruction is empty)"})
+    decode_bos_after_speech: bool = field(default=False, metadata={"help": "decoding only: feed <s> in place of the first token after the speech span (the lone space piece that ' </SPEECH>' starts with), as the reference's generator does (its token buffer starts with <s> and the forced prompt continues from the second token); on in checkpoints made by wavllm-convert-reference-checkpoint so a converted release decodes as the reference decodes it"})
     prompt_adapter_clamp: float = field(default=3.0, metadata={"help": "r = clamp(relu(r), max=this) as the reference does; <= 0 disables"})
     # ---- training
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute the frozen LLM layers' activations in backward (saves memory)"})
@@ -156,6 +158,7 @@ def fill_from_arch(cfg, arch: str) -> None:
 LEGACY_WHEN_MISSING = {
     "bottleneck_norm": "pre",  # adapters were pre-norm before the reference's post-norm became the default
     "prompt_adapter_pool_bos": True,  # the prompt adapter pooled <s> too
+    "prompt_adapter_input": "bos_instruction",  # it read <s> + instruction, not the reference's quoted prompt
 }
 
 
@@ -413,10 +416,22 @@ class WavLLMModel(BaseFairseqModel):
         return self.projector(x)[:, : int(lengths.max())], lengths  # (B, N, D)
 
     # ------------------------------------------------------------------ prompt-aware LoRA scale
-    def prompt_lora_scale(self, instruction_tokens: torch.Tensor, instruction_lengths: torch.Tensor) -> Optional[torch.Tensor]:
-        """Stage 2: r (B, D) from the instruction's frozen-LLM (no LoRA) last-layer states; else None."""
+    def prompt_lora_scale(self, instruction_tokens: torch.Tensor, instruction_lengths: torch.Tensor,
+                          batch: Optional[dict] = None) -> Optional[torch.Tensor]:
+        """Stage 2: r (B, D) from the instruction's frozen-LLM (no LoRA) last-layer states; else None.
+
+        ``instruction_tokens`` is the reference's adapter input ('"' + instruction + '"', no <s>), pooled
+        over every position; with ``prompt_adapter_input=bos_instruction`` (older checkpoints) the
+        batch's ``legacy_instruction_tokens`` (<s> + instruction) are read instead."""
         if self.prompt_scale is None:
             return None
+        if self.cfg.prompt_adapter_input == "bos_instruction":
+            if batch is None or "legacy_instruction_tokens" not in batch:
+                raise WavLLMInputError("this checkpoint's prompt adapter reads <s> + instruction "
+                                       "(prompt_adapter_input=bos_instruction): the batch needs legacy_instruction_tokens")
+            instruction_tokens, instruction_lengths = batch["legacy_instruction_tokens"], batch["legacy_instruction_lengths"]
+        elif self.cfg.prompt_adapter_input != "reference":
+            raise ValueError(f"prompt_adapter_input must be reference or bos_instruction, got {self.cfg.prompt_adapter_input!r}")
         mask = torch.arange(instruction_tokens.shape[1], device=instruction_tokens.device)[None] < instruction_lengths[:, None]
         captured = {}
         hook = self.llm.model.layers[-1].register_forward_hook(
@@ -427,7 +442,7 @@ class WavLLMModel(BaseFairseqModel):
         finally:
             hook.remove()
         pool = mask
-        if not self.cfg.prompt_adapter_pool_bos:
+        if self.cfg.prompt_adapter_input == "bos_instruction" and not self.cfg.prompt_adapter_pool_bos:
             # the <s> state is identical for every prompt (and an attention sink): pool over the
             # instruction's own tokens, keeping <s> only for an empty instruction (spoken question)
             bos = self.llm.config.bos_token_id
@@ -478,7 +493,7 @@ class WavLLMModel(BaseFairseqModel):
         net_input = dict(audio=audio, audio_lengths=audio_lengths, pre_tokens=pre_tokens, pre_lengths=pre_lengths,
                          post_tokens=post_tokens, post_lengths=post_lengths)
         x, mask, post_start = self.assemble(net_input, left_pad=False)  # right padding: positions 0..L-1
-        r = self.prompt_lora_scale(instruction_tokens, instruction_lengths) if self.prompt_scale is not None else None
+        r = self.prompt_lora_scale(instruction_tokens, instruction_lengths, unused) if self.prompt_scale is not None else None
         with self.lora_scale_context(r):
             h = self.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state  # (B, L, D)
         rows, cols = post_target_mask.nonzero(as_tuple=True)  # target tokens, row-major = target order
@@ -494,10 +509,14 @@ class WavLLMModel(BaseFairseqModel):
         net_input = dict(net_input)
         if "prompt_post_lengths" in net_input:  # drop the last answer: the generator writes it
             net_input["post_lengths"] = net_input["prompt_post_lengths"]
+        if self.cfg.decode_bos_after_speech:  # the reference's generator: <s> where " </SPEECH>" starts
+            post = net_input["post_tokens"].clone()
+            post[:, 0] = self.llm.config.bos_token_id
+            net_input["post_tokens"] = post
         x, mask, _ = self.assemble(net_input, left_pad=True)
         r = None
         if self.prompt_scale is not None:
-            r = self.prompt_lora_scale(net_input["instruction_tokens"], net_input["instruction_lengths"])
+            r = self.prompt_lora_scale(net_input["instruction_tokens"], net_input["instruction_lengths"], net_input)
         return GenerationPrefix(embeds=x, attention_mask=mask, lora_scale=r)
 
     def merge_lora(self) -> int:

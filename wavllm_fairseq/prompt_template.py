@@ -1,15 +1,24 @@
-"""The WavLLM chat template (paper appendix D) as token ids, with the answer-only loss mask.
+"""The WavLLM chat template as token ids, with the answer-only loss mask.
 
-One turn with speech::
+The strings are the reference implementation's (microsoft/SpeechT5 ``WavLLM/wavllm/data/
+speechllm_dataset.py``: the tags at lines 227-233, left/right at lines 322-324 and 422-423), which
+trained the released model; the paper's appendix D typesets them differently. One turn with speech::
 
-    <s>[INST]<<SYS>>\\n {system} \\n<</SYS>>\\n\\n <SPEECH>{speech}</SPEECH>{instruction} [/INST]{target}</s>
+    pre  = <s> + enc("[INST]<<SYS>>\\n" + system + "\\n<</SYS>>\\n\\n<SPEECH>")
+           {speech embeddings}
+    post = enc(" </SPEECH> " + instruction + " [/INST]") + enc(answer) + </s>
 
-``{speech}`` is where the projected speech embeddings go, so a row is kept as two token spans around
-it: ``pre`` (``<s>`` ... ``<SPEECH>``) and ``post`` (``</SPEECH>`` ... ``</s>``). A row without speech
-has no speech span: ``pre`` ends after the system block and ``post`` starts with the instruction.
-Later turns of a multi-round dialogue follow LLaMA-2 chat: ``<s>[INST] {instruction} [/INST]{target}</s>``,
-appended to ``post``. The loss mask (``post_target_mask``) is True exactly on every turn's
-``{target}`` tokens and its ``</s>``; system text, instructions, tags, speech and padding never count.
+No space around the system prompt, none before ``<SPEECH>``, one on each side of ``</SPEECH>`` and
+before ``[/INST]``. A row is kept as the two token spans around the speech: ``pre`` and ``post``.
+A row without speech (text instruction tuning) has the same tags around an empty speech span: the
+reference builds these strings the same way for every row (its ``with_speech`` column only decides
+whether audio is fed). Later turns of a multi-round dialogue, which the reference does not define,
+follow LLaMA-2 chat: ``<s>`` + enc("[INST] " + instruction + " [/INST]") + enc(answer) + ``</s>``,
+appended to ``post``. The loss mask (``post_target_mask``) is True exactly on every turn's answer
+tokens and their ``</s>``; system text, instructions, tags, speech and padding never count.
+
+The prompt-aware adapter reads ``adapter_input`` = enc('"' + first instruction + '"') without
+``<s>`` (reference line 319); an empty instruction (a spoken question) is enc('""').
 
 Each text segment is tokenized on its own and the ids concatenated (as the reference does), so the
 generation prefix (the same turns with the last answer left out) is a prefix of the training
@@ -26,14 +35,25 @@ SPEECH_OPEN, SPEECH_CLOSE = "<SPEECH>", "</SPEECH>"
 INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"
 
 
-def system_block(system: str) -> str:
-    return f"{INST_OPEN}<<SYS>>\n {system} \n<</SYS>>\n\n"
+def left_text(system: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The text encoded (after ``<s>``) before the speech span."""
+    return f"{INST_OPEN}<<SYS>>\n{system}\n<</SYS>>\n\n{SPEECH_OPEN}"
+
+
+def right_text(instruction: str) -> str:
+    """The text encoded after the speech span, before the first answer."""
+    return f" {SPEECH_CLOSE} {instruction} {INST_CLOSE}"
+
+
+def adapter_text(instruction: str) -> str:
+    """The text the prompt-aware adapter reads (encoded without ``<s>``)."""
+    return f'"{instruction}"'
 
 
 @dataclass
 class EncodedPrompt:
     """Token ids of one example. ``pre`` starts with ``<s>``; ``instruction`` is the first turn's
-    instruction alone (no tags), the input of the prompt-aware LoRA adapter."""
+    instruction alone (no tags, no quotes); ``adapter_input`` is the prompt-aware adapter's input."""
 
     pre: List[int]
     post: List[int]
@@ -41,6 +61,7 @@ class EncodedPrompt:
     instruction: List[int]
     has_speech: bool
     turn_starts: List[int] = field(default_factory=list)  # index in post where each turn's answer starts
+    adapter_input: List[int] = field(default_factory=list)
 
     @property
     def num_target_tokens(self) -> int:
@@ -64,21 +85,14 @@ def encode_example(tokenizer, turns: Sequence[Turn], with_speech: bool,
             raise ValueError(f"turn {i + 1} has no answer; only the last turn may be open")
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
     enc = tokenizer.encode
-    if with_speech:
-        pre = [bos] + enc(system_block(system) + " " + SPEECH_OPEN)
-    else:
-        pre = [bos] + enc(system_block(system))
+    pre = [bos] + enc(left_text(system))
     post: List[int] = []
     mask: List[bool] = []
     starts: List[int] = []
     first_instruction = turns[0][0] or ""
     for i, (instruction, answer) in enumerate(turns):
         instruction = instruction or ""
-        if i == 0:
-            head = (SPEECH_CLOSE + instruction if with_speech else instruction) + " " + INST_CLOSE
-            ids = enc(head)
-        else:
-            ids = [bos] + enc(f"{INST_OPEN} {instruction} {INST_CLOSE}")
+        ids = enc(right_text(instruction)) if i == 0 else [bos] + enc(f"{INST_OPEN} {instruction} {INST_CLOSE}")
         post += ids
         mask += [False] * len(ids)
         starts.append(len(post))
@@ -87,19 +101,18 @@ def encode_example(tokenizer, turns: Sequence[Turn], with_speech: bool,
             post += ans
             mask += [True] * len(ans)
     return EncodedPrompt(pre=pre, post=post, post_target_mask=mask, instruction=enc(first_instruction),
-                         has_speech=with_speech, turn_starts=starts)
+                         has_speech=with_speech, turn_starts=starts,
+                         adapter_input=enc(adapter_text(first_instruction)))
 
 
 def render_text(turns: Sequence[Turn], with_speech: bool, system: str = DEFAULT_SYSTEM_PROMPT,
                 speech: str = "{speech}") -> str:
-    """The template as a string (docs, logs, debugging); ``speech`` stands for the speech embeddings."""
-    out = "<s>" + system_block(system)
+    """The template as a string (docs, logs, debugging); ``speech`` stands for the speech embeddings
+    (nothing on a text-only row)."""
+    out = "<s>" + left_text(system) + (speech if with_speech else "")
     for i, (instruction, answer) in enumerate(turns):
         instruction = instruction or ""
-        if i == 0:
-            out += (f" {SPEECH_OPEN}{speech}{SPEECH_CLOSE}" if with_speech else "") + f"{instruction} {INST_CLOSE}"
-        else:
-            out += f"<s>{INST_OPEN} {instruction} {INST_CLOSE}"
+        out += right_text(instruction) if i == 0 else f"<s>{INST_OPEN} {instruction} {INST_CLOSE}"
         if answer is not None:
             out += f"{answer}</s>"
     return out

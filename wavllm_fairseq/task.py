@@ -33,7 +33,7 @@ class WavLLMInstructionConfig(FairseqDataclass):
     sampling_temperature: float = field(default=1.0, metadata={"help": "temperature over corpus sizes when no weights are given (1 = proportional, large = uniform)"})
     curriculum: str = field(default="", metadata={"help": "YAML with corpora and phases (weights or temperature from a start_update); relative paths resolve against data/"})
     updates_per_epoch: int = field(default=1000, metadata={"help": "length of a virtual training epoch (the curriculum draws batches forever)"})
-    max_audio_seconds: float = field(default=30.0, metadata={"help": "longest clip accepted (longer: error, or skip with skip_bad_rows); Whisper windows are chunked"})
+    max_audio_seconds: float = field(default=0.0, metadata={"help": "longest clip accepted in seconds (longer: error, or skip with skip_bad_rows); 0 = no limit (default): clips over Whisper's 30 s run window by window, as the reference does, and only a row whose prompt + speech + answer exceed the LLM context is refused"})
     max_text_positions: int = field(default=0, metadata={"help": "context limit for prompt + speech + answer (0 = the LLM's max_position_embeddings)"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping with an error"})
     check_audio_on_load: bool = field(default=True, metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before training)"})
@@ -159,12 +159,13 @@ class WavLLMInstructionTask(FairseqTask):
         path = self.manifest_path(name_or_path)
         if not os.path.isfile(path):
             raise WavLLMInputError(f"manifest not found: {path} (task.data={self.cfg.data!r})", file=path, reason="missing")
+        max_seconds = self.cfg.max_audio_seconds if self.cfg.max_audio_seconds and self.cfg.max_audio_seconds > 0 else None
         rows, report = read_manifest(path, check_audio=self.cfg.check_audio_on_load, skip_bad=self.cfg.skip_bad_rows,
-                                     max_audio_seconds=self.cfg.max_audio_seconds, logger=logger)
+                                     max_audio_seconds=max_seconds, logger=logger)
         context = self.cfg.max_text_positions or self._context_length
         use_wavlm = self._use_wavlm
         ds = InstructionDataset(rows, path, self._require_tokenizer(), corpus=corpus or os.path.basename(path)[:-4],
-                                max_positions=context, max_audio_seconds=self.cfg.max_audio_seconds,
+                                max_positions=context, max_audio_seconds=max_seconds,
                                 skip_bad=self.cfg.skip_bad_rows, system_prompt=self.cfg.system_prompt, shuffle=shuffle,
                                 speech_frames=lambda n: expected_speech_frames(n, use_wavlm))
         skipped = report.skipped + sum(ds.skipped.values())
