@@ -1,17 +1,25 @@
-"""The frozen backbones: Whisper encoder (semantic), WavLM (acoustic) and the LLaMA LLM.
+"""The frozen backbones: Whisper encoder (semantic), WavLM (acoustic) and the LLaMA-family LLM.
 
 Backbones are Hugging Face ``transformers`` modules, built from a config (random weights: tests,
 parameter counting on the meta device) or loaded from a *local* directory in the Hugging Face format
-(``config.json`` + ``*.safetensors`` or ``pytorch_model*.bin``). Nothing is downloaded.
+through ``transformers``' own ``from_pretrained(local_files_only=True)``, so every layout it reads
+loads here too: safetensors (one file or shards with ``model.safetensors.index.json``), pickle
+``pytorch_model*.bin`` (read weights-only), WavLM's legacy weight-norm names (``weight_g`` /
+``weight_v``), the rotary ``inv_freq`` buffers old LLaMA shards carry, a Whisper encoder taken from a
+full ``WhisperForConditionalGeneration`` or ``WhisperModel`` folder. Nothing is downloaded.
 
-Loading never materialises a random full-size model first: the module is created on the meta device
-and the checkpoint tensors are assigned into it (``load_state_dict(assign=True)``).
+Loading creates the module on the meta device and fills it from the files in the requested dtype
+(``model.backbone_dtype``), so no random full-size model is materialised first. What
+``transformers`` would only warn about is an error here, named with the folder: a missing folder,
+config.json or weight file, a corrupt shard, a tensor whose shape differs from the config, and a
+weight the folder lacks (transformers would initialise it randomly: a silent wrong result).
 """
 import glob
 import json
 import logging
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,17 +42,14 @@ def _weight_files(path: str) -> List[str]:
 def read_hf_state_dict(path: str, prefixes: Iterable[str] = ("",)) -> Dict[str, torch.Tensor]:
     """All tensors of a local HF checkpoint whose key starts with one of ``prefixes`` (prefix removed).
 
+    The raw tensors, as stored (no key renaming): for comparing a folder with another checkpoint
+    (checkpoint_convert.py). Models are loaded with the ``load_*`` functions below.
     The first prefix that matches any key wins, so a directory holding a full
     ``WhisperForConditionalGeneration`` (``model.encoder.*``) and one holding a bare encoder
     (``encoder.*`` or no prefix) both work.
     """
-    if not os.path.isdir(path):
-        raise CheckpointError(f"backbone directory does not exist: {path}", file=path, reason="missing")
+    check_backbone_dir(path)
     files = _weight_files(path)
-    if not files:
-        raise CheckpointError(
-            f"no weights in {path}: expected *.safetensors or pytorch_model*.bin (a Hugging Face "
-            "save_pretrained directory)", file=path, reason="missing")
     tensors: Dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -64,43 +69,87 @@ def read_hf_state_dict(path: str, prefixes: Iterable[str] = ("",)) -> Dict[str, 
                           reason="mismatch")
 
 
-def assign_state_dict(module: nn.Module, state: Dict[str, torch.Tensor], where: str,
-                      dtype: Optional[torch.dtype] = None, ignore_unexpected: Iterable[str] = ()) -> None:
-    """Load ``state`` into ``module`` (possibly on the meta device) strictly, naming every mismatch."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected and not any(k.startswith(p) for p in ignore_unexpected)]
-    bad_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or bad_shape:
-        lines = []
-        if missing:
-            lines.append(f"missing keys ({len(missing)}): {missing[:20]}")
-        if unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
-        if bad_shape:
-            lines.append(f"shape mismatches ({len(bad_shape)}): {bad_shape[:20]}")
-        raise CheckpointError("weights do not match the config: " + "; ".join(lines), file=where,
-                              reason="mismatch")
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-             for k, v in state.items() if k in expected}
-    module.load_state_dict(state, strict=True, assign=True)
-    materialize_meta_buffers(module)
+def check_backbone_dir(path: str) -> None:
+    """A clear error for a missing folder, config.json, weight file or shard (before transformers runs)."""
+    if not path or not os.path.isdir(path):
+        raise CheckpointError(f"backbone directory does not exist: {path!r} (a local Hugging Face folder: "
+                              "config.json + weights)", file=path, reason="missing")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise CheckpointError(f"missing config.json in backbone directory {path}", file=cfg_file, reason="missing")
+    if not _weight_files(path):
+        raise CheckpointError(
+            f"no weights in {path}: expected *.safetensors or pytorch_model*.bin (a Hugging Face "
+            "save_pretrained directory)", file=path, reason="missing")
+    for index in glob.glob(os.path.join(path, "*.index.json")):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"unreadable shard index: {e}", file=index, reason="corrupt") from e
+        absent = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if absent:
+            raise CheckpointError(f"shards listed in the index are missing: {absent}", file=index, reason="missing")
 
 
 def load_config(cls, path: str):
-    if not os.path.isdir(path):
-        raise CheckpointError(f"backbone directory does not exist: {path}", file=path, reason="missing")
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise CheckpointError(f"missing config.json in backbone directory {path}", file=cfg_file,
-                              reason="missing")
-    return cls.from_pretrained(path)
+    check_backbone_dir(path)
+    return cls.from_pretrained(path, local_files_only=True)
 
 
-def build_on_meta(factory):
-    with torch.device("meta"):
-        return factory()
+def _dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype`` in transformers >= 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    kwargs = {key: dtype or torch.float32}
+    if major < 5:  # transformers 5 always loads through the meta device; 4.x needs asking (and accelerate)
+        try:
+            import accelerate  # noqa: F401
+
+            kwargs["low_cpu_mem_usage"] = True
+        except ImportError:
+            pass
+    return kwargs
+
+
+def from_pretrained_checked(cls, path: str, what: str, dtype: Optional[torch.dtype] = None,
+                            key_mapping: Optional[Dict[str, str]] = None, may_miss: Sequence[str] = (),
+                            expected_extra: Sequence[str] = ()):
+    """``cls.from_pretrained(path, local_files_only=True)`` with the errors named.
+
+    ``may_miss``: regexes of weights the folder may lack (training-only tensors); ``expected_extra``:
+    regexes of stored weights this module does not use (a Whisper decoder, a WavLM CTC head), not
+    reported. Any other missing weight, and any shape mismatch, is an error; other unused weights are
+    logged.
+    """
+    check_backbone_dir(path)
+    kwargs = dict(local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+                  **_dtype_kwargs(dtype))
+    if key_mapping:
+        kwargs["key_mapping"] = key_mapping
+    try:
+        model, info = cls.from_pretrained(path, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError, pickle/EOF errors, OSError from a truncated shard
+        raise CheckpointError(f"cannot load the {what} weights ({type(e).__name__}: {e}); a shard is corrupt or "
+                              "truncated: copy the folder again", file=path, reason="corrupt") from e
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = [f"{k}: file {tuple(a)} vs config {tuple(b)}" for k, a, b in mismatched[:10]]
+        raise CheckpointError(f"{len(mismatched)} {what} weights do not match the sizes in config.json: {shown}; "
+                              "the config and the weights come from different models", file=path, reason="mismatch")
+    missing = sorted(k for k in info.get("missing_keys") or [] if not any(re.search(p, k) for p in may_miss))
+    if missing:
+        raise CheckpointError(f"{len(missing)} {what} weights are not in the folder (they would be random): "
+                              f"{missing[:10]}", file=path, reason="mismatch")
+    extra = sorted(k for k in info.get("unexpected_keys") or [] if not any(re.search(p, k) for p in expected_extra))
+    if extra:
+        logger.warning(f"{path}: {len(extra)} stored tensors are not used by the {what}: {extra[:10]}")
+    model.eval()
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,15 +209,14 @@ def whisper_encoder_from_config(cfg_kwargs: dict):
 
 
 def load_whisper_encoder(path: str, dtype: Optional[torch.dtype] = None):
-    """WhisperEncoder from a local directory holding a Whisper model or a bare encoder."""
-    from transformers import WhisperConfig
+    """WhisperEncoder from a local folder of a ``WhisperForConditionalGeneration`` (``model.encoder.*``, as
+    openai/whisper-* are released), a ``WhisperModel`` (``encoder.*``) or a bare encoder. Only the
+    encoder's tensors are read; the decoder stays on disk."""
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    config = load_config(WhisperConfig, path)
-    enc = build_on_meta(lambda: WhisperEncoder(config))
-    state = read_hf_state_dict(path, prefixes=("model.encoder.", "encoder.", ""))
-    assign_state_dict(enc, state, path, dtype)
-    return enc
+    return from_pretrained_checked(WhisperEncoder, path, "Whisper encoder", dtype,
+                                   key_mapping={r"^model\.encoder\.": "", r"^encoder\.": ""},
+                                   expected_extra=(r"^(model\.)?decoder\.", r"^proj_out\."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,16 +281,14 @@ def wavlm_from_config(cfg_kwargs: dict):
 
 
 def load_wavlm(path: str, dtype: Optional[torch.dtype] = None):
-    from transformers import WavLMConfig, WavLMModel
+    """WavLMModel from a local folder (microsoft/wavlm-* layout, legacy weight-norm names included; a
+    WavLMFor* head folder gives its ``wavlm.*`` body)."""
+    from transformers import WavLMModel
 
-    config = load_config(WavLMConfig, path)
-    model = build_on_meta(lambda: WavLMModel(config))
-    state = read_hf_state_dict(path, prefixes=("wavlm.", ""))
     # masked_spec_embed is only used for SpecAugment during pre-training; some exports omit it
-    if "masked_spec_embed" in model.state_dict() and "masked_spec_embed" not in state:
-        state["masked_spec_embed"] = torch.zeros(config.hidden_size)
-    assign_state_dict(model, state, path, dtype, ignore_unexpected=("lm_head.", "projector.", "classifier."))
-    return model
+    return from_pretrained_checked(WavLMModel, path, "WavLM", dtype, may_miss=(r"^masked_spec_embed$",),
+                                   expected_extra=(r"^(lm_head|projector|classifier|feature_projector|tdnn|"
+                                                   r"objective|project_q|project_hid|quantizer)\.",))
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,34 +300,20 @@ def llama_from_config(cfg_kwargs: dict):
     return LlamaForCausalLM(LlamaConfig(**cfg_kwargs))
 
 
+LLAMA_LAYOUT = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def load_llama(path: str, dtype: Optional[torch.dtype] = None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A LLaMA-architecture causal LM from a local folder (LLaMA-2/3, SmolLM2, Mistral, Qwen2: any
+    ``AutoModelForCausalLM`` whose decoder layers have ``self_attn.{q,k,v,o}_proj``, where LoRA goes)."""
+    from transformers import AutoModelForCausalLM
 
-    config = load_config(LlamaConfig, path)
-    model = build_on_meta(lambda: LlamaForCausalLM(config))
-    state = read_hf_state_dict(path, prefixes=("",))
-    if config.tie_word_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    assign_state_dict(model, state, path, dtype)
-    if config.tie_word_embeddings:
-        model.tie_weights()
+    model = from_pretrained_checked(AutoModelForCausalLM, path, "LLM", dtype,
+                                    may_miss=(r"rotary_emb\.inv_freq$",))
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    attn = getattr(layers[0], "self_attn", None) if layers is not None and len(layers) else None
+    if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in LLAMA_LAYOUT):
+        raise CheckpointError(f"{type(model).__name__} (model_type {model.config.model_type!r}) is not a "
+                              "LLaMA-architecture LLM: expected model.layers[i].self_attn.q_proj/k_proj/v_proj/o_proj",
+                              file=path, reason="mismatch")
     return model
-
-
-def materialize_meta_buffers(module: nn.Module) -> None:
-    """Rebuild buffers still on the meta device after loading.
-
-    Non-persistent buffers (rotary ``inv_freq``) are not stored in checkpoints; the submodule that owns
-    them is rebuilt from its config on the CPU and its buffers are copied over.
-    """
-    for name, m in module.named_modules():
-        metas = [n for n, b in m.named_buffers(recurse=False) if b.is_meta]
-        if not metas:
-            continue
-        if not hasattr(m, "config"):
-            raise CheckpointError(f"buffers {metas} of {name or type(m).__name__} were not restored",
-                                  reason="mismatch")
-        with torch.device("cpu"):
-            fresh = type(m)(m.config)
-        for n in metas:
-            m._buffers[n] = fresh._buffers[n]
