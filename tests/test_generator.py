@@ -99,14 +99,15 @@ def test_beam_search_with_one_beam_equals_greedy():
     assert tokens(beam1) == tokens(greedy)
 
 
-def test_beam_search_scores_are_sorted_and_at_least_greedy():
+def test_beam_search_scores_are_sorted():
+    # (beam >= greedy is not a theorem here: as in fairseq, a sentence stops once K hypotheses have
+    # ended, and short early endings can fill them; the LoRA init of the reference makes this model one
+    # where that happens for a row)
     m, s = model_with_lora(), batch()
-    greedy = gen(m).generate([m], s)
     beam = gen(m, beam_size=4, nbest=3).generate([m], s)
-    for gh, bh in zip(greedy, beam):
+    for bh in beam:
         scores = [h["score"] for h in bh]
         assert scores == sorted(scores, reverse=True) and len(bh) == 3
-        assert bh[0]["score"] >= gh[0]["score"] - 1e-5
         for h in bh:
             assert h["tokens"][-1].item() == 2
             # the score is the length-normalised sum of the positional scores

@@ -135,7 +135,8 @@ class WavLLMGenerator:
                  min_len: int = 1, normalize_scores: bool = True, len_penalty: float = 1.0, temperature: float = 1.0,
                  sampling: bool = False, sampling_topk: int = -1, sampling_topp: float = -1.0,
                  no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0, loop_guard_ngram: int = 0,
-                 max_len_per_task: Optional[Dict[str, int]] = None, nbest: int = 1, use_cache: bool = True):
+                 max_len_per_task: Optional[Dict[str, int]] = None, nbest: int = 1, use_cache: bool = True,
+                 static: Optional[bool] = None, cuda_graphs: Optional[bool] = None, ban_unk: bool = True):
         models = list(models) if isinstance(models, (list, tuple)) else [models]
         if len(models) != 1:
             raise ValueError("WavLLM decoding supports a single model (no ensembles)")
@@ -157,6 +158,13 @@ class WavLLMGenerator:
         self.max_len_per_task = dict(max_len_per_task or {})
         self.nbest = max(1, int(nbest))
         self.use_cache = use_cache
+        # static cache + CUDA graphs (static_decode.py): None = on when the model is on a CUDA device and
+        # its LLM is supported; the dynamic path (below) is kept on CPUs, where it is the faster one
+        self.static, self.cuda_graphs = static, cuda_graphs
+        self._decoder = None
+        # the reference bans <unk> at every step (a dictionary whose unk is its eos has none to ban)
+        unk = tgt_dict.unk() if (ban_unk and tgt_dict is not None and hasattr(tgt_dict, "unk")) else None
+        self.banned = [unk] if unk is not None and unk != self.eos else []
         self.guard_counts: Dict[str, int] = {}
         if self.sampling and self.beam_size > 1:
             raise ValueError("sampling with beam > 1 is not supported: use --beam 1 with --sampling")
@@ -241,11 +249,38 @@ class WavLLMGenerator:
         cache = _GrowingCache(self._num_layers(), reserve)
         return self._logits(prefix.embeds, mask, cache, prefix.lora_scale, positions), cache, mask
 
+    def _use_static(self, device: torch.device) -> bool:
+        if not self.use_cache:
+            return False
+        if self.static is not None:
+            return self.static
+        from .static_decode import supported
+
+        return device.type == "cuda" and supported(self.model.llm) is None
+
+    def _state(self, prefix: GenerationPrefix, cache, mask, caps: List[int]) -> dict:
+        """The decoding state after prefill: the dynamic cache, or a static decoder that took it over."""
+        state = {"mask": mask, "cache": cache, "r": prefix.lora_scale, "static": None,
+                 "embeds": None if cache is not None else prefix.embeds}
+        if cache is not None and self._use_static(mask.device):
+            from .static_decode import StaticDecoder
+
+            graphs = self.cuda_graphs if self.cuda_graphs is not None else mask.device.type == "cuda"
+            if self._decoder is None or self._decoder.graphs != graphs:  # kept: its buffers and graphs are reused
+                self._decoder = StaticDecoder(self.model.llm, self.model.lora_scale_context, graphs=graphs)
+            dec = self._decoder
+            dec.start([(layer.keys, layer.values) for layer in cache.layers], mask, prefix.lora_scale,
+                      capacity=mask.shape[1] + max(caps) + 1)
+            state.update(static=dec, cache=None, mask=None)
+        return state
+
     def _num_layers(self) -> int:
         return self.model.llm.config.num_hidden_layers
 
     def _step(self, state, new_tokens: torch.Tensor):
         """Append ``new_tokens`` (B,) to every row; returns next-token logits (B, V)."""
+        if state["static"] is not None:
+            return state["static"].step(new_tokens)
         emb = self._embed(new_tokens[:, None])  # (B, 1, D)
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
         if state["cache"] is not None:
@@ -257,6 +292,9 @@ class WavLLMGenerator:
 
     def _select(self, state, index: torch.Tensor):
         """Keep / reorder batch rows (finished rows dropped, beams reordered)."""
+        if state["static"] is not None:
+            state["static"].select(index)
+            return
         state["mask"] = state["mask"].index_select(0, index)
         if state["r"] is not None:
             state["r"] = state["r"].index_select(0, index)
@@ -284,6 +322,8 @@ class WavLLMGenerator:
                         lprobs[i, list(banned)] = -math.inf
         if step < self.min_len:
             lprobs[:, self.eos] = -math.inf
+        if self.banned:
+            lprobs[:, self.banned] = -math.inf
         return lprobs
 
     def _guard(self, idx: int, reason: str, detail: str = "") -> None:
@@ -309,8 +349,7 @@ class WavLLMGenerator:
     def _greedy(self, prefix: GenerationPrefix, caps: List[int], ids: List[int]):
         B = prefix.embeds.shape[0]
         logits, cache, mask = self._start(prefix)
-        state = {"mask": mask, "cache": cache, "r": prefix.lora_scale,
-                 "embeds": None if cache is not None else prefix.embeds}
+        state = self._state(prefix, cache, mask, caps)
         active = list(range(B))  # original row of each current batch row
         tokens: List[List[int]] = [[] for _ in range(B)]
         scores: List[List[float]] = [[] for _ in range(B)]
@@ -318,7 +357,7 @@ class WavLLMGenerator:
         while active:
             hist = [tokens[b] for b in active]
             logits = self._process(logits, hist, step)
-            lprobs = F.log_softmax(logits, dim=-1)
+            lprobs = F.log_softmax(logits / self.temperature, dim=-1)  # the scores reported, as the reference
             nxt = self._choose(logits)
             chosen = lprobs.gather(1, nxt[:, None]).squeeze(1).tolist()
             nxt_list = nxt.tolist()
@@ -366,8 +405,7 @@ class WavLLMGenerator:
         B = prefix.embeds.shape[0]
         logits, cache, mask = self._start(prefix)
         expand = torch.arange(B, device=logits.device).repeat_interleave(K)
-        state = {"mask": mask, "cache": cache, "r": prefix.lora_scale,
-                 "embeds": None if cache is not None else prefix.embeds}
+        state = self._state(prefix, cache, mask, caps)
         self._select(state, expand)
         logits = logits.index_select(0, expand)
         V = logits.shape[-1]
@@ -381,7 +419,7 @@ class WavLLMGenerator:
 
         while active:
             hist = [beams[b][k][0] for b in active for k in range(K)]
-            lprobs = F.log_softmax(self._process(logits, hist, step).float(), dim=-1)  # (A*K, V)
+            lprobs = F.log_softmax(self._process(logits, hist, step).float() / self.temperature, dim=-1)  # (A*K, V)
             A = len(active)
             base = torch.tensor([beams[b][k][2] for b in active for k in range(K)], device=lprobs.device)
             if step == 0:  # all K beams are the same prefix: expand only the first

@@ -58,7 +58,9 @@ class LoRALinear(nn.Module):
         self.scale_vector: Optional[torch.Tensor] = None
         # optional reordering of the scale's features (r[:, scale_rows]): a q/k projection converted from
         # Meta's rotary layout keeps a scale learnt in that layout (see checkpoint_convert.py)
-        self.scale_rows: Optional[torch.Tensor] = None
+        # (a buffer, not a plain attribute, so it moves with the model: a CPU index tensor on a CUDA model
+        # would be copied to the device on every call, which a captured CUDA graph cannot do)
+        self.register_buffer("scale_rows", None, persistent=False)
         self.reset_lora_parameters()
 
     @property
@@ -104,7 +106,7 @@ class LoRALinear(nn.Module):
         if r.dim() != 2 or r.shape[0] != x.shape[0] or r.shape[1] != update.shape[-1]:
             raise ValueError(f"LoRA scale must be (batch={x.shape[0]}, {update.shape[-1]}), got {tuple(r.shape)}")
         if self.scale_rows is not None:
-            r = r[:, self.scale_rows.to(r.device)]
+            r = r[:, self.scale_rows]
         return out + update * r.to(update.dtype).unsqueeze(1)  # r: (B, 1, out)
 
     @torch.no_grad()

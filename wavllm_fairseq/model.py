@@ -319,11 +319,7 @@ class WavLLMModel(BaseFairseqModel):
             self.semantic_only_projector = None
         self.lora_modules = inject_lora(self.llm, LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                                         cfg.lora_a_init)
-        if cfg.activation_checkpointing:
-            # the recomputation in backward must see the LoRA scale of the forward (set by a context that
-            # has exited by then): checkpoint_context_fn reinstalls it
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-                "use_reentrant": False, "context_fn": checkpoint_context_fn(self.llm)})
+        self.set_activation_checkpointing(cfg.activation_checkpointing)
         if cfg.lora_scale_layout not in ("hf", "meta"):
             raise ValueError(f"lora_scale_layout must be hf or meta, got {cfg.lora_scale_layout!r}")
         if cfg.lora_scale_layout == "meta":
@@ -365,6 +361,16 @@ class WavLLMModel(BaseFairseqModel):
         if vocab is None or vocab <= 0:
             raise ValueError(f"{arch} takes its vocabulary from the tokenizer: pass vocab_size")
         return cls(cfg, vocab, arch)
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute the LLM layers' activations in backward (or stop doing so)."""
+        if on:
+            # the recomputation in backward must see the LoRA scale of the forward (set by a context that
+            # has exited by then): checkpoint_context_fn reinstalls it
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False, "context_fn": checkpoint_context_fn(self.llm)})
+        elif self.llm.is_gradient_checkpointing:
+            self.llm.gradient_checkpointing_disable()
 
     def train(self, mode: bool = True):
         super().train(mode)

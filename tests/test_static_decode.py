@@ -1,0 +1,118 @@
+"""The static-cache decoding step (static_decode.py) against the dynamic path, on wavllm_tiny on the CPU
+(the same step a CUDA graph captures on a GPU runs eagerly here): same tokens and scores for greedy,
+beam and seeded sampling, with rows finishing at different steps (slot map, then compaction to
+smaller power-of-two slot counts) and the stage-2 per-utterance LoRA scale."""
+import pytest
+import torch
+
+from wavllm_fairseq.static_decode import StaticDecoder, _buckets, supported
+
+from test_generator import batch, gen, model_with_lora, row, tokens
+
+LENGTHS = (8000, 3200, 0, 4800, 1600, 6400)
+CAPS = {"a": 3, "b": 5, "c": 9, "d": 14}
+
+
+def mixed(seed=0):
+    """Six rows whose answers are capped at 3..14 tokens: rows leave the batch at four different steps."""
+    s = batch(LENGTHS, pre=(5, 7, 4, 6, 3, 5), post=(6, 3, 9, 4, 5, 7), seed=seed)
+    s["task_names"] = ["a", "b", "c", "d", "a", "c"]
+    return s
+
+
+def both(m, s, **kw):
+    kw.setdefault("max_len_per_task", CAPS)
+    kw.setdefault("max_len_b", 20)
+    dyn = gen(m, static=False, **kw).generate([m], s)
+    sta = gen(m, static=True, **kw).generate([m], s)
+    return dyn, sta
+
+
+def same(dyn, sta):
+    assert tokens(dyn) == tokens(sta)
+    for a, b in zip(dyn, sta):
+        for ha, hb in zip(a, b):
+            torch.testing.assert_close(ha["positional_scores"], hb["positional_scores"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_static_greedy_equals_dynamic(stage):
+    m = model_with_lora(stage)
+    dyn, sta = both(m, mixed())
+    same(dyn, sta)
+    assert len({len(t) for t in tokens(sta)}) >= 4  # rows left the batch at four or more different steps
+
+
+def test_static_beam_equals_dynamic():
+    m = model_with_lora(2)
+    dyn, sta = both(m, mixed(1), beam_size=3, nbest=2)
+    same(dyn, sta)
+
+
+def test_static_sampling_equals_dynamic_with_the_same_seed():
+    m = model_with_lora(1)
+    torch.manual_seed(11)
+    dyn = gen(m, static=False, sampling=True, temperature=0.5, max_len_per_task=CAPS).generate([m], mixed())
+    torch.manual_seed(11)
+    sta = gen(m, static=True, sampling=True, temperature=0.5, max_len_per_task=CAPS).generate([m], mixed())
+    same(dyn, sta)
+
+
+def test_static_batch_equals_rows_alone():
+    m = model_with_lora(2)
+    s = mixed()
+    together = tokens(gen(m, static=True, max_len_per_task=CAPS).generate([m], s))
+    for b in range(len(LENGTHS)):
+        one = row(s, b)
+        one["task_names"] = s["task_names"][b: b + 1]
+        assert tokens(gen(m, static=True, max_len_per_task=CAPS).generate([m], one))[0] == together[b]
+
+
+def _decoder(m, s, capacity_extra=10):
+    g = gen(m, static=True)
+    prefix = m.build_generation_prefix(s["net_input"])
+    logits, cache, mask = g._start(prefix)
+    dec = StaticDecoder(m.llm, m.lora_scale_context)
+    dec.start([(layer.keys, layer.values) for layer in cache.layers], mask, prefix.lora_scale,
+              capacity=mask.shape[1] + capacity_extra)
+    return dec, logits.argmax(-1)
+
+
+def test_slots_are_compacted_to_powers_of_two_and_map_rows():
+    m = model_with_lora(2)
+    full, tok = _decoder(m, mixed())
+    dec, _ = _decoder(m, mixed())
+    assert dec.slots == 6
+    dec.select(torch.tensor([0, 2, 3, 5]))  # 4 of 6 live: slots kept, rows mapped
+    assert dec.slots == 6 and dec.rows.tolist() == [0, 2, 3, 5]
+    dec.select(torch.tensor([1, 3]))  # 2 of 6 live (old rows 2 and 5): gathered into 2 slots
+    assert dec.slots == 2 and dec.rows.tolist() == [0, 1]
+    dec.select(torch.tensor([1, 1, 0]))  # beams: repeats and growth past the slot count -> 4 slots
+    assert dec.slots == 4 and dec.rows.tolist() == [0, 1, 2]
+    out = dec.step(tok[[5, 5, 2]])
+    ref = full.step(tok)[[5, 5, 2]]  # the same rows, decoded in the full batch
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert [_buckets(n) for n in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
+
+
+def test_unsupported_llms_say_why():
+    m = model_with_lora(1)
+    assert supported(m.llm) is None
+    m.llm.config.model_type = "gemma"
+    assert "gemma" in supported(m.llm)
+    with pytest.raises(ValueError, match="does not support"):
+        StaticDecoder(m.llm, m.lora_scale_context)
+
+
+def test_one_generator_reuses_its_buffers_across_batches():
+    """Buffers (and on a GPU the captured graphs) are kept per slot count and reused by the next batch:
+    nothing of a previous batch may leak into the next one."""
+    m = model_with_lora(2)
+    g = gen(m, static=True, max_len_per_task=CAPS)
+    first = tokens(g.generate([m], mixed(0)))
+    decoder = g._decoder
+    second = tokens(g.generate([m], mixed(3)))
+    again = tokens(g.generate([m], mixed(0)))
+    assert g._decoder is decoder and len(decoder.sets) > 1  # reused, with compacted slot counts
+    assert again == first
+    assert second == tokens(gen(m, static=False, max_len_per_task=CAPS).generate([m], mixed(3)))
