@@ -1,7 +1,8 @@
 """wavllm-serve through the real server on a loopback port, with a tiny random checkpoint.
 
-Every endpoint, the streaming format, the OpenAI client, batching invariance (concurrent greedy
-requests answer what each answers alone, through the server and through the Python API), every
+Every endpoint, the streaming format, the OpenAI client, batching invariance on a stage-2 model
+(per-row prompt-aware LoRA scale: concurrent greedy requests answer what each answers alone, through
+the server and through the Python API), sampling with a seed, every
 bad input of the issue (4xx JSON error, the server keeps serving), a client leaving mid-stream, and a
 bounded load test (64 requests from 16 clients).
 """
@@ -28,7 +29,7 @@ MAX_BODY_MB = 1
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    ckpt = tiny_checkpoint(str(tmp))
+    ckpt = tiny_checkpoint(str(tmp), stage=2)
     clips = tone_clips(8, seed=3)
     paths = []
     for i, c in enumerate(clips):
@@ -220,6 +221,16 @@ def test_audio_instruct_multipart(env, api):
     assert "".join(c["text"] for c in chunks) == body["text"] and chunks[-1]["usage"] == body["usage"]
 
 
+def test_sampling_with_a_seed_repeats_and_without_one_runs(env):
+    body = chat_body(env["clips"][6], "Transcribe the audio.", 10, temperature=0.9, top_p=0.95, seed=123)
+    results, _ = run_load(env["url"], [body] * 3, concurrency=3)
+    assert [s for s, _, _ in results] == [200] * 3
+    assert len({answer(r) for _, r, _ in results}) == 1  # seeded samples decode alone, so they repeat
+    unseeded = {k: v for k, v in body.items() if k != "seed"}
+    results, _ = run_load(env["url"], [unseeded] * 3, concurrency=3)
+    assert [s for s, _, _ in results] == [200] * 3 and all(answer(r) for _, r, _ in results)
+
+
 # ---------------------------------------------------------------------------------------------- batching
 def test_concurrent_requests_batch_and_answer_as_alone(env, api):
     """Different clip lengths, instructions, a text-only row and different max_tokens, sent at once:
@@ -387,6 +398,17 @@ def test_client_leaving_mid_stream_ends_its_row_and_the_server_goes_on(env):
         assert time.time() < deadline, "the row of the departed client was not cancelled"
         time.sleep(0.1)
     assert answer(chat(env["url"], env["clips"][1], "Transcribe the audio.", max_tokens=3))
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_the_gain_and_equal_answers(capsys):
+    from wavllm_fairseq.serve.bench import main
+
+    assert main(["--requests", "8", "--concurrency", "4", "--max-tokens", "4", "--threads", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == "answers_equal True" and out[-1].startswith("throughput_gain ")
+    assert float(out[-1].split()[1]) > 0
+    assert any(line.startswith("batched ") and "requests=8" in line for line in out)
 
 
 def test_bind_notice_only_off_loopback():

@@ -39,9 +39,10 @@ def presets() -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
-    """A ``wavllm_tiny`` checkpoint with random weights (trained-looking LoRA) and its own sentencepiece
-    tokenizer, loadable by ``WavLLM.from_pretrained`` / ``wavllm-serve``: for tests and benchmarks."""
+def tiny_checkpoint(out_dir: str, seed: int = 0, stage: int = 1) -> str:
+    """A ``wavllm_tiny`` checkpoint with random weights (trained-looking LoRA; with ``stage=2`` a random
+    prompt-aware adapter, so each row gets its own LoRA scale) and its own sentencepiece tokenizer,
+    loadable by ``WavLLM.from_pretrained`` / ``wavllm-serve``: for tests and benchmarks."""
     import dataclasses
 
     import torch
@@ -54,11 +55,11 @@ def tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
     texts = presets() + [" ".join(words), DEFAULT_SYSTEM_PROMPT, "[INST] <<SYS>> <</SYS>> <SPEECH> </SPEECH> [/INST]"]
     tok = train_sentencepiece(texts * 5, os.path.join(out_dir, "tok"), vocab_size=360)
     torch.manual_seed(seed)
-    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=len(tok), lora_dropout=0.0)
+    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=len(tok), lora_dropout=0.0, prompt_adapter=stage == 2)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # LoRA B = 0 would make the LLM's answer ignore the speech
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "prompt_scale" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
         # byte-fallback pieces and <unk> get logit 0, below most word pieces: answers read as (random) words
         for i in range(len(tok)):
@@ -66,7 +67,7 @@ def tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
                 model.llm.lm_head.weight[i] = 0.0
     cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if not k.startswith("_")}
     cfg["_name"] = "wavllm_tiny"
-    path = os.path.join(out_dir, "tiny.pt")
+    path = os.path.join(out_dir, f"tiny_stage{stage}.pt")
     torch.save({"model": model.state_dict(), "cfg": {"model": cfg, "task": {"tokenizer_dir": os.path.join(out_dir, "tok")}}},
                path)
     return path
