@@ -80,7 +80,7 @@ class InstructionDataset(FairseqDataset):
 
     def __init__(self, rows, manifest_path: str, tokenizer, *, corpus: str, max_positions: Optional[int] = None,
                  max_audio_seconds: Optional[float] = None, skip_bad: bool = False,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, shuffle: bool = True,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, shuffle: bool = True, encode=encode_example,
                  speech_frames: Callable[[int], int] = expected_speech_frames):
         import os
 
@@ -93,6 +93,7 @@ class InstructionDataset(FairseqDataset):
         self.shuffle = shuffle
         self.pad = tokenizer.pad_id
         self.system_prompt = system_prompt
+        self.encode = encode  # the chat template: chat_template.prompt_encoder(task.chat_template)
         self.max_positions = max_positions
         self.speech_frames = speech_frames
         self.augment = None  # a prompt_augment.PromptAugmenter: the training split's prompts get varied
@@ -134,8 +135,8 @@ class InstructionDataset(FairseqDataset):
 
     def _encode(self, row, system_prompt):
         turns = list(row.turns)
-        enc = encode_example(self.tokenizer, turns, row.with_speech, system=system_prompt)
-        gen = encode_example(self.tokenizer, turns[:-1] + [(turns[-1][0], None)], row.with_speech, system=system_prompt)
+        enc = self.encode(self.tokenizer, turns, row.with_speech, system=system_prompt)
+        gen = self.encode(self.tokenizer, turns[:-1] + [(turns[-1][0], None)], row.with_speech, system=system_prompt)
         if enc.post[: len(gen.post)] != gen.post or enc.pre != gen.pre:
             raise ManifestError(f"id={row.id}: the generation prefix is not a prefix of the training sequence",
                                 file=self.manifest_path, row=row.line)

@@ -71,7 +71,7 @@ class WavLLM:
 
     def _item(self, i: int, audio: AudioInput, instruction: str, task_name: str):
         from .audio import SAMPLE_RATE, load_audio, resample_to_16k
-        from .prompt_template import encode_example
+        from .chat_template import prompt_encoder
 
         wav = None
         if isinstance(audio, str):
@@ -82,8 +82,8 @@ class WavLLM:
             wav = np.asarray(audio, dtype=np.float32)
             if wav.ndim != 1:
                 raise ValueError(f"audio array {i} must be 1-D 16 kHz mono (got shape {wav.shape}); pass (array, sr) to resample")
-        enc = encode_example(self.tokenizer, [(instruction, None)], with_speech=wav is not None,
-                             system=self.task.cfg.system_prompt)
+        encode = prompt_encoder(getattr(self.task.cfg, "chat_template", "reference"))
+        enc = encode(self.tokenizer, [(instruction, None)], with_speech=wav is not None, system=self.task.cfg.system_prompt)
         return {"id": i, "row": SimpleNamespace(id=str(i)), "audio": wav, "enc": enc, "gen_len": len(enc.post),
                 "task": task_name}
 

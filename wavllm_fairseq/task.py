@@ -38,6 +38,7 @@ class WavLLMInstructionConfig(FairseqDataclass):
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping with an error"})
     check_audio_on_load: bool = field(default=True, metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before training)"})
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "the system prompt of the chat template"})
+    chat_template: str = field(default="reference", metadata={"help": "reference: the reference implementation's LLaMA-2 template (token-exact with the released model); tokenizer: the LLM tokenizer's own chat template (tokenizer_config.json), the speech span inside the first user turn, for another chat-tuned LLM (chat_template.py)"})
     prompt_augment: bool = field(default=False, metadata={"help": "instruction augmentation on the training split: single-task speech prompts get words dropped (one word only that task's prompts use always stays) and words shared by 3+ tasks inserted, so the model keys on task words (prompt_augment.py; not in the paper; mixed on the toy, see the README)"})
     max_len_per_task: str = field(default="", metadata={"help": "decoding length caps per task, e.g. 'sv:20,er:20,asr:120' (tokens)"})
     loop_guard_ngram: int = field(default=4, metadata={"help": "decoding: stop a hypothesis whose tail repeats an n-gram (n <= this) 3 times; 0 = off"})
@@ -153,6 +154,7 @@ class WavLLMInstructionTask(FairseqTask):
         return name if os.path.isabs(name) else os.path.join(self.cfg.data, name)
 
     def load_corpus(self, name_or_path: str, corpus: Optional[str] = None, shuffle: bool = True):
+        from .chat_template import prompt_encoder
         from .dataset import InstructionDataset, expected_speech_frames
         from .manifest import read_manifest
 
@@ -167,7 +169,8 @@ class WavLLMInstructionTask(FairseqTask):
         ds = InstructionDataset(rows, path, self._require_tokenizer(), corpus=corpus or os.path.basename(path)[:-4],
                                 max_positions=context, max_audio_seconds=max_seconds,
                                 skip_bad=self.cfg.skip_bad_rows, system_prompt=self.cfg.system_prompt, shuffle=shuffle,
-                                speech_frames=lambda n: expected_speech_frames(n, use_wavlm))
+                                speech_frames=lambda n: expected_speech_frames(n, use_wavlm),
+                                encode=prompt_encoder(self.cfg.chat_template))
         skipped = report.skipped + sum(ds.skipped.values())
         logger.info(f"{path}: {len(ds)} rows" + (f", {skipped} bad rows skipped" if skipped else ""))
         return ds
