@@ -36,17 +36,29 @@ def env(tmp_path_factory):
         paths.append(str(tmp / f"clip{i}.wav"))
         with open(paths[-1], "wb") as f:
             f.write(c)
-    with ServerProcess(ckpt, "--max-batch", "8", "--max-wait-ms", "150", "--threads", "1",
+    # no loop guard: the random model's answers run to max_tokens (the Python API is called the same way)
+    with ServerProcess(ckpt, "--max-batch", "8", "--max-wait-ms", "150", "--threads", "1", "--loop-guard-ngram", "0",
                        "--max-audio-seconds", str(MAX_AUDIO_S), "--max-body-mb", str(MAX_BODY_MB),
                        "--default-max-tokens", "12", log_path=str(tmp / "server.log")) as srv:
         yield {"url": srv.url, "ckpt": ckpt, "clips": clips, "paths": paths, "tmp": tmp, "srv": srv}
 
 
+class _API:
+    """The Python API on the server's checkpoint, decoding as the test server does (no loop guard)."""
+
+    def __init__(self, ckpt):
+        from wavllm_fairseq import WavLLM
+
+        self.m = WavLLM.from_pretrained(ckpt)
+        self.model = self.m.model
+
+    def generate(self, audios, prompts, **kw):
+        return self.m.generate(audios, prompts, loop_guard_ngram=0, **kw)
+
+
 @pytest.fixture(scope="module")
 def api(env):
-    from wavllm_fairseq import WavLLM
-
-    return WavLLM.from_pretrained(env["ckpt"])
+    return _API(env["ckpt"])
 
 
 def health(url):
@@ -360,6 +372,13 @@ def test_body_over_the_limit_is_413_by_header_and_while_streaming_in(env):
     big = json.dumps(chat_body(os.urandom(MAX_BODY_MB * 2 ** 20), "Transcribe the audio.", 4)).encode()
     expect_error(post_json(env["url"] + "/v1/chat/completions", json.loads(big)), 413, "body_too_large",
                  ["--max-body-mb"])
+    # a declared size far over the limit is answered before any of the body is sent
+    s = socket.create_connection((u.hostname, u.port), timeout=30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100000000\r\n\r\n")
+    reply = s.recv(65536)
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply
     # chunked upload without Content-Length: cut off once the limit is passed
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     conn.putrequest("POST", "/v1/chat/completions")
@@ -380,7 +399,7 @@ def test_body_over_the_limit_is_413_by_header_and_while_streaming_in(env):
 
 
 def test_client_leaving_mid_stream_ends_its_row_and_the_server_goes_on(env):
-    before = health(env["url"])["stats"]["cancelled"]
+    before = health(env["url"])["stats"]
     body = json.dumps(chat_body(env["clips"][5], "Transcribe the audio.", 400, stream=True)).encode()
     u = urllib.parse.urlparse(env["url"])
     s = socket.create_connection((u.hostname, u.port), timeout=30)
@@ -394,10 +413,11 @@ def test_client_leaving_mid_stream_ends_its_row_and_the_server_goes_on(env):
     assert b"200 OK" in got
     s.close()
     deadline = time.time() + 30
-    while health(env["url"])["stats"]["cancelled"] == before:
+    while health(env["url"])["stats"]["cancelled"] == before["cancelled"]:
         assert time.time() < deadline, "the row of the departed client was not cancelled"
         time.sleep(0.1)
-    assert answer(chat(env["url"], env["clips"][1], "Transcribe the audio.", max_tokens=3))
+    spent = health(env["url"])["stats"]["answer_tokens"] - before["answer_tokens"]
+    assert 2 <= spent < 400  # ended early, not run to max_tokens    assert answer(chat(env["url"], env["clips"][1], "Transcribe the audio.", max_tokens=3))
 
 
 @pytest.mark.slow

@@ -41,17 +41,36 @@ class BodyTooLarge(APIError):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes, by Content-Length or while they stream in."""
+    """ASGI middleware: refuse bodies over ``limit`` bytes, by Content-Length or while they stream in.
+
+    A body up to ``DRAIN_FACTOR`` times the limit is read to its end (and dropped) before the 413 is
+    sent, so that a client still sending gets to read the answer instead of a broken pipe; a larger
+    one is answered at once and the connection closed.
+    """
+
+    DRAIN_FACTOR = 4
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, int(limit)
+
+    async def _drain(self, receive, seen: int) -> bool:
+        """Read the rest of the body while it stays under the drain bound; True when it all came."""
+        more = True
+        while more and seen <= self.DRAIN_FACTOR * self.limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return False
+            seen += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        return not more
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _send_json(send, BodyTooLarge(self.limit))
+            drained = int(length) <= self.DRAIN_FACTOR * self.limit and await self._drain(receive, 0)
+            return await _send_json(send, BodyTooLarge(self.limit), close=not drained)
         seen = 0
 
         async def limited():
@@ -60,17 +79,19 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    if message.get("more_body", False):
+                        await self._drain(receive, seen)
                     raise BodyTooLarge(self.limit)  # raised inside the handler's body read -> its 413 handler
             return message
 
         await self.app(scope, limited, send)
 
 
-async def _send_json(send, err: APIError) -> None:
+async def _send_json(send, err: APIError, close: bool = False) -> None:
     data = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            (b"connection", b"close")]})
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": data})
 
 

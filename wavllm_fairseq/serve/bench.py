@@ -14,6 +14,7 @@ random checkpoint (:func:`tiny_checkpoint`) is built in a temporary folder.
 import argparse
 import base64
 import concurrent.futures
+import dataclasses
 import io
 import json
 import os
@@ -28,6 +29,13 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
+import torch
+
+from ..audio import load_audio
+from ..manifest import read_manifest
+from ..model import WavLLMModel
+from ..prompt_template import DEFAULT_SYSTEM_PROMPT
+from ..tokenizer import train_sentencepiece
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -43,14 +51,6 @@ def tiny_checkpoint(out_dir: str, seed: int = 0, stage: int = 1) -> str:
     """A ``wavllm_tiny`` checkpoint with random weights (trained-looking LoRA; with ``stage=2`` a random
     prompt-aware adapter, so each row gets its own LoRA scale) and its own sentencepiece tokenizer,
     loadable by ``WavLLM.from_pretrained`` / ``wavllm-serve``: for tests and benchmarks."""
-    import dataclasses
-
-    import torch
-
-    from ..model import WavLLMModel
-    from ..prompt_template import DEFAULT_SYSTEM_PROMPT
-    from ..tokenizer import train_sentencepiece
-
     words = "the red cat runs to a big blue house and a small dog sleeps under the green tree".split()
     texts = presets() + [" ".join(words), DEFAULT_SYSTEM_PROMPT, "[INST] <<SYS>> <</SYS>> <SPEECH> </SPEECH> [/INST]"]
     tok = train_sentencepiece(texts * 5, os.path.join(out_dir, "tok"), vocab_size=360)
@@ -94,9 +94,6 @@ def tone_clips(n: int, seed: int = 0) -> List[bytes]:
 
 def manifest_clips(manifest: str, n: int) -> List[Tuple[bytes, str]]:
     """(wav bytes, prompt) of the speech rows of an instruction TSV, cycled to ``n``."""
-    from ..audio import load_audio
-    from ..manifest import read_manifest
-
     rows = [r for r in read_manifest(manifest)[0] if r.with_speech]
     if not rows:
         raise SystemExit(f"{manifest}: no rows with audio")

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    # imported here so that --help and argument errors answer without loading torch and fairseq
     import torch
     import uvicorn
 

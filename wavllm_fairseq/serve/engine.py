@@ -138,7 +138,8 @@ class BatchEngine:
         self.max_batch = int(max_batch)
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.loop_guard_ngram = int(loop_guard_ngram)
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "failed_batches": 0}
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "answer_tokens": 0, "cancelled": 0,
+                      "failed_batches": 0}
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._ids = itertools.count()
         self._warned_unhooked = False
@@ -247,6 +248,7 @@ class BatchEngine:
                 self.stats["cancelled"] += 1
             else:
                 reason = "length" if len(answer) >= caps[b] else "stop"
+            self.stats["answer_tokens"] += len(answer)
             n = 0 if job.audio is None else len(job.audio)
             _call(job.on_done, Answer(text=tok.decode(ids), tokens=answer, finish_reason=reason,
                                       text_tokens=len(job.enc.pre) + len(job.enc.post),
