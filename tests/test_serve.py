@@ -356,6 +356,7 @@ def test_bad_requests_are_4xx_json(env):
     expect_error(post_json(url, {**chat_body(None, "hi", 4), "temperature": "hot"}), 400, "invalid_value",
                  ["temperature"])
     expect_error(post_json(url, {**chat_body(None, "hi", 4), "stream": "yes"}), 400, "invalid_value", ["stream"])
+    expect_error(post_json(url, {**chat_body(None, "hi", 4), "stop": ["\n"]}), 400, "unsupported_parameter", ["stop"])
     # multipart endpoint: missing instruction / file, malformed body
     expect_error(multipart(env["url"], {}, {"file": ("a.wav", env["clips"][0])}), 400, "missing_instruction")
     expect_error(multipart(env["url"], {"instruction": " "}, {"file": ("a.wav", env["clips"][0])}), 400,

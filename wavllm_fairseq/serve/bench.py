@@ -149,8 +149,12 @@ class ServerProcess:
     def __enter__(self) -> "ServerProcess":
         self._log = open(self.log_path, "w+") if self.log_path else tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=self.env)
-        line = self.proc.stdout.readline()  # the first line names the URL
-        m = re.search(r"on (http://\S+?)/ ", line)
+        m, line = None, ""
+        for _ in range(20):  # the line naming the URL (a --host notice may come first)
+            line = self.proc.stdout.readline()
+            m = re.search(r" on (http://\S+?)/ ", line)
+            if m or not line:
+                break
         if not m:
             self.__exit__(None, None, None)
             self._log.seek(0)

@@ -14,7 +14,8 @@ Earlier user/assistant turns become the template's earlier turns (LLaMA-2 chat);
 the first user message (the template has one speech span, in turn 1). A user message may hold
 text, audio or both: audio with no text is a spoken question. ``temperature`` 0 or absent is greedy
 (the paper's decoding; OpenAI's default of 1 would sample). ``audio_url`` parts are accepted as
-``data:`` URLs only: the server fetches nothing.
+``data:`` URLs only: the server fetches nothing. Parameters it does not implement (``stop``, tools,
+``logprobs``, penalties; see ``UNSUPPORTED``) are refused when set rather than ignored.
 
 Every problem raises :class:`APIError` with an HTTP status, an OpenAI-style ``code`` and a message
 that names the field (``messages[0].content[1].input_audio.data``) and says what to do.
@@ -140,8 +141,17 @@ def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool =
     return value
 
 
+# OpenAI parameters this server does not implement: refused when set, never silently ignored
+UNSUPPORTED = ("stop", "tools", "tool_choice", "functions", "response_format", "logprobs", "top_logprobs", "logit_bias",
+               "presence_penalty", "frequency_penalty")
+
+
 def decoding_from(body: dict, limits: Limits) -> Tuple[int, Decoding]:
     """``max_tokens`` (or ``max_completion_tokens``) and the decoding settings of a request body."""
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, False, 0, [], {}):
+            raise APIError(400, f"{key} is not supported by this server (it takes temperature, top_p, max_tokens, "
+                                "seed, n=1, stream); leave it out", "unsupported_parameter", key)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, key, limits.default_max_tokens, 1, limits.context_length, integer=True)
     temperature = float(_number(body, "temperature", 0.0, 0.0, 2.0))
