@@ -130,7 +130,7 @@ def test_page_upload_preset_record_and_streamed_answers(tmp_path, chromium):
         cdp("Page.navigate", url=srv.url + "/")
         cdp.wait_for("document.readyState === 'complete'")
         cdp.wait_for("document.querySelectorAll('button.preset').length === 5")
-        assert cdp.wait_for("document.getElementById('model').textContent") == "model: wavllm"
+        cdp.wait_for("document.getElementById('model').textContent === 'model: wavllm'")
 
         # 1. upload a clip, pick the Emotion preset, ask
         root = cdp("DOM.getDocument")["root"]["nodeId"]
