@@ -140,6 +140,7 @@ def test_page_upload_preset_record_and_streamed_answers(tmp_path, chromium):
         cdp.eval("[...document.querySelectorAll('button.preset')].find(b => b.textContent === 'Emotion').click()")
         instruction = cdp.eval("document.getElementById('instruction').value")
         assert instruction == "What emotion does the speaker express?"
+        cdp.wait_for("!document.getElementById('ask').disabled")
         cdp.eval("document.getElementById('ask').click()")
         cdp.wait_for("document.querySelector('#history .exchange')?.dataset.state === 'done'")
         shown = cdp.eval("document.querySelector('#history .exchange .answer').textContent")
@@ -156,11 +157,13 @@ def test_page_upload_preset_record_and_streamed_answers(tmp_path, chromium):
         cdp.eval("document.getElementById('record').click()")
         cdp.wait_for("document.getElementById('clip').textContent.startsWith('recording')")
         cdp.eval("[...document.querySelectorAll('button.preset')].find(b => b.textContent === 'Transcribe').click()")
+        cdp.wait_for("!document.getElementById('ask').disabled")
         cdp.eval("document.getElementById('ask').click()")
         cdp.wait_for("document.querySelectorAll('#history .exchange[data-state=done]').length === 2")
 
         # 3. a typed instruction about the recorded clip; the earlier exchanges stay on the page
         cdp.eval("document.getElementById('instruction').value = 'Is there only one speaker in the audio clip?'")
+        cdp.wait_for("!document.getElementById('ask').disabled")
         cdp.eval("document.getElementById('ask').click()")
         cdp.wait_for("document.querySelectorAll('#history .exchange[data-state=done]').length === 3")
         questions = cdp.eval("[...document.querySelectorAll('#history .instruction')].map(e => e.textContent)")
