@@ -121,9 +121,9 @@ class StreamingGenerator(WavLLMGenerator):
     def _choose(self, logits):
         nxt = super()._choose(logits)
         if self._active is not None and self.on_token is not None and len(self._active) == len(nxt):
-            self.hooked = True
             for b, t in zip(self._active, nxt.tolist()):
                 if b >= 0:
+                    self.hooked = True
                     self.on_token(b, int(t))
         return nxt
 
