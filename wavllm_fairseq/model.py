@@ -80,6 +80,22 @@ ARCHITECTURES: Dict[str, Dict[str, object]] = {
         keep_reference_unused_projector=False,
     ),
 }
+# Real small backbones that pip ships (wavllm-prepare-small-backbones): Whisper tiny.en's encoder,
+# SmolLM2-135M-Instruct (LLaMA architecture, tied embeddings, 3 KV heads), a WavLM stand-in (the toy's
+# default stage 0; no WavLM ships on pip). Sizes are those backbones' (used when a path is empty).
+ARCHITECTURES["wavllm_small_real"] = dict(
+    whisper_d_model=384, whisper_layers=4, whisper_heads=6, whisper_ffn_dim=1536,
+    whisper_num_mel_bins=80, whisper_max_source_positions=1500,
+    wavlm_hidden=144, wavlm_layers=3, wavlm_heads=4, wavlm_ffn_dim=576, wavlm_conv_dim=48,
+    wavlm_conv_pos_kernel=32, wavlm_conv_pos_groups=8, wavlm_num_buckets=320, wavlm_max_bucket_distance=800,
+    llama_dim=576, llama_layers=30, llama_heads=9, llama_kv_heads=3, llama_ffn_dim=1536,
+    llama_vocab_size=49152, llama_max_positions=8192, llama_rms_norm_eps=1e-5,
+    semantic_conv_mid_dim=384, semantic_conv_out_dim=256,
+    acoustic_conv_mid_dim=256, acoustic_conv_out_dim=256,
+    bottleneck_dim=128, adapter_out_dim=256,
+    lora_rank=8, lora_alpha=16.0, prompt_adapter_dim=128,
+    keep_reference_unused_projector=False,
+)
 ARCHITECTURES["wavllm"] = ARCHITECTURES["wavllm_7b"]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -598,5 +614,5 @@ def _register(arch_name):
     return _arch
 
 
-for _name in ("wavllm_7b", "wavllm_small", "wavllm_tiny"):
+for _name in ("wavllm_7b", "wavllm_small", "wavllm_tiny", "wavllm_small_real"):
     _register(_name)
