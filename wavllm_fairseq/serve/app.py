@@ -109,6 +109,7 @@ def create_app(engine: BatchEngine, limits: Limits, max_body_bytes: int = 25 * 2
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     tok = engine.api.tokenizer
     system_default = engine.api.task.cfg.system_prompt
+    chat_template = getattr(engine.api.task.cfg, "chat_template", "reference")
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -184,7 +185,8 @@ def create_app(engine: BatchEngine, limits: Limits, max_body_bytes: int = 25 * 2
 
     async def answer(request: Request, req: ChatRequest, chat_format: bool):
         n = 0 if req.audio is None else len(req.audio)
-        enc = encode(tok, req.turns, req.audio, req.system or system_default, engine.speech_tokens(n), limits)
+        enc = encode(tok, req.turns, req.audio, req.system or system_default, engine.speech_tokens(n), limits,
+                     chat_template)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
-import soundfile as sf
 
-from ..audio import load_audio, resample_to_16k
+from ..audio import load_audio
+from ..chat_template import prompt_encoder
 from ..errors import AudioError
-from ..prompt_template import encode_example
 from .engine import Decoding
 
 AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3", "aiff")
@@ -76,8 +75,8 @@ def decode_audio(data: bytes, where: str, max_seconds: Optional[float]) -> np.nd
     """Uploaded bytes -> (T,) float32 16 kHz mono; any rate and channel count is resampled and mixed.
 
     Reuses audio.load_audio's checks (empty, truncated, corrupt, unsupported, too long) through a
-    temporary file, with ``where`` (the request field) in place of the file name. Silence is answered,
-    not refused.
+    temporary file, with ``where`` (the request field) in place of the file name. Silence is answered
+    (load_audio only warns).
     """
     if not data:
         raise APIError(400, f"{where}: the audio is empty (0 bytes); send a wav/flac/ogg/mp3 file", "audio_empty", where)
@@ -88,9 +87,6 @@ def decode_audio(data: bytes, where: str, max_seconds: Optional[float]) -> np.nd
         try:
             return load_audio(path, max_seconds=max_seconds)
         except AudioError as e:
-            if e.reason == "silent":  # valid audio: answer it
-                wav, sr = sf.read(path, dtype="float32", always_2d=True)
-                return resample_to_16k(wav, sr)
             message = str(e).replace(f"audio {path}: ", "").replace(path, "the audio")
             hint = "" if e.reason == "too_long" else f" (formats: {', '.join(AUDIO_FORMATS)})"
             raise APIError(400, f"{where}: {message}{hint}", f"audio_{e.reason}", where) from None
@@ -250,9 +246,11 @@ def parse_chat(body: Any, limits: Limits) -> ChatRequest:
     return ChatRequest(turns, audio, system, max_tokens, decoding, stream, include_usage)
 
 
-def encode(tokenizer, turns, audio: Optional[np.ndarray], system: str, speech_tokens: int, limits: Limits):
-    """The template's token ids; refuses a prompt that leaves no room for an answer in the LLM context."""
-    enc = encode_example(tokenizer, turns, with_speech=audio is not None, system=system)
+def encode(tokenizer, turns, audio: Optional[np.ndarray], system: str, speech_tokens: int, limits: Limits,
+           chat_template: str = "reference"):
+    """The template's token ids (``task.chat_template``, as the Python API encodes them); refuses a prompt
+    that leaves no room for an answer in the LLM context."""
+    enc = prompt_encoder(chat_template)(tokenizer, turns, with_speech=audio is not None, system=system)
     used = len(enc.pre) + len(enc.post) + speech_tokens
     if used >= limits.context_length:
         raise APIError(400, f"the prompt takes {used} positions ({speech_tokens} of them speech) of the model's "
