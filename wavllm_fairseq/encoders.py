@@ -104,6 +104,10 @@ def _dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     kwargs = {key: dtype or torch.float32}
+    if major >= 5:
+        # transformers 5 defaults to hub kernels on accelerators: they are fetched at run time (nothing may
+        # be) and need the `kernels` package (on a GPU machine with another version, loading failed)
+        kwargs["use_kernels"] = False
     if major < 5:  # transformers 5 always loads through the meta device; 4.x needs asking (and accelerate)
         try:
             import accelerate  # noqa: F401

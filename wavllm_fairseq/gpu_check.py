@@ -49,7 +49,7 @@ def memory(args, report) -> None:
     from .bench_generate import build
 
     cuda = args.device.startswith("cuda")
-    for stage in (1, 2):
+    for stage in args.memory_stages:
         model = build(args.arch, args.vocab, args.device, torch.bfloat16, stage=stage)
         model.train()
         weights = torch.cuda.memory_allocated() / GiB if cuda else 0.0
@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="gpu_check_out")
     p.add_argument("--only", nargs="*", default=["memory", "cli", "decode", "invariance"])
     p.add_argument("--memory-batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--memory-stages", type=int, nargs="+", default=[1, 2])
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--stage1-updates", type=int, default=300)
     p.add_argument("--stage2-updates", type=int, default=150)
