@@ -163,3 +163,27 @@ def test_a_weight_the_folder_lacks_is_an_error_not_a_random_init(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"not in the folder.*down_proj"):
         encoders.load_llama(str(tmp_path))
+
+
+def test_a_qwen2_style_llm_with_attention_biases_takes_lora(tmp_path):
+    """Qwen2's layout (q/k/v biases, grouped KV heads) is LLaMA's plus biases: it loads as itself and gets
+    LoRA on q/k/v/o; with LoRA's B at zero the WavLLM's LLM gives the source model's logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from wavllm_fairseq.model import WavLLMModel
+
+    torch.manual_seed(3)
+    src = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=128, vocab_size=320,
+                                       max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    assert src.model.layers[0].self_attn.q_proj.bias is not None
+    src.save_pretrained(tmp_path)
+    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=320, llama_path=str(tmp_path)).eval()
+    assert type(model.llm).__name__ == "Qwen2ForCausalLM"
+    assert sum(1 for n, _ in model.llm.named_modules() if n.endswith("q_proj.lora_A")) == 2
+    for m in model.llm.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.zeros_(m.lora_B.weight)
+    ids = torch.randint(0, 320, (2, 10))
+    assert torch.allclose(src(ids).logits, model.llm(ids).logits, atol=1e-5)
+    assert not any(k.startswith("llm.") and ".base." in k for k in model.state_dict())  # reloaded from the folder
