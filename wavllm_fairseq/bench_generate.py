@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--same-length", action="store_true", help="every row generates --new-tokens tokens")
     p.add_argument("--skip-uncached", action="store_true", help="skip the (slow) no-cache loop")
     p.add_argument("--hf-static", action="store_true", help="also time HF generate with a static, compiled cache")
+    p.add_argument("--decoders", nargs="+", default=["static", "dynamic", "hf"],
+                   choices=("static", "dynamic", "hf"), help="which of ours static / ours dynamic / HF dynamic to time")
     p.add_argument("--bandwidth-gbs", type=float, default=0.0, help="memory bandwidth for the limit (GB/s)")
     p.add_argument("--json", default="", help="also write the results to this file")
     args = p.parse_args(argv)
@@ -193,8 +195,9 @@ def main(argv=None) -> int:
                                          eos_token_id=eos, logits_processor=[_EndAt(lengths, eos)], **kw)
             return [r[:n] for r, n in zip(out[:, -out.shape[1]:].tolist(), lengths)]
 
-        runs = [("ours static" + (" + cuda graphs" if default_static else ""), lambda: ours("static")),
-                ("ours dynamic", lambda: ours("dynamic")), ("hf generate", hf)]
+        runs = [(name, fn) for key, name, fn in (
+            ("static", "ours static" + (" + cuda graphs" if default_static else ""), lambda: ours("static")),
+            ("dynamic", "ours dynamic", lambda: ours("dynamic")), ("hf", "hf generate", hf)) if key in args.decoders]
         if args.hf_static:
             runs.append(("hf generate static", lambda: hf(True)))
         if not args.skip_uncached:
@@ -217,10 +220,10 @@ def main(argv=None) -> int:
             frac = n_tokens / times[ours_name] / limit
             rec["fraction_of_bandwidth_limit"] = frac
             print(f"  {ours_name}: {100 * frac:.0f}% of the bandwidth limit ({limit:.0f} tokens/s)")
-        ref = toks.get("ours dynamic")
-        agree = {k: v == ref for k, v in toks.items() if k != "ours dynamic"}
-        rec["identical_to_dynamic"] = agree
-        print(f"  identical tokens to ours dynamic: {agree}")
+        ref_name = "ours dynamic" if "ours dynamic" in toks else "hf generate"
+        agree = {k: v == toks.get(ref_name) for k, v in toks.items() if k != ref_name}
+        rec["identical_to_" + ref_name.replace(" ", "_")] = agree
+        print(f"  identical tokens to {ref_name}: {agree}")
         results.append(rec)
         if ours_name in times and "hf generate" in times:
             ratio_hf = times["hf generate"] / times[ours_name]
