@@ -49,6 +49,8 @@ def memory(args, report) -> None:
     from .bench_generate import build
 
     cuda = args.device.startswith("cuda")
+    _free()
+    report["memory_baseline_gib"] = torch.cuda.memory_allocated() / GiB if cuda else 0.0  # should be ~0
     for stage in args.memory_stages:
         model = build(args.arch, args.vocab, args.device, torch.bfloat16, stage=stage)
         model.train()
@@ -84,6 +86,9 @@ def memory(args, report) -> None:
 
 
 def _free() -> None:
+    import gc
+
+    gc.collect()  # a section's models and decoders must not inflate the next one's peaks
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
