@@ -54,6 +54,9 @@ def test_wavlm_base_layout_weight_norm_names_in_a_pickle_bin(tmp_path):
     loaded = encoders.load_wavlm(str(tmp_path))
     wav = torch.randn(2, 4000)
     assert torch.equal(src(wav).last_hidden_state, loaded(wav).last_hidden_state)
+    # the raw reader (checkpoint conversion's backbone check) names the tensors as the module does
+    raw = encoders.read_hf_state_dict(str(tmp_path))
+    assert set(raw) == set(src.state_dict()) and all(torch.equal(raw[k], v) for k, v in src.state_dict().items())
 
 
 def test_wavlm_from_a_head_folder_takes_the_body(tmp_path):

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # Local Hugging Face directories
 # --------------------------------------------------------------------------------------------
+LEGACY_WEIGHT_NORM = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+
+
 def _weight_files(path: str) -> List[str]:
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
@@ -42,8 +45,10 @@ def _weight_files(path: str) -> List[str]:
 def read_hf_state_dict(path: str, prefixes: Iterable[str] = ("",)) -> Dict[str, torch.Tensor]:
     """All tensors of a local HF checkpoint whose key starts with one of ``prefixes`` (prefix removed).
 
-    The raw tensors, as stored (no key renaming): for comparing a folder with another checkpoint
-    (checkpoint_convert.py). Models are loaded with the ``load_*`` functions below.
+    The stored tensors, for comparing a folder with another checkpoint (checkpoint_convert.py); models
+    are loaded with the ``load_*`` functions below. The one renaming: torch's legacy weight-norm names
+    (``weight_g`` / ``weight_v``, as wavlm-base stores its positional conv) become today's module names
+    (``parametrizations.weight.original0`` / ``original1``), so the keys are the modules' keys.
     The first prefix that matches any key wins, so a directory holding a full
     ``WhisperForConditionalGeneration`` (``model.encoder.*``) and one holding a bare encoder
     (``encoder.*`` or no prefix) both work.
@@ -61,6 +66,7 @@ def read_hf_state_dict(path: str, prefixes: Iterable[str] = ("",)) -> Dict[str, 
                 tensors.update(torch.load(f, map_location="cpu", weights_only=True))
         except Exception as e:  # truncated or corrupt shard
             raise CheckpointError(f"cannot read weight file: {e}", file=f, reason="corrupt") from e
+    tensors = {re.sub(r"\.(weight_[gv])$", lambda m: "." + LEGACY_WEIGHT_NORM[m.group(1)], k): v for k, v in tensors.items()}
     for prefix in prefixes:
         picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if picked:
