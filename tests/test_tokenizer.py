@@ -158,3 +158,27 @@ def test_task_trains_and_decodes_a_bpe_llm_with_its_chat_template(bpe_dir, tmp_p
     gen = task.build_generator([model], OmegaConf.create(dict(beam=1, max_len_b=5)))
     hyps = gen.generate([model], batch)
     assert len(hyps) == 2 and all(h[0]["tokens"].max() < 448 for h in hyps)
+
+
+def test_a_tokenizer_folder_apart_from_the_llm_is_padded_to_the_llms_rows(bpe_dir, tmp_path):
+    """task.tokenizer_dir without config.json (tokenizer files only): the LLM folder's vocab_size pads the
+    dictionary, so Qwen2-style LLMs whose embedding has more rows than the tokenizer has tokens build."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from wavllm_fairseq.model import WavLLMConfig
+    from wavllm_fairseq.task import WavLLMInstructionConfig, WavLLMInstructionTask
+
+    tok_only = tmp_path / "tok"
+    tok_only.mkdir()
+    for f in os.listdir(bpe_dir):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(bpe_dir, f), tok_only / f)
+    task_cfg = OmegaConf.merge(OmegaConf.structured(WavLLMInstructionConfig),
+                               dict(data=str(tmp_path), tokenizer_dir=str(tok_only), seed=1, update_freq=[1]))
+    task = WavLLMInstructionTask.setup_task(task_cfg)
+    assert len(task.target_dictionary) == len(task.tokenizer) < 448
+    model_cfg = OmegaConf.merge(OmegaConf.structured(WavLLMConfig), dict(llama_path=bpe_dir, _name="wavllm_tiny"))
+    model = task.build_model(model_cfg)
+    assert len(task.target_dictionary) == 448 == model.llm.config.vocab_size

@@ -125,6 +125,12 @@ class WavLLMInstructionTask(FairseqTask):
 
             self.tokenizer = LlamaTokenizer.from_dir(cfg.llama_path)
         self._require_tokenizer()
+        if getattr(cfg, "llama_path", "") and not getattr(self.tokenizer, "model_vocab_size", 0):
+            # a tokenizer_dir without the LLM's config.json: the dictionary is padded to the LLM's rows
+            from .tokenizer import config_vocab_size
+
+            self.tokenizer.model_vocab_size = config_vocab_size(cfg.llama_path)
+            self._dictionary = None
         model = super().build_model(cfg, from_checkpoint)
         self._context_length = model.context_length
         self._use_wavlm = model.wavlm is not None

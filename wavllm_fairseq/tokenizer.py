@@ -29,7 +29,7 @@ TOKENIZER_FILE = "tokenizer.model"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _config_vocab_size(directory: str) -> int:
+def config_vocab_size(directory: str) -> int:
     """``vocab_size`` of the LLM folder's config.json (0 when there is none)."""
     import json
 
@@ -57,7 +57,7 @@ def load_tokenizer(directory: str):
         raise WavLLMInputError(f"no tokenizer in {directory!r}: expected {TOKENIZER_FILE} (sentencepiece) or "
                                f"{' / '.join(HF_TOKENIZER_FILES)} (a Hugging Face tokenizer) in the LLM folder",
                                file=directory, reason="missing")
-    tok.model_vocab_size = _config_vocab_size(directory)
+    tok.model_vocab_size = config_vocab_size(directory)
     return tok
 
 
