@@ -167,3 +167,25 @@ def test_repetition_controls_change_output():
     for t in tokens(gen(m, no_repeat_ngram_size=1, max_len_b=20).generate([m], s)):
         body = t[:-1]
         assert len(body) == len(set(body))
+
+
+def test_on_step_streams_every_token_and_can_end_rows_and_max_len_caps_rows():
+    m, s = model_with_lora(2), batch()
+    full = tokens(gen(m).generate([m], s))
+    seen = {b: [] for b in range(3)}
+
+    def on_step(rows, toks):
+        for b, t in zip(rows, toks):
+            seen[b].append(t)
+        return [1] if len(seen[1]) == 2 else []  # row 1's client leaves after two tokens
+
+    out = tokens(gen(m).generate([m], s, on_step=on_step))
+    assert out[0] == full[0] and out[2] == full[2]  # the other rows are unaffected
+    assert out[1] == full[1][:2] + [2]
+    for b in (0, 2):  # every chosen token was streamed (a row closed at its cap gets </s> unchosen)
+        assert seen[b] == full[b][: len(seen[b])] and len(seen[b]) >= len(full[b]) - 1
+    s["max_len"] = [3, 12, 5]
+    capped = tokens(gen(m).generate([m], s))
+    assert [len(t) for t in capped] == [min(len(f), c + 1) for f, c in zip(full, (3, 12, 5))]
+    with pytest.raises(ValueError, match="beam"):
+        gen(m, beam_size=2).generate([m], s, on_step=on_step)

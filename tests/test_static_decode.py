@@ -116,3 +116,21 @@ def test_one_generator_reuses_its_buffers_across_batches():
     assert g._decoder is decoder and len(decoder.sets) > 1  # reused, with compacted slot counts
     assert again == first
     assert second == tokens(gen(m, static=False, max_len_per_task=CAPS).generate([m], mixed(3)))
+
+
+def test_the_model_holds_one_decoder_for_every_generator_and_merging_lora_resets_it():
+    from wavllm_fairseq.static_decode import release_decoders
+
+    m = model_with_lora(1)
+    a = gen(m, static=True, max_len_per_task=CAPS)
+    a.generate([m], mixed(0))
+    b = gen(m, static=True, max_len_per_task=CAPS)
+    b.generate([m], mixed(0))
+    assert a._decoder is b._decoder  # buffers (and on a GPU graphs) shared through the model
+    sets = a._decoder.sets
+    m.merge_lora()  # a captured step that still ran the LoRA branch would now add it twice
+    merged = tokens(gen(m, static=True, max_len_per_task=CAPS).generate([m], mixed(0)))
+    assert a._decoder.sets is not sets
+    assert merged == tokens(gen(m, static=False, max_len_per_task=CAPS).generate([m], mixed(0)))
+    release_decoders(m)
+    assert "_static_decoders" not in m.__dict__

@@ -28,7 +28,6 @@ Reports tokens/s (best of ``--repeats``) and ratios; the last line is
 import argparse
 import sys
 import time
-from typing import List
 
 import torch
 

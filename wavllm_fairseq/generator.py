@@ -174,7 +174,14 @@ class WavLLMGenerator:
         return self
 
     @torch.no_grad()
-    def generate(self, models, sample, prefix_tokens=None, constraints=None, bos_token=None, **kwargs):
+    def generate(self, models, sample, prefix_tokens=None, constraints=None, bos_token=None, on_step=None, **kwargs):
+        """Decode ``sample`` (the collater's batch). Besides fairseq's keys, ``sample["max_len"]`` (a list,
+        one int per row) caps rows individually (a server's per-request ``max_tokens``).
+
+        ``on_step(rows, tokens)`` (greedy and sampling only) is called after every step with the
+        original batch indices of the live rows and the token each just chose (streaming); it may return
+        batch indices to end now (a client that left): those rows close with ``</s>`` after this token.
+        """
         if constraints is not None:
             raise NotImplementedError("lexical constraints are not supported by the WavLLM generator")
         if prefix_tokens is not None:
@@ -188,7 +195,9 @@ class WavLLMGenerator:
             caps = self._length_caps(sample, prefix, B)
             ids = sample["id"].tolist() if "id" in sample else list(range(B))
             if self.beam_size == 1:
-                return self._greedy(prefix, caps, ids)
+                return self._greedy(prefix, caps, ids, on_step)
+            if on_step is not None:
+                raise ValueError("on_step (streaming) works with greedy decoding and sampling, not with beam search")
             return self._beam(prefix, caps, ids, self.beam_size)
         finally:
             model.train(was_training)
@@ -202,6 +211,8 @@ class WavLLMGenerator:
             if t in self.max_len_per_task and self.max_len_per_task[t] < caps[i]:
                 caps[i] = self.max_len_per_task[t]
                 self._cap_is_task[i] = True
+        if sample.get("max_len") is not None:
+            caps = [max(1, min(c, int(m))) for c, m in zip(caps, sample["max_len"])]
         context = getattr(self.model, "context_length", None)
         if context:
             caps = [max(1, min(c, int(context) - int(n))) for c, n in zip(caps, lens)]
@@ -266,12 +277,10 @@ class WavLLMGenerator:
         state = {"mask": mask, "cache": cache, "r": prefix.lora_scale, "static": None,
                  "embeds": None if cache is not None else prefix.embeds}
         if cache is not None and self._use_static(mask.device):
-            from .static_decode import StaticDecoder
+            from .static_decode import decoder_for
 
             graphs = self.cuda_graphs if self.cuda_graphs is not None else mask.device.type == "cuda"
-            if self._decoder is None or self._decoder.graphs != graphs:  # kept: its buffers and graphs are reused
-                self._decoder = StaticDecoder(self.model.llm, self.model.lora_scale_context, graphs=graphs)
-            dec = self._decoder
+            dec = self._decoder = decoder_for(self.model, graphs)
             dec.start([(layer.keys, layer.values) for layer in cache.layers], mask, prefix.lora_scale,
                       capacity=mask.shape[1] + max(caps) + 1)
             state.update(static=dec, cache=None, mask=None)
@@ -349,7 +358,7 @@ class WavLLMGenerator:
             logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
         return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
-    def _greedy(self, prefix: GenerationPrefix, caps: List[int], ids: List[int]):
+    def _greedy(self, prefix: GenerationPrefix, caps: List[int], ids: List[int], on_step=None):
         B = prefix.embeds.shape[0]
         logits, cache, mask = self._start(prefix)
         state = self._state(prefix, cache, mask, caps)
@@ -364,11 +373,15 @@ class WavLLMGenerator:
             nxt = self._choose(logits)
             chosen = lprobs.gather(1, nxt[:, None]).squeeze(1).tolist()
             nxt_list = nxt.tolist()
+            stop = set(on_step(list(active), nxt_list) or ()) if on_step is not None else ()
             keep = []
             for j, b in enumerate(active):
                 tokens[b].append(nxt_list[j])
                 scores[b].append(chosen[j])
                 if nxt_list[j] == self.eos:
+                    continue
+                if b in stop:
+                    self._close(tokens[b], scores[b])
                     continue
                 if len(tokens[b]) >= caps[b]:
                     if self._cap_is_task[b]:

@@ -27,7 +27,9 @@ as any beam search over a cache does.
 
 Buffers and graphs are kept per slot count and reused by the next batch while its prefix + answer
 fit the capacity (rounded up to ``CAPACITY_STEP`` columns), so a graph is captured once per slot
-count, not once per batch. They stay allocated while the decoder lives (the generator holds it):
+count, not once per batch. The model holds its decoder (:func:`decoder_for`), so every generator
+on it (fairseq-generate's, the Python API's, a server's per batch) shares them; they stay allocated
+while the model lives (``release_decoders(model)`` frees them):
 about ``2 * layers * kv_dim * C * bytes`` per slot, 0.5 MB per column for LLaMA-2-7B in bf16.
 
 The step is written out over the Hugging Face modules' own weights (``q_proj``, ``mlp``, ``rotary_emb``
@@ -40,6 +42,8 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .lora import lora_modules
 
 ARCH_TYPES = ("llama", "qwen2", "mistral")
 
@@ -112,6 +116,7 @@ class StaticDecoder:
         cfg = llm.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self._lora = list(lora_modules(llm))
         self.sets: Dict[int, _Slots] = {}
         self.C = 0
         self.key = None
@@ -129,7 +134,9 @@ class StaticDecoder:
         with ``mask`` (B, L); room for ``capacity - L`` more tokens per row."""
         B, L = mask.shape
         k0 = layers[0][0]
-        key = (k0.device, k0.dtype, k0.shape[-1], None if r is None else r.shape[-1])
+        # anything a captured graph has baked in: layout, and which LoRA layers run merged / disabled
+        lora = tuple((m.merged, m.enabled) for m in self._lora)
+        key = (k0.device, k0.dtype, k0.shape[-1], None if r is None else r.shape[-1], lora)
         if key != self.key or capacity > self.C:  # new layout or too small: start afresh
             self.sets, self.key = {}, key
             self.C = -(-int(capacity) // CAPACITY_STEP) * CAPACITY_STEP
@@ -237,3 +244,16 @@ class StaticDecoder:
             d.copy_(t.index_select(0, fill))
         self.cur = dst
         self.rows = torch.arange(n, device=slots.device)
+
+
+def decoder_for(model, graphs: bool) -> StaticDecoder:
+    """The static decoder of ``model`` (a WavLLMModel), created on first use and kept on the model."""
+    held = model.__dict__.setdefault("_static_decoders", {})
+    if graphs not in held:
+        held[graphs] = StaticDecoder(model.llm, model.lora_scale_context, graphs=graphs)
+    return held[graphs]
+
+
+def release_decoders(model) -> None:
+    """Drop the static decoders' buffers and captured graphs held by ``model``."""
+    model.__dict__.pop("_static_decoders", None)

@@ -6,31 +6,27 @@ runs them through the batched generator (left-padded prefixes; finished rows lea
 request that arrives while a batch decodes waits for the next batch (no joining mid-decode)::
 
     handlers (event loop) --submit(Job)--> queue --> worker thread: collect <= max_batch jobs
-                                                     collate -> StreamingGenerator.generate
+                                                     collate -> WavLLMGenerator.generate(on_step=...)
     handlers <--on_token(id) / on_done(Answer)------ (called from the worker thread)
 
-Batch invariance: each row's length cap is its own ``max_tokens`` (the generator's per-task caps,
-keyed by a per-row task name) and greedy rows compute what they compute alone (generator.py), so
-a greedy answer does not depend on which requests shared its batch. Sampling requests batch with
-other sampling requests of the same temperature/top-p; one that sets ``seed`` decodes alone, so the
-seed reproduces its answer.
+Batch invariance: each row's length cap is its own ``max_tokens`` (the sample's per-row ``max_len``)
+and greedy rows compute what they compute alone (generator.py), so a greedy answer does not depend on
+which requests shared its batch. Sampling requests batch with other sampling requests of the same
+temperature/top-p; one that sets ``seed`` decodes alone, so the seed reproduces its answer.
 
-Streaming and cancelling: :class:`WavLLMGenerator` has no per-token hook, so
-:class:`StreamingGenerator` subclasses it and wraps two of its steps, ``_process`` (sees each live
-row's token history, used to map batch rows back to requests and to end a cancelled row by forcing
-``</s>``) and ``_choose`` (the tokens picked at each step). If a rewrite of the generator stops
-calling them, answers stay right and only the streaming granularity is lost (the whole answer
-arrives as one chunk, and a warning is logged).
+Streaming and cancelling go through the generator's ``on_step`` hook: after each step it reports the
+live rows and their new tokens (sent to each request's stream) and ends the rows whose client left.
+On a GPU the generator's static decoder is held by the model, so its buffers and captured graphs
+serve every batch.
 """
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -90,44 +86,6 @@ class Job:
     arrival: float = field(default_factory=time.monotonic)
 
 
-class StreamingGenerator(WavLLMGenerator):
-    """The batched generator with a per-token callback and per-row cancellation (see module doc)."""
-
-    def __init__(self, *args, on_token: Optional[Callable[[int, int], None]] = None,
-                 is_cancelled: Optional[Callable[[int], bool]] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.on_token = on_token
-        self.is_cancelled = is_cancelled
-        self.hooked = False  # whether the generator called the hooks (False: streaming not available)
-        self._rows: Dict[int, int] = {}
-        self._active: Optional[List[int]] = None
-
-    def generate(self, models, sample, **kwargs):
-        self._rows, self._active, self.hooked = {}, None, False
-        return super().generate(models, sample, **kwargs)
-
-    def _process(self, lprobs, histories, step):
-        if not self._rows:  # first step: every row is live, in batch order; the lists live until the end
-            self._rows = {id(h): b for b, h in enumerate(histories)}
-        self._active = [self._rows.get(id(h), -1) for h in histories]
-        lprobs = super()._process(lprobs, histories, step)
-        if self.is_cancelled is not None:
-            for j, b in enumerate(self._active):
-                if b >= 0 and self.is_cancelled(b):  # end the row now: only </s> is possible
-                    lprobs[j] = -math.inf
-                    lprobs[j, self.eos] = 0.0
-        return lprobs
-
-    def _choose(self, logits):
-        nxt = super()._choose(logits)
-        if self._active is not None and self.on_token is not None and len(self._active) == len(nxt):
-            for b, t in zip(self._active, nxt.tolist()):
-                if b >= 0:
-                    self.hooked = True
-                    self.on_token(b, int(t))
-        return nxt
-
-
 class BatchEngine:
     """Owns a loaded :class:`~wavllm_fairseq.hub.WavLLM` and decodes submitted jobs in dynamic batches."""
 
@@ -142,7 +100,6 @@ class BatchEngine:
                       "failed_batches": 0}
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._ids = itertools.count()
-        self._warned_unhooked = False
         self._thread = threading.Thread(target=self._loop, name="wavllm-batcher", daemon=True)
         self._thread.start()
 
@@ -212,34 +169,32 @@ class BatchEngine:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], B)
         tok = self.api.tokenizer
         items = [{"id": i, "row": _Row(str(j.id)), "audio": j.audio, "enc": j.enc, "gen_len": len(j.enc.post),
-                  "task": f"request{i}"} for i, j in enumerate(jobs)]
+                  "task": None} for i, j in enumerate(jobs)]
         d = jobs[0].decoding
         caps = [max(1, int(j.max_tokens)) for j in jobs]
 
-        def on_token(b: int, t: int) -> None:
-            _call(jobs[b].on_token, t)
+        def on_step(rows: List[int], tokens: List[int]) -> List[int]:
+            for b, t in zip(rows, tokens):
+                _call(jobs[b].on_token, t)
+            return [b for b in rows if jobs[b].cancelled.is_set()]  # clients that left: end their rows
 
-        gen = StreamingGenerator(
-            [self.api.model], self.api.task.target_dictionary, max_len_b=max(caps),
-            max_len_per_task={f"request{i}": c for i, c in enumerate(caps)}, sampling=d.sampling,
+        gen = WavLLMGenerator(
+            [self.api.model], self.api.task.target_dictionary, max_len_b=max(caps), sampling=d.sampling,
             temperature=d.temperature if d.sampling else 1.0, sampling_topp=d.top_p if d.top_p < 1 else -1.0,
-            sampling_topk=d.top_k, loop_guard_ngram=self.loop_guard_ngram, on_token=on_token,
-            is_cancelled=lambda b: jobs[b].cancelled.is_set())
+            sampling_topk=d.top_k, loop_guard_ngram=self.loop_guard_ngram)
         try:
             batch = _to(collate(items, tok.pad_id), self.api.device)
+            batch["max_len"] = caps
             if d.sampling:
                 torch.manual_seed(d.seed if d.seed is not None else int(time.time_ns() % (2 ** 31)))
             with torch.inference_mode():
-                hyps = gen.generate([self.api.model], batch)
+                hyps = gen.generate([self.api.model], batch, on_step=on_step)
         except Exception as e:  # noqa: BLE001 - the batch's clients get the error, the server keeps serving
             logger.exception(f"decoding a batch of {B} failed")
             self.stats["failed_batches"] += 1
             for j in jobs:
                 _call(j.on_done, e)
             return
-        if not gen.hooked and not self._warned_unhooked and any(j.on_token for j in jobs):
-            self._warned_unhooked = True
-            logger.warning("the generator did not call StreamingGenerator's hooks: streams send whole answers")
         for b, (job, nbest) in enumerate(zip(jobs, hyps)):
             ids = nbest[0]["tokens"].tolist()
             answer = ids[:-1] if ids and ids[-1] == tok.eos_id else ids
