@@ -8,10 +8,10 @@ WITHOUT LoRA (last decoder layer, before the final norm, as in the reference), t
     r = sum_m a_m * o_m                     (B, D)
     r = clamp(relu(r), max=clamp_max)       (optional, the reference's choice; default on)
 
-Two choices the paper leaves open (see ``WavLLMModel.prompt_lora_scale`` and ``init_scale``): the
-pooling skips the ``<s>`` position when the instruction has tokens of its own (its state is the
-same for every prompt and, as an attention sink, large enough to dominate the pooling: measured on
-the toy, every prompt then got the same saturated r), and P_u starts at zero with bias alpha / R.
+The instruction tokens are the reference's: '"' + instruction + '"' without ``<s>``, every position
+pooled (``WavLLMModel.prompt_lora_scale``; checkpoints of older versions read ``<s>`` + instruction
+and skip ``<s>`` in the pooling unless the instruction is empty, ``model.prompt_adapter_input``). One
+choice the paper leaves open (``init_scale``): P_u starts at zero with bias alpha / R.
 
 and every LoRA layer computes ``h = W0 x + (B A x) * r`` for all positions of that utterance.
 """
