@@ -339,3 +339,32 @@ def test_convert_state_dict_strips_wrappers():
     out, report = convert_state_dict({"module.wavlm_audio_proj.weight": w}, n_heads=2)
     assert list(out) == ["projector.weight"] and torch.equal(out["projector.weight"], w)
     assert report["unmatched"] == []
+
+
+def test_converted_model_gets_the_references_decode_inputs(tmp_path):
+    """The reference's generator feeds <s> where ' </SPEECH>' starts (its token buffer starts with <s>,
+    wavllm/inference/sequence_generator.py line 323, and the forced prompt continues from the second
+    token); its prompt adapter reads '"' + instruction + '"' (speechllm_dataset.py line 319). The
+    converted config asks for both; training-time forward is unaffected."""
+    model = tiny_model(2, stage2=True)
+    save_release(str(tmp_path / "release.pt"), model, stage2=True)
+    convert_checkpoint(str(tmp_path / "release.pt"), str(tmp_path / "ours.pt"), arch="wavllm_tiny")
+    converted = load_converted(str(tmp_path / "ours.pt"))
+    assert converted.cfg.prompt_adapter_input == "reference" and converted.cfg.decode_bos_after_speech
+    b = dict(batch(), prompt_post_lengths=torch.tensor([3, 2]))
+    emb = converted.llm.get_input_embeddings().weight
+    bos = converted.llm.config.bos_token_id
+    with torch.no_grad():
+        prefix = converted.build_generation_prefix(b)
+        converted.cfg.decode_bos_after_speech = False
+        plain = converted.build_generation_prefix(b)
+        off = logits(converted, b)
+        converted.cfg.decode_bos_after_speech = True
+        on = logits(converted, b)
+    L = prefix.embeds.shape[1]
+    for row, n_post in enumerate(b["prompt_post_lengths"].tolist()):
+        first = L - n_post  # left-padded: the prompt's post tokens end the prefix
+        torch.testing.assert_close(prefix.embeds[row, first], emb[bos])
+        torch.testing.assert_close(plain.embeds[row, first], emb[b["post_tokens"][row, 0]])
+        torch.testing.assert_close(prefix.embeds[row, first + 1:], plain.embeds[row, first + 1:])
+    torch.testing.assert_close(on, off)
