@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CODE_VERSION = 5  # part of the cache key: bump when a change here changes what stage 0 trains
+CODE_VERSION = 6  # part of the cache key: bump when a change here changes what stage 0 trains
 
 # fixed settings per size: model sizes and optimisation steps (deterministic for a seed)
 SETTINGS = {
