@@ -81,7 +81,9 @@ def to_reference_state(model: WavLLMModel, stage2: bool = False) -> dict:
 
 def tiny_model(seed: int, stage2: bool = False, vocab: int = VOCAB) -> WavLLMModel:
     torch.manual_seed(seed)
-    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=vocab, prompt_adapter=stage2, lora_dropout=0.0)
+    # RMSNorm eps 1e-6: the reference's LLaMA code's, which the converter sets on the converted model
+    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=vocab, prompt_adapter=stage2, lora_dropout=0.0,
+                                  llama_rms_norm_eps_override=1e-6)
     with torch.no_grad():  # trained-looking LoRA and non-uniform layer weights
         for n, p in model.named_parameters():
             if ".lora_B." in n or n.endswith("layer_weights"):

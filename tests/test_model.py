@@ -480,3 +480,39 @@ def test_lora_a_init_matches_the_reference_bound():
     assert peft.abs().max() <= 1 / math.sqrt(4096)
     with pytest.raises(ValueError, match="A init"):
         LoRALinear(base, rank=32, alpha=32.0, a_init="xavier")
+
+
+def test_a_clip_longer_than_a_whisper_window_is_adapted_window_by_window():
+    """The reference encodes a long clip 30 s window by window, so the semantic adapter's convolutions
+    see zeros at each window's edge (wavllm_tiny's window: 100 Whisper frames = 2 s). Lengths are the
+    whole clip's; a batch equals each clip alone."""
+    model = tiny(seed=2).eval()
+    W = model.whisper.encoder.config.max_source_positions
+    n = 5 * 16000 + 123  # 3 windows, the last one partial
+    audio = 0.1 * torch.randn(2, n, generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([n, 16000])
+    with torch.no_grad():
+        sem, sem_len = model.whisper(audio, lengths)
+        got, got_len = model._semantic_per_window(sem, sem_len)
+        assert got_len.tolist() == model.semantic_adapter.output_lengths(sem_len).tolist()
+        for k in range(3):  # window k of clip 0, alone
+            frames = sem[:1, k * W: (k + 1) * W]
+            valid = (sem_len[:1] - k * W).clamp(0, W)
+            alone, alone_len = model.semantic_adapter(frames, valid)
+            step = model.semantic_adapter.output_lengths(torch.tensor([W]))[0]
+            m = int(alone_len)
+            torch.testing.assert_close(got[0, k * step: k * step + m], alone[0, :m])
+        whole, _ = model.semantic_adapter(sem[:1], sem_len[:1])  # across the join the two differ
+        assert not torch.allclose(whole[0, step - 1: step + 1], got[0, step - 1: step + 1])
+        short, short_len = model.semantic_adapter(sem[1:2, : int(sem_len[1])], sem_len[1:2])
+        torch.testing.assert_close(got[1, : int(short_len)], short[0, : int(short_len)])
+
+
+def test_rms_norm_eps_override_reaches_every_norm():
+    from wavllm_fairseq.model import set_rms_norm_eps
+
+    model = tiny(llama_rms_norm_eps_override=1e-6)
+    norms = [m for m in model.llm.modules() if hasattr(m, "variance_epsilon")]
+    assert len(norms) == 2 * model.llm.config.num_hidden_layers + 1
+    assert all(m.variance_epsilon == 1e-6 for m in norms) and model.llm.config.rms_norm_eps == 1e-6
+    assert set_rms_norm_eps(tiny().llm, 1e-4) == len(norms)

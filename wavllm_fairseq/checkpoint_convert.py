@@ -282,6 +282,7 @@ def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str
         cfg.lora_scale_layout = "meta"  # r was learnt against Meta-ordered q/k outputs
         cfg.prompt_adapter_input = "reference"  # '"' + instruction + '"', no <s>, every position pooled
     cfg.decode_bos_after_speech = True  # the reference's generator puts <s> where " </SPEECH>" starts
+    cfg.llama_rms_norm_eps_override = 1e-6  # the reference's LLaMA (ModelArgs.norm_eps), whatever config.json says
     cfg.keep_reference_unused_projector = "semantic_only_projector.weight" in converted
     cfg.use_wavlm = "projector.weight" in converted
     if "llm.model.embed_tokens.weight" in converted:

@@ -134,7 +134,8 @@ class WavLLMConfig(FairseqDataclass):
     llama_ffn_dim: Optional[int] = field(default=None, metadata={"help": "LLM FFN width"})
     llama_vocab_size: Optional[int] = field(default=None, metadata={"help": "LLM vocabulary (-1: the task's dictionary size)"})
     llama_max_positions: Optional[int] = field(default=None, metadata={"help": "LLM context length"})
-    llama_rms_norm_eps: Optional[float] = field(default=None, metadata={"help": "LLM RMSNorm epsilon"})
+    llama_rms_norm_eps: Optional[float] = field(default=None, metadata={"help": "LLM RMSNorm epsilon (random init; a loaded LLM keeps its config's)"})
+    llama_rms_norm_eps_override: float = field(default=0.0, metadata={"help": "> 0: the LLM's RMSNorm epsilon, also for a loaded LLM (the reference's LLaMA code runs with 1e-6 where Llama-2's config.json says 1e-5; wavllm-convert-reference-checkpoint sets 1e-6)"})
     semantic_conv_mid_dim: Optional[int] = field(default=None, metadata={"help": "semantic adapter conv 1 channels (before GLU)"})
     semantic_conv_out_dim: Optional[int] = field(default=None, metadata={"help": "semantic adapter conv output (after GLU)"})
     acoustic_conv_mid_dim: Optional[int] = field(default=None, metadata={"help": "acoustic adapter conv 1 channels (before GLU)"})
@@ -247,6 +248,15 @@ def trainable_groups(model: "WavLLMModel") -> Dict[str, List[Tuple[str, nn.Param
     return {k: v for k, v in groups.items() if v}
 
 
+def set_rms_norm_eps(llm: nn.Module, eps: float) -> int:
+    """Set the epsilon of every RMSNorm of ``llm`` (and its config); returns how many were set."""
+    norms = [m for m in llm.modules() if hasattr(m, "variance_epsilon")]
+    for m in norms:
+        m.variance_epsilon = eps
+    llm.config.rms_norm_eps = eps
+    return len(norms)
+
+
 def is_optimised(group: str) -> bool:
     """Whether a trainable_groups group gets gradients (``frozen:`` backbones and ``unused:`` do not)."""
     return not group.startswith(("frozen:", "unused:"))
@@ -310,6 +320,8 @@ class WavLLMModel(BaseFairseqModel):
                 num_key_value_heads=cfg.llama_kv_heads, intermediate_size=cfg.llama_ffn_dim, vocab_size=vocab_size,
                 max_position_embeddings=cfg.llama_max_positions, rms_norm_eps=cfg.llama_rms_norm_eps,
                 bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False))
+        if cfg.llama_rms_norm_eps_override > 0:
+            set_rms_norm_eps(self.llm, cfg.llama_rms_norm_eps_override)
         if self.llm.config.vocab_size != vocab_size:
             raise WavLLMInputError(
                 f"the LLM has {self.llm.config.vocab_size} tokens but the tokenizer has {vocab_size}: "
@@ -427,7 +439,7 @@ class WavLLMModel(BaseFairseqModel):
             if self.wavlm is not None:
                 ac, ac_len = self.wavlm(audio, audio_lengths)  # (L+1, B, Tl, Dl) at 20 ms
         dtype = self.semantic_adapter.out_proj.weight.dtype
-        sem, sem_len = self.semantic_adapter(sem.to(dtype), sem_len)  # (B, N1, A)
+        sem, sem_len = self._semantic_per_window(sem.to(dtype), sem_len)  # (B, N1, A)
         if self.wavlm is None:
             sem_len = sem_len.clamp(min=0)
             return self.semantic_only_projector(sem)[:, : int(sem_len.max())], sem_len
@@ -436,6 +448,24 @@ class WavLLMModel(BaseFairseqModel):
         x = torch.cat([sem[:, :n], ac[:, :n]], dim=-1)  # (B, N, 2A)
         lengths = torch.minimum(torch.minimum(sem_len, ac_len), torch.full_like(sem_len, n)).clamp(min=0)
         return self.projector(x)[:, : int(lengths.max())], lengths  # (B, N, D)
+
+    def _semantic_per_window(self, sem: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The semantic adapter over each Whisper window (30 s, ``W`` frames) alone, as the reference
+        encodes a long clip window by window: the adapter's convolutions see zeros at a window's edge,
+        not the next window's frames. (B, T, Dw) -> (B, N, A); a clip within one window is one window.
+        Lengths are those of the whole clip (``W`` is a multiple of the adapter's stride 4)."""
+        W = self.whisper.encoder.config.max_source_positions  # Whisper frames per window
+        if sem.shape[1] <= W:
+            return self.semantic_adapter(sem, lengths)
+        B, T, D = sem.shape
+        n = -(-T // W)
+        sem = nn.functional.pad(sem, (0, 0, 0, n * W - T)).reshape(B * n, W, D)
+        starts = torch.arange(n, device=lengths.device) * W
+        win_len = (lengths[:, None] - starts[None, :]).clamp(0, W).reshape(-1)  # (B*n,)
+        out, _ = self.semantic_adapter(sem, win_len)  # (B*n, W', A)
+        out = out.reshape(B, n * out.shape[1], out.shape[2])
+        total = self.semantic_adapter.output_lengths(lengths)
+        return out[:, : max(1, int(total.max()))], total
 
     # ------------------------------------------------------------------ prompt-aware LoRA scale
     def prompt_lora_scale(self, instruction_tokens: torch.Tensor, instruction_lengths: torch.Tensor,

@@ -286,7 +286,9 @@ def main(argv=None) -> int:
     # this plugin's sizes of the reference model built above (only used to shape the converted model)
     ARCHITECTURES["parity_reference"] = dict(
         ARCHITECTURES["wavllm_7b"], whisper_layers=1, whisper_ffn_dim=1024, wavlm_layers=12, wavlm_ffn_dim=1024,
-        llama_layers=args.llm_layers, llama_max_positions=2048, llama_rms_norm_eps=1e-6)  # ModelArgs.norm_eps
+        # the LLM folder says 1e-5, as Llama-2's config.json does; the converter's override (1e-6, the
+        # reference's ModelArgs.norm_eps) is what makes the two agree
+        llama_layers=args.llm_layers, llama_max_positions=2048, llama_rms_norm_eps=1e-5)
 
     rng = np.random.default_rng(args.seed)
 
