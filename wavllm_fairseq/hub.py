@@ -109,7 +109,7 @@ class WavLLM:
         answers: List[Optional[str]] = [None] * len(items)
         for start in range(0, len(items), batch_size):
             batch = collate(items[start:start + batch_size], self.tokenizer.pad_id)
-            batch = _to(batch, self.device)
+            batch = batch_to(batch, self.device)
             hyps = gen.generate([self.model], batch)
             for idx, nbest in zip(batch["id"].tolist(), hyps):
                 answers[idx] = self.tokenizer.decode(nbest[0]["tokens"].tolist())
@@ -125,9 +125,10 @@ def _strip(node, dataclass_type):
     return {k: v for k, v in data.items() if k in known and not (isinstance(v, str) and v.startswith("${"))}
 
 
-def _to(batch, device):
+def batch_to(batch, device):
+    """The collater's batch (nested dicts of tensors and other values) with every tensor on ``device``."""
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: batch_to(v, device) for k, v in batch.items()}
     if torch.is_tensor(batch):
         return batch.to(device)
     return batch

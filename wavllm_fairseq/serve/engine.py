@@ -33,6 +33,7 @@ import torch
 
 from ..dataset import collate
 from ..generator import WavLLMGenerator
+from ..hub import batch_to
 from ..prompt_template import EncodedPrompt
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class BatchEngine:
             temperature=d.temperature if d.sampling else 1.0, sampling_topp=d.top_p if d.top_p < 1 else -1.0,
             sampling_topk=d.top_k, loop_guard_ngram=self.loop_guard_ngram)
         try:
-            batch = _to(collate(items, tok.pad_id), self.api.device)
+            batch = batch_to(collate(items, tok.pad_id), self.api.device)
             batch["max_len"] = caps
             if d.sampling:
                 torch.manual_seed(d.seed if d.seed is not None else int(time.time_ns() % (2 ** 31)))
@@ -227,10 +228,3 @@ def _call(fn, arg) -> None:
     except Exception:  # noqa: BLE001 - a client's callback must not stop the worker
         logger.exception("a request callback failed")
 
-
-def _to(batch, device):
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    return batch
