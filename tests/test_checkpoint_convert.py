@@ -120,7 +120,7 @@ def logits(model, b):
 
 def load_converted(path: str) -> WavLLMModel:
     from wavllm_fairseq.checkpoint_io import load_checkpoint_file
-    from wavllm_fairseq.model import WavLLMConfig
+    from wavllm_fairseq.model_config import WavLLMConfig
 
     ck = load_checkpoint_file(path)
     cfg = WavLLMConfig(**{k: v for k, v in ck["cfg"]["model"].items() if k != "_name"})

@@ -427,7 +427,7 @@ def test_the_unused_reference_projector_is_held_frozen_but_counted():
 def test_configs_saved_by_older_versions_get_the_behaviour_they_were_trained_with():
     from omegaconf import OmegaConf
 
-    from wavllm_fairseq.model import WavLLMConfig, complete_model_cfg
+    from wavllm_fairseq.model_config import WavLLMConfig, complete_model_cfg
 
     old = OmegaConf.create({"_name": "wavllm_tiny", "lora_rank": 4, "lora_alpha": 8.0})
     OmegaConf.set_struct(old, True)  # as fairseq hands it over
@@ -509,7 +509,7 @@ def test_a_clip_longer_than_a_whisper_window_is_adapted_window_by_window():
 
 
 def test_rms_norm_eps_override_reaches_every_norm():
-    from wavllm_fairseq.model import set_rms_norm_eps
+    from wavllm_fairseq.encoders import set_rms_norm_eps
 
     model = tiny(llama_rms_norm_eps_override=1e-6)
     norms = [m for m in model.llm.modules() if hasattr(m, "variance_epsilon")]

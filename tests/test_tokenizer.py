@@ -138,7 +138,8 @@ def test_task_trains_and_decodes_a_bpe_llm_with_its_chat_template(bpe_dir, tmp_p
     from omegaconf import OmegaConf
 
     from helpers import make_corpus
-    from wavllm_fairseq.model import WavLLMConfig, WavLLMModel
+    from wavllm_fairseq.model import WavLLMModel
+    from wavllm_fairseq.model_config import WavLLMConfig
     from wavllm_fairseq.task import WavLLMInstructionConfig, WavLLMInstructionTask
 
     corpus = make_corpus(str(tmp_path / "corpus"), n_train=2, n_test=2)
@@ -167,7 +168,7 @@ def test_a_tokenizer_folder_apart_from_the_llm_is_padded_to_the_llms_rows(bpe_di
 
     from omegaconf import OmegaConf
 
-    from wavllm_fairseq.model import WavLLMConfig
+    from wavllm_fairseq.model_config import WavLLMConfig
     from wavllm_fairseq.task import WavLLMInstructionConfig, WavLLMInstructionTask
 
     tok_only = tmp_path / "tok"

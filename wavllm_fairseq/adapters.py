@@ -1,4 +1,4 @@
-"""Modality adapters (one per speech encoder) and the projector into the LLM.
+"""Modality adapters (one per speech encoder), the fusion of their two streams and the projector into the LLM.
 
 Each adapter (paper section 3.1; sizes of the reference implementation):
 
@@ -10,6 +10,14 @@ Each adapter (paper section 3.1; sizes of the reference implementation):
 
 Frames past a clip's length are zeroed before each conv (batch invariance). Output length of each conv: ``floor((L - 1) / 2) + 1`` (kernel 3, stride 2, padding 1), so
 ``T' = conv_out_len(conv_out_len(T))``.
+
+Fusion and projection (paper section 3.1, the reference's order)::
+
+    semantic (B, N1, A), acoustic (B, N2, A) -> both trimmed to N = min(N1, N2) -> concat (B, N, 2A)
+      -> Projector Linear(2A -> D)                                                (B, N, D)
+
+Without WavLM the semantic stream goes through its own Linear(A -> D); the reference holds that one
+even when WavLM is on (unused there; see trainability.py).
 """
 from typing import Optional, Sequence, Tuple
 
@@ -18,9 +26,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def conv_out_len(lengths: torch.Tensor, kernel: int = 3, stride: int = 2, padding: int = 1) -> torch.Tensor:
-    """Frames out of one Conv1d: floor((L + 2p - k) / s) + 1."""
-    return torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+ADAPTER_KERNELS = (3, 3)  # two stride-2 convolutions: 20 ms -> 80 ms
+ADAPTER_STRIDE = 2
+
+
+def conv_out_len(lengths, kernel: int = 3, stride: int = 2, padding: int = 1):
+    """Frames out of one Conv1d (ints or tensors): floor((L + 2p - k) / s) + 1."""
+    return (lengths + 2 * padding - kernel) // stride + 1
+
+
+def subsampled_frames(lengths, kernel_sizes: Sequence[int] = ADAPTER_KERNELS, stride: int = ADAPTER_STRIDE):
+    """Frames out of the adapters' conv subsampler (ints or tensors)."""
+    for k in kernel_sizes:
+        lengths = conv_out_len(lengths, k, stride, k // 2)
+    return lengths
 
 
 class GLUConvSubsampler(nn.Module):
@@ -31,7 +50,7 @@ class GLUConvSubsampler(nn.Module):
     """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int,
-                 kernel_sizes: Sequence[int] = (3, 3), stride: int = 2):
+                 kernel_sizes: Sequence[int] = ADAPTER_KERNELS, stride: int = ADAPTER_STRIDE):
         super().__init__()
         n = len(kernel_sizes)
         self.kernel_sizes = tuple(kernel_sizes)
@@ -48,9 +67,7 @@ class GLUConvSubsampler(nn.Module):
         )
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        for k in self.kernel_sizes:
-            lengths = conv_out_len(lengths, k, self.stride, k // 2)
-        return lengths
+        return subsampled_frames(lengths, self.kernel_sizes, self.stride)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # frames past each clip's length are zeroed before every conv, so the last valid output frame
@@ -123,3 +140,18 @@ class ModalityAdapter(nn.Module):
         x, lengths = self.subsampler(x, lengths)  # (B, T', C_mid)
         x = self.bottleneck(x)
         return self.out_proj(x), lengths  # (B, T', out_dim)
+
+
+class Projector(nn.Linear):
+    """Linear from the adapters' output to the LLM width (a plain Linear: the checkpoint keys are
+    ``projector.weight`` / ``projector.bias``, as in the reference)."""
+
+
+def fuse_streams(sem: torch.Tensor, sem_len: torch.Tensor, ac: torch.Tensor,
+                 ac_len: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Trim both adapter outputs to the shorter stream, as the reference does, and concatenate:
+    (B, N1, A), (B, N2, A) -> (B, N, 2A) with lengths (B,) <= N."""
+    n = min(sem.shape[1], ac.shape[1])
+    x = torch.cat([sem[:, :n], ac[:, :n]], dim=-1)
+    lengths = torch.minimum(torch.minimum(sem_len, ac_len), torch.full_like(sem_len, n)).clamp(min=0)
+    return x, lengths

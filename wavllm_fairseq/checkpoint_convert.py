@@ -46,12 +46,22 @@ import os
 import re
 import sys
 import warnings
+from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from fairseq.dataclass.configs import FairseqConfig
+from omegaconf import OmegaConf
+from transformers import LlamaConfig, WavLMConfig, WhisperConfig
 
+from .architectures import fill_from_arch
+from .checkpoint_io import torch_load
+from .encoders import load_config, read_hf_state_dict
 from .errors import CheckpointError
 from .lora import rotary_meta_to_hf_rows
+from .model import WavLLMModel
+from .model_config import WavLLMConfig
+from .task import WavLLMInstructionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +181,6 @@ def _transform(how: str, value: torch.Tensor, m: "re.Match", n_heads: int, n_kv_
 
 def _local_backbone_state(group: str, path: str) -> Dict[str, torch.Tensor]:
     """The directory's tensors under this plugin's names (``whisper.encoder.*``, ``wavlm.wavlm.*``, ``llm.*``)."""
-    from .encoders import read_hf_state_dict
-
     if group == "whisper":
         return {"whisper.encoder." + k: v for k, v in read_hf_state_dict(path, ("model.encoder.", "encoder.", "")).items()}
     if group == "wavlm":
@@ -241,10 +249,6 @@ def _recorded_lora(state: dict) -> Dict[str, Optional[float]]:
 
 def _hf_config(group: str, path: str):
     """The backbone directory's Hugging Face config (errors name a missing directory or config.json)."""
-    from transformers import LlamaConfig, WavLMConfig, WhisperConfig
-
-    from .encoders import load_config
-
     return load_config({"llm": LlamaConfig, "whisper": WhisperConfig, "wavlm": WavLMConfig}[group], path)
 
 
@@ -252,8 +256,6 @@ def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str
                   backbone_dtype: str = "float32"):
     """The WavLLMConfig the converted tensors belong to: sizes from ``arch``, overridden by the local
     directories' config.json and by the tensors themselves (LoRA rank, prompt adapter, WavLM layers)."""
-    from .model import WavLLMConfig, fill_from_arch
-
     cfg = WavLLMConfig(whisper_path=paths.get("whisper", ""), wavlm_path=paths.get("wavlm", ""),
                        llama_path=paths.get("llm", ""), backbone_dtype=backbone_dtype, bottleneck_norm="post")
     fill_from_arch(cfg, arch)
@@ -292,10 +294,6 @@ def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str
 
 def _strict_check(cfg, arch: str, converted: Dict[str, torch.Tensor]) -> None:
     """Load the converted tensors strictly into the model ``cfg`` builds, on the meta device (no weights)."""
-    from omegaconf import OmegaConf
-
-    from .model import WavLLMModel
-
     shell = OmegaConf.structured(cfg)
     shell.whisper_path = shell.wavlm_path = shell.llama_path = ""  # sizes are in cfg; do not read weights
     vocab = int(cfg.llama_vocab_size) if cfg.llama_vocab_size and cfg.llama_vocab_size > 0 else 32000
@@ -318,9 +316,7 @@ def convert_checkpoint(src_path: str, dst_path: str, *, arch: str = "wavllm_7b",
     Backbones with a local directory are dropped from the checkpoint (and compared with it when
     ``check``); backbones without one are converted into the checkpoint.
     """
-    from .checkpoint_io import _torch_load
-
-    state = _torch_load(src_path, trust)
+    state = torch_load(src_path, trust)
     src = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(src, dict) or not any(torch.is_tensor(v) for v in src.values()):
         raise CheckpointError("no model state dict in the file", file=src_path, reason="mismatch")
@@ -332,8 +328,6 @@ def convert_checkpoint(src_path: str, dst_path: str, *, arch: str = "wavllm_7b",
         c = _hf_config("llm", llama_path)
         n_heads, n_kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
     else:
-        from .model import WavLLMConfig, fill_from_arch
-
         tmp = WavLLMConfig()
         fill_from_arch(tmp, arch)
         n_heads, n_kv = tmp.llama_heads, tmp.llama_kv_heads or tmp.llama_heads
@@ -371,13 +365,6 @@ def convert_checkpoint(src_path: str, dst_path: str, *, arch: str = "wavllm_7b",
 
 def _fairseq_checkpoint(cfg, arch: str, model_state: Dict[str, torch.Tensor], tokenizer_dir: str, src_path: str) -> dict:
     """A checkpoint dict that fairseq-generate, fairseq-hydra-train (restore_file) and WavLLM.from_pretrained read."""
-    from dataclasses import asdict
-
-    from fairseq.dataclass.configs import FairseqConfig
-    from omegaconf import OmegaConf
-
-    from .task import WavLLMInstructionConfig
-
     full = OmegaConf.to_container(OmegaConf.structured(FairseqConfig), resolve=True, enum_to_str=True,
                                   throw_on_missing=False)
     model_cfg = dict(asdict(cfg), _name=arch)

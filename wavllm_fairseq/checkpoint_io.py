@@ -5,10 +5,8 @@
   allow-list of the omegaconf/fairseq container types a checkpoint holds. Full unpickling (which can
   run code from the file) only with ``trust=True``.
 * ``export_safetensors`` turns a fairseq checkpoint into ``<name>.safetensors`` + ``<name>.json``.
-* ``install_fairseq_checkpoint_guards`` (done when the plugin is imported): fairseq writes
-  ``checkpoint_last.pt`` / ``checkpoint_best.pt`` by *copying* the freshly written checkpoint, which is
-  not atomic; the copy is made to a temporary file and renamed. Loading a truncated or corrupt file
-  raises a CheckpointError naming the file and the previous checkpoints that are still usable.
+* ``torch_load`` / ``atomic_copy`` / ``previous_checkpoints_hint``: the pieces fairseq_fixes.py uses
+  to make fairseq's own checkpoint copies atomic and its load errors name the file.
 """
 import glob
 import json
@@ -36,7 +34,8 @@ def _omegaconf_safe_globals():
             StringNode, typing.Any, collections.OrderedDict, collections.defaultdict, dict, list, int, float, str]
 
 
-def _torch_load(path: str, trust: bool) -> Dict[str, Any]:
+def torch_load(path: str, trust: bool) -> Dict[str, Any]:
+    """``torch.load`` of a fairseq checkpoint: weights-only with the allow-list unless ``trust``; errors name the file."""
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -54,10 +53,10 @@ def _torch_load(path: str, trust: bool) -> Dict[str, Any]:
                 file=path, reason="unsafe") from e
         raise CheckpointError(
             f"cannot read checkpoint ({type(e).__name__}: {msg[:200]}): the file is truncated or corrupt"
-            + _previous_checkpoints_hint(path), file=path, reason="corrupt") from e
+            + previous_checkpoints_hint(path), file=path, reason="corrupt") from e
 
 
-def _previous_checkpoints_hint(path: str) -> str:
+def previous_checkpoints_hint(path: str) -> str:
     others = sorted((p for p in glob.glob(os.path.join(os.path.dirname(path) or ".", "checkpoint*.pt"))
                      if os.path.abspath(p) != os.path.abspath(path)), key=os.path.getmtime, reverse=True)
     if not others:
@@ -81,7 +80,7 @@ def load_checkpoint_file(path: str, trust: bool = False) -> Dict[str, Any]:
             raise CheckpointError(f"cannot read safetensors file ({e})", file=path, reason="corrupt") from e
         with open(meta_path) as f:
             return {"model": tensors, "cfg": json.load(f)}
-    state = _torch_load(path, trust)
+    state = torch_load(path, trust)
     if "model" not in state or ("cfg" not in state and "args" not in state):
         raise CheckpointError("not a fairseq checkpoint (no 'model' and 'cfg' entries)", file=path, reason="mismatch")
     if state.get("cfg") is None:
@@ -114,48 +113,6 @@ def atomic_copy(src: str, dst: str) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dst)
-
-
-class _AtomicCopyPathManager:
-    """fairseq's PathManager, except that copies of local files are atomic (write temp, rename)."""
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def copy(self, src_path, dst_path, overwrite=False, **kwargs):
-        if "://" in src_path or "://" in dst_path:
-            return self._inner.copy(src_path, dst_path, overwrite=overwrite, **kwargs)
-        if os.path.exists(dst_path) and not overwrite:
-            return False
-        atomic_copy(src_path, dst_path)
-        return True
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-def install_fairseq_checkpoint_guards() -> None:
-    """Make fairseq's checkpoint copies atomic and its load errors name the file (idempotent)."""
-    from fairseq import checkpoint_utils
-
-    if not isinstance(checkpoint_utils.PathManager, _AtomicCopyPathManager):
-        checkpoint_utils.PathManager = _AtomicCopyPathManager(checkpoint_utils.PathManager)
-    original = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(original, "_wavllm_guarded", False):
-        return
-
-    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        try:
-            return original(path, arg_overrides, load_on_all_ranks)
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            raise CheckpointError(f"cannot read checkpoint ({type(e).__name__}: {str(e)[:200]}): the file is "
-                                  "truncated or corrupt" + _previous_checkpoints_hint(path), file=path,
-                                  reason="corrupt") from e
-
-    load_checkpoint_to_cpu._wavllm_guarded = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
 def main(argv=None) -> int:

@@ -3,12 +3,17 @@
 The model is built on the meta device (no weights, no memory), so the full-size ``wavllm_7b``
 counts in seconds on a laptop. Prints total and trainable parameters per group, then the lines
 ``total <int>``, ``trainable <int>`` (the paper's count) and ``optimised <int>`` (what gets gradients:
-trainable less the reference's unused Whisper-only projector, see model.trainable_groups).
+trainable less the reference's unused Whisper-only projector, see trainability.trainable_groups).
 """
 import argparse
 import logging
 import sys
 from typing import Dict, List, Optional
+
+from .architectures import ARCHITECTURES
+from .lora import lora_modules
+from .model import count_parameters
+from .trainability import is_optimised
 
 # the paper's stage-1 figure, and how the reference implementation's parameters add up to it
 PAPER_STAGE1_TRAINABLE = 76_636_941
@@ -46,14 +51,10 @@ def breakdown(model) -> List[str]:
 
 
 def _lora(model):
-    from .lora import lora_modules
-
     return lora_modules(model.llm)
 
 
 def count(arch: str, stage: int, vocab_size: Optional[int] = None) -> Dict[str, int]:
-    from .model import count_parameters, is_optimised
-
     model = count_parameters(arch, stage=stage, vocab_size=vocab_size)
     counts = {g: n for g, (_, n) in model.trainable_counts.items()}
     return {"model": model, "groups": counts,
@@ -71,8 +72,6 @@ def main(argv=None) -> int:
                         help="vocabulary for archs that take it from the tokenizer (wavllm_tiny; default 1000)")
     args = parser.parse_args(argv)
     logging.getLogger("wavllm_fairseq").setLevel(logging.WARNING)
-    from .model import ARCHITECTURES
-
     if args.arch not in ARCHITECTURES:
         print(f"unknown architecture {args.arch!r}; choose from {sorted(ARCHITECTURES)}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ position of speech is 80 ms = 1280 samples).
 import bisect
 import dataclasses
 import logging
+import os
 import random
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -52,38 +53,13 @@ logger = logging.getLogger(__name__)
 TEXT_TOKEN_COST = 1280  # samples of audio that one LLM position stands for (80 ms)
 
 
-def expected_speech_frames(n_samples: int, use_wavlm: bool = True) -> int:
-    """Speech embeddings the model makes for ``n_samples`` of audio (Whisper/WavLM 20 ms, two stride-2 convs).
-
-    Equal to ``WavLLMModel.speech_frames`` for the standard front ends (tested).
-    """
-    if n_samples <= 0:
-        return 0
-
-    def adapter(n):
-        for _ in range(2):
-            n = (n - 1) // 2 + 1
-        return n
-
-    whisper = (-(-n_samples // 160) + 1) // 2  # ceil(n/160) valid mel frames, conv stride 2
-    n = adapter(whisper)
-    if use_wavlm:
-        w = n_samples
-        for k, s in zip((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)):
-            w = (w - k) // s + 1
-        n = min(n, adapter(max(w, 0)))
-    return max(n, 0)
-
-
 class InstructionDataset(FairseqDataset):
     """One instruction manifest (one corpus): tokenized at load, audio read in ``__getitem__``."""
 
-    def __init__(self, rows, manifest_path: str, tokenizer, *, corpus: str, max_positions: Optional[int] = None,
-                 max_audio_seconds: Optional[float] = None, skip_bad: bool = False,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, shuffle: bool = True, encode=encode_example,
-                 speech_frames: Callable[[int], int] = expected_speech_frames):
-        import os
-
+    def __init__(self, rows, manifest_path: str, tokenizer, *, corpus: str, speech_frames: Callable[[int], int],
+                 max_positions: Optional[int] = None, max_audio_seconds: Optional[float] = None,
+                 skip_bad: bool = False, system_prompt: str = DEFAULT_SYSTEM_PROMPT, shuffle: bool = True,
+                 encode=encode_example):
         self.manifest_path = manifest_path
         self.root = os.path.dirname(os.path.abspath(manifest_path))
         self.tokenizer = tokenizer
@@ -258,7 +234,7 @@ class MultiCorpusDataset(FairseqDataset):
         return collate(samples, self.pad)
 
 
-def _pad_2d(seqs: Sequence[Sequence[int]], pad: int, dtype=torch.long) -> torch.Tensor:
+def pad_2d(seqs: Sequence[Sequence[int]], pad: int, dtype=torch.long) -> torch.Tensor:
     out = torch.full((len(seqs), max([len(s) for s in seqs] + [0])), pad, dtype=dtype)
     for i, s in enumerate(seqs):
         if len(s):
@@ -278,8 +254,8 @@ def collate(samples: List[Optional[dict]], pad: int) -> dict:
         if s["audio"] is not None:
             audio[i, : len(s["audio"])] = torch.from_numpy(np.asarray(s["audio"], dtype=np.float32))
     encs = [s["enc"] for s in samples]
-    post = _pad_2d([e.post for e in encs], pad)
-    tmask = _pad_2d([e.post_target_mask for e in encs], 0, dtype=torch.bool)
+    post = pad_2d([e.post for e in encs], pad)
+    tmask = pad_2d([e.post_target_mask for e in encs], 0, dtype=torch.bool)
     bos = samples[0]["enc"].pre[0]
     instr = [list(e.adapter_input) for e in encs]
     legacy = [[bos] + list(e.instruction) for e in encs]
@@ -294,17 +270,17 @@ def collate(samples: List[Optional[dict]], pad: int) -> dict:
         "net_input": {
             "audio": audio,
             "audio_lengths": audio_lengths,
-            "pre_tokens": _pad_2d([e.pre for e in encs], pad),
+            "pre_tokens": pad_2d([e.pre for e in encs], pad),
             "pre_lengths": torch.tensor([len(e.pre) for e in encs], dtype=torch.long),
             "post_tokens": post,
             "post_lengths": torch.tensor([len(e.post) for e in encs], dtype=torch.long),
             "post_target_mask": tmask,
             "prompt_post_lengths": torch.tensor([s["gen_len"] for s in samples], dtype=torch.long),
-            "instruction_tokens": _pad_2d(instr, pad),
+            "instruction_tokens": pad_2d(instr, pad),
             "instruction_lengths": torch.tensor([len(i) for i in instr], dtype=torch.long),
-            "legacy_instruction_tokens": _pad_2d(legacy, pad),
+            "legacy_instruction_tokens": pad_2d(legacy, pad),
             "legacy_instruction_lengths": torch.tensor([len(i) for i in legacy], dtype=torch.long),
         },
-        "target": _pad_2d(targets, pad),
+        "target": pad_2d(targets, pad),
         "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
     }

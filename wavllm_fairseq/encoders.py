@@ -23,7 +23,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, WavLMConfig, WavLMModel, WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from .audio import whisper_log_mel
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -163,6 +166,31 @@ def from_pretrained_checked(cls, path: str, what: str, dtype: Optional[torch.dty
 
 
 # --------------------------------------------------------------------------------------------
+# Frame arithmetic (ints or tensors): the encoders' output lengths, also used without a model
+# --------------------------------------------------------------------------------------------
+WHISPER_HOP = 160  # samples per log-mel frame (10 ms at 16 kHz)
+
+
+def whisper_frames(n_samples, hop: int = WHISPER_HOP):
+    """Whisper encoder frames (20 ms) for ``n_samples``: ceil(n / hop) valid mel frames (the feature
+    extractor's attention mask, the reference's length), then conv2 (k=3, s=2, p=1)."""
+    mel = (n_samples + hop - 1) // hop
+    return (mel + 1) // 2
+
+
+def wavlm_frames(n_samples, config=None):
+    """WavLM frames (20 ms) for ``n_samples``: its convolutional feature extractor, no padding
+    (kernels and strides of ``config``; default: WavLMConfig's, those of every released WavLM)."""
+    config = config if config is not None else _DEFAULT_WAVLM
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        n_samples = (n_samples - kernel) // stride + 1
+    return n_samples
+
+
+_DEFAULT_WAVLM = WavLMConfig()
+
+
+# --------------------------------------------------------------------------------------------
 # Whisper encoder (semantic branch)
 # --------------------------------------------------------------------------------------------
 class WhisperSemanticEncoder(nn.Module):
@@ -187,13 +215,9 @@ class WhisperSemanticEncoder(nn.Module):
         return self.encoder.config.d_model
 
     def output_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
-        # valid mel frames: ceil(n / hop), the feature extractor's attention mask (the reference's length)
-        mel = torch.div(wav_lengths + self.hop_length - 1, self.hop_length, rounding_mode="floor")
-        return torch.div(mel + 1, 2, rounding_mode="floor")  # conv2: k=3, s=2, p=1
+        return whisper_frames(wav_lengths, self.hop_length)
 
     def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        from .audio import whisper_log_mel
-
         n_chunks = max(1, -(-int(wav_lengths.max()) // (self.window * self.hop_length)))
         # pad the waveform (not the features) to whole windows: padding frames are then the log-mel of
         # silence, as Whisper's own feature extractor makes them, whatever the batch
@@ -212,9 +236,6 @@ class WhisperSemanticEncoder(nn.Module):
 
 
 def whisper_encoder_from_config(cfg_kwargs: dict):
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
     return WhisperEncoder(WhisperConfig(**cfg_kwargs))
 
 
@@ -222,8 +243,6 @@ def load_whisper_encoder(path: str, dtype: Optional[torch.dtype] = None):
     """WhisperEncoder from a local folder of a ``WhisperForConditionalGeneration`` (``model.encoder.*``, as
     openai/whisper-* are released), a ``WhisperModel`` (``encoder.*``) or a bare encoder. Only the
     encoder's tensors are read; the decoder stays on disk."""
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
     return from_pretrained_checked(WhisperEncoder, path, "Whisper encoder", dtype,
                                    key_mapping={r"^model\.encoder\.": "", r"^encoder\.": ""},
                                    expected_extra=(r"^(model\.)?decoder\.", r"^proj_out\."))
@@ -252,7 +271,7 @@ class WavLMAcousticEncoder(nn.Module):
         return self.wavlm.config.num_hidden_layers + 1
 
     def output_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
-        return self.wavlm._get_feat_extract_output_lengths(wav_lengths).long().clamp(min=0)
+        return wavlm_frames(wav_lengths.long(), self.wavlm.config).clamp(min=0)
 
     def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # WavLM-base's feature extractor group-normalises each channel over time, so padding would
@@ -285,16 +304,12 @@ class WavLMAcousticEncoder(nn.Module):
 
 
 def wavlm_from_config(cfg_kwargs: dict):
-    from transformers import WavLMConfig, WavLMModel
-
     return WavLMModel(WavLMConfig(**cfg_kwargs))
 
 
 def load_wavlm(path: str, dtype: Optional[torch.dtype] = None):
     """WavLMModel from a local folder (microsoft/wavlm-* layout, legacy weight-norm names included; a
     WavLMFor* head folder gives its ``wavlm.*`` body)."""
-    from transformers import WavLMModel
-
     # masked_spec_embed is only used for SpecAugment during pre-training; some exports omit it
     return from_pretrained_checked(WavLMModel, path, "WavLM", dtype, may_miss=(r"^masked_spec_embed$",),
                                    expected_extra=(r"^(lm_head|projector|classifier|feature_projector|tdnn|"
@@ -305,8 +320,6 @@ def load_wavlm(path: str, dtype: Optional[torch.dtype] = None):
 # LLaMA
 # --------------------------------------------------------------------------------------------
 def llama_from_config(cfg_kwargs: dict):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     return LlamaForCausalLM(LlamaConfig(**cfg_kwargs))
 
 
@@ -316,8 +329,6 @@ LLAMA_LAYOUT = ("q_proj", "k_proj", "v_proj", "o_proj")
 def load_llama(path: str, dtype: Optional[torch.dtype] = None):
     """A LLaMA-architecture causal LM from a local folder (LLaMA-2/3, SmolLM2, Mistral, Qwen2: any
     ``AutoModelForCausalLM`` whose decoder layers have ``self_attn.{q,k,v,o}_proj``, where LoRA goes)."""
-    from transformers import AutoModelForCausalLM
-
     model = from_pretrained_checked(AutoModelForCausalLM, path, "LLM", dtype,
                                     may_miss=(r"rotary_emb\.inv_freq$",))
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -327,3 +338,54 @@ def load_llama(path: str, dtype: Optional[torch.dtype] = None):
                               "LLaMA-architecture LLM: expected model.layers[i].self_attn.q_proj/k_proj/v_proj/o_proj",
                               file=path, reason="mismatch")
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The three backbones of a model config (model_config.WavLLMConfig): loaded from a local folder when
+# its path is set, else built with random weights from the config's sizes
+# --------------------------------------------------------------------------------------------
+def build_whisper(cfg, dtype: Optional[torch.dtype] = None) -> WhisperSemanticEncoder:
+    if cfg.whisper_path:
+        return WhisperSemanticEncoder(load_whisper_encoder(cfg.whisper_path, dtype))
+    return WhisperSemanticEncoder(whisper_encoder_from_config(dict(
+        d_model=cfg.whisper_d_model, encoder_layers=cfg.whisper_layers, encoder_attention_heads=cfg.whisper_heads,
+        encoder_ffn_dim=cfg.whisper_ffn_dim, num_mel_bins=cfg.whisper_num_mel_bins,
+        max_source_positions=cfg.whisper_max_source_positions, decoder_layers=1,
+        decoder_attention_heads=cfg.whisper_heads, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1)))
+
+
+def build_wavlm(cfg, dtype: Optional[torch.dtype] = None) -> Optional[WavLMAcousticEncoder]:
+    if not cfg.use_wavlm:
+        return None
+    if cfg.wavlm_path:
+        return WavLMAcousticEncoder(load_wavlm(cfg.wavlm_path, dtype))
+    return WavLMAcousticEncoder(wavlm_from_config(dict(
+        hidden_size=cfg.wavlm_hidden, num_hidden_layers=cfg.wavlm_layers, num_attention_heads=cfg.wavlm_heads,
+        intermediate_size=cfg.wavlm_ffn_dim, conv_dim=(cfg.wavlm_conv_dim,) * 7,
+        num_conv_pos_embeddings=cfg.wavlm_conv_pos_kernel, num_conv_pos_embedding_groups=cfg.wavlm_conv_pos_groups,
+        num_buckets=cfg.wavlm_num_buckets, max_bucket_distance=cfg.wavlm_max_bucket_distance)))
+
+
+def build_llm(cfg, vocab_size: int, dtype: Optional[torch.dtype] = None):
+    """The LLM; ``model.llama_rms_norm_eps_override`` > 0 sets its RMSNorm epsilon (loaded or not)."""
+    if cfg.llama_path:
+        llm = load_llama(cfg.llama_path, dtype)
+    else:
+        llm = llama_from_config(dict(
+            hidden_size=cfg.llama_dim, num_hidden_layers=cfg.llama_layers, num_attention_heads=cfg.llama_heads,
+            num_key_value_heads=cfg.llama_kv_heads, intermediate_size=cfg.llama_ffn_dim, vocab_size=vocab_size,
+            max_position_embeddings=cfg.llama_max_positions, rms_norm_eps=cfg.llama_rms_norm_eps,
+            bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False))
+    if cfg.llama_rms_norm_eps_override > 0:
+        set_rms_norm_eps(llm, cfg.llama_rms_norm_eps_override)
+    return llm
+
+
+def set_rms_norm_eps(llm: nn.Module, eps: float) -> int:
+    """Set the epsilon of every RMSNorm of ``llm`` (and its config); returns how many were set."""
+    norms = [m for m in llm.modules() if hasattr(m, "variance_epsilon")]
+    for m in norms:
+        m.variance_epsilon = eps
+    llm.config.rms_norm_eps = eps
+    return len(norms)

@@ -20,23 +20,17 @@ task's length cap (``max_len_per_task``) is stopped and logged as ``guard id=<id
 """
 import logging
 import math
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .model import GenerationPrefix
+
 logger = logging.getLogger(__name__)
 
 LOOP_REPEATS = 3  # an n-gram repeated this many times back to back at the tail is a loop
 PREFILL_PAD_WASTE = 0.1  # prefill rows one by one when padding would be more than this share of the work
-
-
-@dataclass
-class GenerationPrefix:
-    embeds: torch.Tensor  # (B, L, D) left-padded
-    attention_mask: torch.Tensor  # (B, L) long, 0 on padding
-    lora_scale: Optional[torch.Tensor] = None  # (B, D) stage-2 prompt-aware LoRA scale, or None
 
 
 def loop_length(tokens: Sequence[int], max_n: int, repeats: int = LOOP_REPEATS) -> int:

@@ -16,6 +16,17 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+
+from .audio import load_audio, resample_to_16k
+from .chat_template import prompt_encoder
+from .checkpoint_io import load_checkpoint_file
+from .dataset import collate
+from .generator import WavLLMGenerator
+from .model import WavLLMModel
+from .model_config import WavLLMConfig, complete_model_cfg
+from .task import WavLLMInstructionConfig, WavLLMInstructionTask
+from .tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +52,6 @@ class WavLLM:
         checkpoint was trained elsewhere. ``merge_lora`` folds stage-1 LoRA into the base weights for
         faster decoding (stage-2 LoRA is scaled per utterance and stays separate).
         """
-        from omegaconf import OmegaConf
-
-        from .checkpoint_io import load_checkpoint_file
-        from .model import WavLLMConfig, WavLLMModel, complete_model_cfg
-        from .task import WavLLMInstructionConfig, WavLLMInstructionTask
-        from .tokenizer import LlamaTokenizer
-
         state = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
         cfg = state["cfg"]
         model_cfg = OmegaConf.merge(OmegaConf.structured(WavLLMConfig),
@@ -70,9 +74,6 @@ class WavLLM:
         return cls(model, task, device)
 
     def _item(self, i: int, audio: AudioInput, instruction: str, task_name: str):
-        from .audio import SAMPLE_RATE, load_audio, resample_to_16k
-        from .chat_template import prompt_encoder
-
         wav = None
         if isinstance(audio, str):
             wav = load_audio(audio, "")
@@ -94,9 +95,6 @@ class WavLLM:
                  loop_guard_ngram: int = 4, batch_size: int = 8, task_names: Optional[Sequence[str]] = None,
                  seed: int = 0) -> List[str]:
         """Answer ``instructions[i]`` about ``audios[i]``; returns one string per question, in order."""
-        from .dataset import collate
-        from .generator import WavLLMGenerator
-
         if len(audios) != len(instructions):
             raise ValueError(f"{len(audios)} audios but {len(instructions)} instructions")
         torch.manual_seed(seed)
@@ -118,8 +116,6 @@ class WavLLM:
 
 def _strip(node, dataclass_type):
     """Keep only the fields the dataclass knows (older checkpoints may carry extra keys)."""
-    from omegaconf import OmegaConf
-
     data = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else dict(node)
     known = set(dataclass_type.__dataclass_fields__)
     return {k: v for k, v in data.items() if k in known and not (isinstance(v, str) and v.startswith("${"))}

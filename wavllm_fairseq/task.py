@@ -11,15 +11,24 @@ paper's per-GPU batch); text-only rows cost 1280 samples per token.
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
+from . import fairseq_fixes
+from .chat_template import prompt_encoder
+from .curriculum import CurriculumBatchSampler, CurriculumEpochBatchIterator, curriculum_from_subsets, load_curriculum
+from .dataset import InstructionDataset, MultiCorpusDataset
 from .errors import WavLLMInputError
+from .generator import WavLLMGenerator
+from .manifest import read_manifest
+from .model import expected_speech_frames
+from .prompt_augment import PromptAugmenter, prompt_pools
 from .prompt_template import DEFAULT_SYSTEM_PROMPT
+from .tokenizer import LlamaDictionary, LlamaTokenizer, SentencePieceDecoder, config_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +47,25 @@ class WavLLMInstructionConfig(FairseqDataclass):
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping with an error"})
     check_audio_on_load: bool = field(default=True, metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before training)"})
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "the system prompt of the chat template"})
-    chat_template: str = field(default="reference", metadata={"help": "reference: the reference implementation's LLaMA-2 template (token-exact with the released model); tokenizer: the LLM tokenizer's own chat template (tokenizer_config.json), the speech span inside the first user turn, for another chat-tuned LLM (chat_template.py)"})
+    chat_template: ChoiceEnum(["reference", "tokenizer"]) = field(default="reference", metadata={"help": "reference: the reference implementation's LLaMA-2 template (token-exact with the released model); tokenizer: the LLM tokenizer's own chat template (tokenizer_config.json), the speech span inside the first user turn, for another chat-tuned LLM (chat_template.py)"})
     prompt_augment: bool = field(default=False, metadata={"help": "instruction augmentation on the training split: single-task speech prompts get words dropped (one word only that task's prompts use always stays) and words shared by 3+ tasks inserted, so the model keys on task words (prompt_augment.py; not in the paper; mixed on the toy, see the README)"})
     max_len_per_task: str = field(default="", metadata={"help": "decoding length caps per task, e.g. 'sv:20,er:20,asr:120' (tokens)"})
     loop_guard_ngram: int = field(default=4, metadata={"help": "decoding: stop a hypothesis whose tail repeats an n-gram (n <= this) 3 times; 0 = off"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
     seed: int = II("common.seed")
     update_freq: List[int] = II("optimization.update_freq")
+
+
+def parse_task_lengths(text: str) -> Dict[str, int]:
+    """``task.max_len_per_task`` ("sv:20,er:20,asr:120") -> {task: max new tokens}; a clear error otherwise."""
+    caps: Dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, n = item.partition(":")
+        if not sep or not name.strip() or not n.strip().isdigit() or int(n) < 1:
+            raise WavLLMInputError(f"task.max_len_per_task={text!r}: {item!r} is not TASK:TOKENS with TOKENS a "
+                                   "positive integer (e.g. 'sv:20,er:20,asr:120')")
+        caps[name.strip()] = int(n)
+    return caps
 
 
 class _PendingDictionary:
@@ -90,10 +111,10 @@ class WavLLMInstructionTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: WavLLMInstructionConfig, **kwargs):
+        fairseq_fixes.apply()  # what and why: fairseq_fixes.py
+        parse_task_lengths(cfg.max_len_per_task)  # a malformed value fails here, not at the first batch
         tokenizer = None
         if cfg.tokenizer_dir:
-            from .tokenizer import LlamaTokenizer
-
             tokenizer = LlamaTokenizer.from_dir(cfg.tokenizer_dir)
         return cls(cfg, tokenizer)
 
@@ -106,8 +127,6 @@ class WavLLMInstructionTask(FairseqTask):
     @property
     def target_dictionary(self):
         if self._dictionary is None and self.tokenizer is not None:
-            from .tokenizer import LlamaDictionary
-
             self._dictionary = LlamaDictionary.from_tokenizer(self.tokenizer)
         if self._dictionary is None:
             # fairseq-generate asks for the dictionary before it loads the checkpoint, whose
@@ -121,23 +140,16 @@ class WavLLMInstructionTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         if self.tokenizer is None and getattr(cfg, "llama_path", ""):
-            from .tokenizer import LlamaTokenizer
-
             self.tokenizer = LlamaTokenizer.from_dir(cfg.llama_path)
         self._require_tokenizer()
         if getattr(cfg, "llama_path", "") and not getattr(self.tokenizer, "model_vocab_size", 0):
             # a tokenizer_dir without the LLM's config.json: the dictionary is padded to the LLM's rows
-            from .tokenizer import config_vocab_size
-
             self.tokenizer.model_vocab_size = config_vocab_size(cfg.llama_path)
             self._dictionary = None
         model = super().build_model(cfg, from_checkpoint)
         self._context_length = model.context_length
         self._use_wavlm = model.wavlm is not None
         return model
-
-    def model_built(self, cfg):  # hook called by WavLLMModel.build_model (nothing to do yet)
-        pass
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
@@ -160,10 +172,6 @@ class WavLLMInstructionTask(FairseqTask):
         return name if os.path.isabs(name) else os.path.join(self.cfg.data, name)
 
     def load_corpus(self, name_or_path: str, corpus: Optional[str] = None, shuffle: bool = True):
-        from .chat_template import prompt_encoder
-        from .dataset import InstructionDataset, expected_speech_frames
-        from .manifest import read_manifest
-
         path = self.manifest_path(name_or_path)
         if not os.path.isfile(path):
             raise WavLLMInputError(f"manifest not found: {path} (task.data={self.cfg.data!r})", file=path, reason="missing")
@@ -182,8 +190,6 @@ class WavLLMInstructionTask(FairseqTask):
         return ds
 
     def train_curriculum(self):
-        from .curriculum import curriculum_from_subsets, load_curriculum
-
         if self.cfg.curriculum:
             path = self.cfg.curriculum if os.path.isabs(self.cfg.curriculum) else os.path.join(self.cfg.data, self.cfg.curriculum)
             if not os.path.isfile(path) and os.path.isfile(self.cfg.curriculum):
@@ -195,14 +201,10 @@ class WavLLMInstructionTask(FairseqTask):
                                        self.cfg.sampling_temperature, self.cfg.data)
 
     def load_dataset(self, split: str, epoch=1, combine=False, task_cfg=None, **kwargs):
-        from .dataset import MultiCorpusDataset
-
         if split == "train" and (self.cfg.curriculum or self.cfg.train_manifests):
             cur = self.train_curriculum()
             corpora = {name: self.load_corpus(path, corpus=name) for name, path in cur.corpora.items()}
             if self.cfg.prompt_augment:
-                from .prompt_augment import PromptAugmenter, prompt_pools
-
                 augment = PromptAugmenter(prompt_pools(r for ds in corpora.values() for r in ds.rows))
                 logger.info(f"instruction augmentation on the training split: {augment}")
                 for ds in corpora.values():
@@ -221,8 +223,6 @@ class WavLLMInstructionTask(FairseqTask):
             # fairseq would silently drop a last partial batch (and decode nothing for tiny test sets)
             logger.info(f"required_batch_size_multiple={required_batch_size_multiple} -> 1 (no rows are dropped)")
             required_batch_size_multiple = 1
-        from .dataset import MultiCorpusDataset
-
         if not isinstance(dataset, MultiCorpusDataset):
             return super().get_batch_iterator(
                 dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=None,
@@ -231,8 +231,6 @@ class WavLLMInstructionTask(FairseqTask):
                 data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
                 skip_remainder_batch=False, grouped_shuffling=grouped_shuffling,
                 update_epoch_batch_itr=update_epoch_batch_itr)
-        from .curriculum import CurriculumBatchSampler, CurriculumEpochBatchIterator
-
         if max_tokens is None and max_sentences is None:
             raise WavLLMInputError("set dataset.max_tokens (audio samples per batch, 480000 = 30 s) or dataset.batch_size")
         update_freq = self.cfg.update_freq
@@ -249,12 +247,7 @@ class WavLLMInstructionTask(FairseqTask):
 
     # ------------------------------------------------------------------ decoding
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
-        from .generator import WavLLMGenerator
-
-        caps = {}
-        for item in filter(None, (self.cfg.max_len_per_task or "").split(",")):
-            task, _, n = item.partition(":")
-            caps[task.strip()] = int(n)
+        caps = parse_task_lengths(self.cfg.max_len_per_task)
         return WavLLMGenerator(
             models, self.target_dictionary,
             beam_size=getattr(args, "beam", 1), max_len_a=getattr(args, "max_len_a", 0.0),
@@ -271,8 +264,6 @@ class WavLLMInstructionTask(FairseqTask):
         """fairseq-generate's detokeniser: sentencepiece pieces -> text (unless --bpe is given)."""
         if args is not None and getattr(args, "_name", None):
             return super().build_bpe(args)
-        from .tokenizer import SentencePieceDecoder
-
         return SentencePieceDecoder(self._require_tokenizer())
 
     def build_tokenizer(self, args):

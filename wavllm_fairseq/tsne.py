@@ -14,20 +14,28 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from .dataset import pad_2d
+from .hub import WavLLM
+from .manifest import read_manifest
+from .prompt_template import adapter_text
+
 
 def prompt_scales(api, prompts: List[str], batch_size: int = 32) -> np.ndarray:
-    """(N, D) prompt-adapter outputs r for the instructions ``prompts``."""
-    from .dataset import _pad_2d
-
+    """(N, D) prompt-adapter outputs r for the instructions ``prompts``, from the adapter input the
+    collater builds (the reference's '"' + instruction + '"'; <s> + instruction for older checkpoints)."""
     model, tok = api.model, api.tokenizer
     if model.prompt_scale is None:
         raise SystemExit("this checkpoint has no prompt adapter (stage 1): use a stage-2 checkpoint")
     out = []
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
-            ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]  # as the collater builds them
-            lengths = torch.tensor([len(x) for x in ids])
-            out.append(model.prompt_lora_scale(_pad_2d(ids, tok.pad_id), lengths).float().cpu().numpy())
+            chunk = prompts[i:i + batch_size]
+            ids = [tok.encode(adapter_text(p)) for p in chunk]
+            legacy = [[tok.bos_id] + tok.encode(p) for p in chunk]
+            batch = {"legacy_instruction_tokens": pad_2d(legacy, tok.pad_id),
+                     "legacy_instruction_lengths": torch.tensor([len(x) for x in legacy])}
+            r = model.prompt_lora_scale(pad_2d(ids, tok.pad_id), torch.tensor([len(x) for x in ids]), batch)
+            out.append(r.float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -42,9 +50,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-path", default=None, help="override the checkpoint's LLaMA dir")
     args = p.parse_args(argv)
-
-    from .hub import WavLLM
-    from .manifest import read_manifest
 
     api = WavLLM.from_pretrained(args.checkpoint, llama_path=args.llama_path, merge_lora=False)
     by_task: Dict[str, List[str]] = {}
