@@ -58,6 +58,7 @@ setup(
             "wavllm-serve=wavllm_fairseq.serve.cli:main",
             "wavllm-bench-serve=wavllm_fairseq.serve.bench:main",
             "wavllm-prepare-small-backbones=wavllm_fairseq.small_backbones:main",
+            "wavllm-decode-args=wavllm_fairseq.decode_config:main",
         ]
     },
 )

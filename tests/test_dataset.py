@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from helpers import make_corpus, write_manifest
+from helpers import make_corpus
 from wavllm_fairseq.criterion import WavLLMCrossEntropy
 from wavllm_fairseq.dataset import TEXT_TOKEN_COST, InstructionDataset, collate
 from wavllm_fairseq.errors import AudioError, ManifestError

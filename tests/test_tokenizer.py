@@ -138,7 +138,6 @@ def test_task_trains_and_decodes_a_bpe_llm_with_its_chat_template(bpe_dir, tmp_p
     from omegaconf import OmegaConf
 
     from helpers import make_corpus
-    from wavllm_fairseq.model import WavLLMModel
     from wavllm_fairseq.model_config import WavLLMConfig
     from wavllm_fairseq.task import WavLLMInstructionConfig, WavLLMInstructionTask
 

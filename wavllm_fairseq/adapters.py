@@ -19,7 +19,7 @@ Fusion and projection (paper section 3.1, the reference's order)::
 Without WavLM the semantic stream goes through its own Linear(A -> D); the reference holds that one
 even when WavLM is on (unused there; see trainability.py).
 """
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn

@@ -33,7 +33,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 import soundfile as sf
+import torch
 from scipy.signal import resample_poly
+from transformers.audio_utils import mel_filter_bank
 
 from .errors import AudioError
 
@@ -238,8 +240,6 @@ def load_audio(spec: str, root: str = "", *, max_seconds: Optional[float] = None
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def _mel_filters(n_mels: int, n_fft: int) -> np.ndarray:
-    from transformers.audio_utils import mel_filter_bank
-
     return mel_filter_bank(num_frequency_bins=1 + n_fft // 2, num_mel_filters=n_mels, min_frequency=0.0,
                            max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney",
                            mel_scale="slaney").astype(np.float32)  # (n_fft/2+1, n_mels)
@@ -265,8 +265,6 @@ def whisper_log_mel(wav, lengths, n_mels: int = 80, n_fft: int = 400, hop: int =
       and the right edge sees zeros (what the extractor gives when it pads the clip to 30 s).
       ``F = ceil(T / hop)``.
     """
-    import torch
-
     wav = wav.float()
     B, T = wav.shape
     lengths = lengths.to(device=wav.device, dtype=torch.long)

@@ -26,10 +26,14 @@ Reports tokens/s (best of ``--repeats``) and ratios; the last line is
 ``ratio_vs_hf_generate <our default path / HF dynamic at the largest batch>``.
 """
 import argparse
+import json
 import sys
 import time
 
 import torch
+
+from .generator import WavLLMGenerator
+from .model import WavLLMModel
 
 
 BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM bandwidth by GPU name (vendor figures)
@@ -103,8 +107,6 @@ def _time(fn, repeats: int, device: str = "cpu"):
 
 def build(arch: str, vocab: int, device: str, dtype: torch.dtype, stage: int = 1):
     """A random-weight model built directly on ``device`` in ``dtype``, with a non-zero LoRA."""
-    from .model import WavLLMModel
-
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -155,8 +157,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from .generator import WavLLMGenerator
 
     dev = args.device
     model = build(args.arch, args.vocab, dev, getattr(torch, args.dtype), args.stage)
@@ -227,8 +227,6 @@ def main(argv=None) -> int:
         if ours_name in times and "hf generate" in times:
             ratio_hf = times["hf generate"] / times[ours_name]
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump({"arch": args.arch, "device": dev, "dtype": args.dtype, "limit_tokens_per_s": limit,
                        "results": results}, f, indent=1)

@@ -8,14 +8,21 @@
 * ``torch_load`` / ``atomic_copy`` / ``previous_checkpoints_hint``: the pieces fairseq_fixes.py uses
   to make fairseq's own checkpoint copies atomic and its load errors name the file.
 """
+import argparse
+import collections
 import glob
 import json
 import logging
 import os
 import shutil
+import typing
 from typing import Any, Dict
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.base import ContainerMetadata, Metadata
+from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
+from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 
@@ -23,13 +30,6 @@ logger = logging.getLogger(__name__)
 
 
 def _omegaconf_safe_globals():
-    import collections
-    import typing
-
-    from omegaconf import DictConfig, ListConfig
-    from omegaconf.base import ContainerMetadata, Metadata
-    from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
-
     return [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, FloatNode, IntegerNode,
             StringNode, typing.Any, collections.OrderedDict, collections.defaultdict, dict, list, int, float, str]
 
@@ -68,8 +68,6 @@ def previous_checkpoints_hint(path: str) -> str:
 def load_checkpoint_file(path: str, trust: bool = False) -> Dict[str, Any]:
     """{"model": state dict, "cfg": {"model": ..., "task": ...}} from a .pt or .safetensors file."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         meta_path = path[: -len(".safetensors")] + ".json"
         if not os.path.isfile(meta_path):
             raise CheckpointError(f"missing the config file {meta_path} that goes with the export", file=path,
@@ -90,9 +88,6 @@ def load_checkpoint_file(path: str, trust: bool = False) -> Dict[str, Any]:
 
 def export_safetensors(checkpoint: str, out_prefix: str = "", trust: bool = False) -> str:
     """Write ``<prefix>.safetensors`` (model tensors) + ``<prefix>.json`` (model and task config)."""
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-
     state = load_checkpoint_file(checkpoint, trust=trust)
     prefix = out_prefix or os.path.splitext(checkpoint)[0]
     cfg = state["cfg"]
@@ -116,8 +111,6 @@ def atomic_copy(src: str, dst: str) -> None:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m wavllm_fairseq.checkpoint_io",
                                 description="Export a fairseq checkpoint to safetensors + JSON (safe to share and load).")
     p.add_argument("command", choices=["export"])

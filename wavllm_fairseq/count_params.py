@@ -93,9 +93,9 @@ def main(argv=None) -> int:
         print(f"paper: 76.6M trainable of 7.55B; this count {same} the reference's {PAPER_STAGE1_TRAINABLE:,} "
               f"and totals {res['total'] / 1e9:.3f}B")
     if res["optimised"] != res["trainable"]:
-        print(f"unused: the reference's Whisper-only projector is trainable there (so counted in 'trainable', as the "
-              f"paper counts it) but unused while WavLM is on: it gets no gradient, so it is held frozen "
-              f"(requires_grad=False: no optimizer state, no DDP reduction) and saved unchanged")
+        print("unused: the reference's Whisper-only projector is trainable there (so counted in 'trainable', as the "
+              "paper counts it) but unused while WavLM is on: it gets no gradient, so it is held frozen "
+              "(requires_grad=False: no optimizer state, no DDP reduction) and saved unchanged")
     print(f"total {res['total']}")
     print(f"trainable {res['trainable']}")
     print(f"optimised {res['optimised']}")

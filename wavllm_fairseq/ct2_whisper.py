@@ -21,6 +21,8 @@ import struct
 from typing import Dict, Tuple
 
 import torch
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
+from transformers.generation import GenerationConfig
 
 from .errors import CheckpointError
 
@@ -153,9 +155,6 @@ def _token_id(tokenizer, token: str) -> int:
 
 def convert_ct2_whisper(src: str, out: str, dtype: torch.dtype = torch.float32) -> str:
     """Write the HF folder of the CTranslate2 Whisper model in ``src`` to ``out``; returns ``out``."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
-    from transformers.generation import GenerationConfig
-
     model_bin = os.path.join(src, "model.bin")
     spec, variables, aliases = read_ct2_model(model_bin)
     if spec != "WhisperSpec":

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+import yaml
 from fairseq.data import iterators
 
 from .errors import WavLLMInputError
@@ -89,8 +90,6 @@ def _check(cfg: CurriculumConfig, where: str) -> CurriculumConfig:
 
 
 def load_curriculum(path: str, root: str = "") -> CurriculumConfig:
-    import yaml
-
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}

@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import load_audio
 from .errors import AudioError, ManifestError, WavLLMInputError
+from .prompt_augment import augmentable
 from .prompt_template import DEFAULT_SYSTEM_PROMPT, encode_example
 
 logger = logging.getLogger(__name__)
@@ -127,8 +128,6 @@ class InstructionDataset(FairseqDataset):
     def set_augment(self, augment, seed: int = 0) -> None:
         """Vary the prompts of augmentable rows of ``augment.tasks`` (``prompt_augment``) with
         ``augment(prompt, rng)``; a row's variant depends on (seed, epoch, row): repeatable and resumable."""
-        from .prompt_augment import augmentable
-
         self.augment, self.augment_seed = augment, seed
         self.augment_rows = frozenset(i for i, r in enumerate(self.rows)
                                       if augment is not None and r.task in augment.tasks and augmentable(r))

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, WavLMConfig, WavLMModel, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -62,8 +63,6 @@ def read_hf_state_dict(path: str, prefixes: Iterable[str] = ("",)) -> Dict[str, 
     for f in files:
         try:
             if f.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
                 tensors.update(load_file(f))
             else:
                 tensors.update(torch.load(f, map_location="cpu", weights_only=True))
@@ -107,24 +106,10 @@ def load_config(cls, path: str):
 
 
 def _dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
-    """``from_pretrained``'s dtype argument: ``dtype`` in transformers >= 4.56, ``torch_dtype`` before."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    kwargs = {key: dtype or torch.float32}
-    if major >= 5:
-        # transformers 5 defaults to hub kernels on accelerators: they are fetched at run time (nothing may
-        # be) and need the `kernels` package (on a GPU machine with another version, loading failed)
-        kwargs["use_kernels"] = False
-    if major < 5:  # transformers 5 always loads through the meta device; 4.x needs asking (and accelerate)
-        try:
-            import accelerate  # noqa: F401
-
-            kwargs["low_cpu_mem_usage"] = True
-        except ImportError:
-            pass
-    return kwargs
+    """``from_pretrained``'s dtype arguments (transformers >= 5.24, setup.py's floor: it always loads through
+    the meta device). Hub kernels are off: transformers 5 defaults to them on accelerators, and they are
+    fetched at run time (nothing may be) and need the ``kernels`` package."""
+    return {"dtype": dtype or torch.float32, "use_kernels": False}
 
 
 def from_pretrained_checked(cls, path: str, what: str, dtype: Optional[torch.dtype] = None,

@@ -24,8 +24,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .model import GenerationPrefix
+from .static_decode import decoder_for, supported
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ def loop_length(tokens: Sequence[int], max_n: int, repeats: int = LOOP_REPEATS) 
 
 
 def _cache_classes():
-    from transformers.cache_utils import Cache, DynamicLayer
-
     class GrowingLayer(DynamicLayer):
         """A key/value cache layer over a preallocated buffer: appending a step writes in place
         (``DynamicLayer`` concatenates the whole cache every step, a fifth of a decoding step here)."""
@@ -262,8 +262,6 @@ class WavLLMGenerator:
             return False
         if self.static is not None:
             return self.static
-        from .static_decode import supported
-
         return device.type == "cuda" and supported(self.model.llm) is None
 
     def _state(self, prefix: GenerationPrefix, cache, mask, caps: List[int]) -> dict:
@@ -271,8 +269,6 @@ class WavLLMGenerator:
         state = {"mask": mask, "cache": cache, "r": prefix.lora_scale, "static": None,
                  "embeds": None if cache is not None else prefix.embeds}
         if cache is not None and self._use_static(mask.device):
-            from .static_decode import decoder_for
-
             graphs = self.cuda_graphs if self.cuda_graphs is not None else mask.device.type == "cuda"
             dec = self._decoder = decoder_for(self.model, graphs)
             dec.start([(layer.keys, layer.values) for layer in cache.layers], mask, prefix.lora_scale,

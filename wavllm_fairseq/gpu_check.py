@@ -18,14 +18,20 @@ Sections, each timed and reported even if a later one fails (``--only`` picks so
 The results go to ``--out`` (results.json, table.md) and one table is printed at the end.
 """
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
+
+from . import bench_generate
+from .bench_generate import _Dict, _prefixes, build
+from .generator import WavLLMGenerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
@@ -46,8 +52,6 @@ def _net(batch: int, seconds: float, text: int, vocab: int, device: str) -> dict
 
 
 def memory(args, report) -> None:
-    from .bench_generate import build
-
     cuda = args.device.startswith("cuda")
     _free()
     report["memory_baseline_gib"] = torch.cuda.memory_allocated() / GiB if cuda else 0.0  # should be ~0
@@ -86,8 +90,6 @@ def memory(args, report) -> None:
 
 
 def _free() -> None:
-    import gc
-
     gc.collect()  # a section's models and decoders must not inflate the next one's peaks
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -150,8 +152,6 @@ def cli(args, report) -> None:
 
 
 def decode(args, report) -> None:
-    from . import bench_generate
-
     path = os.path.join(args.out, "decode.json")
     argv = ["--arch", args.arch, "--device", args.device, "--dtype", "bfloat16", "--vocab", str(args.vocab),
             "--batch", *map(str, args.decode_batches), "--new-tokens", str(args.new_tokens), "--repeats", "2", "--skip-uncached", "--json", path]
@@ -162,9 +162,6 @@ def decode(args, report) -> None:
 
 
 def invariance(args, report) -> None:
-    from .bench_generate import _Dict, _prefixes, build
-    from .generator import WavLLMGenerator
-
     res = {}
     for dtype in (torch.bfloat16, torch.float32):
         model = build(args.arch, args.vocab, args.device, dtype, stage=1)
@@ -265,8 +262,6 @@ def main(argv=None) -> int:
         try:
             sections[name](args, report)
         except Exception as e:  # report and go on: each section stands alone
-            import traceback
-
             traceback.print_exc()
             report.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:500]}"
         report["seconds"][name] = time.perf_counter() - t

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .audio import SILENCE_PEAK, audio_num_frames, load_audio, parse_audio_spec
 from .errors import AudioError, ManifestError, WavLLMInputError
+from .tokenizer import LlamaTokenizer
 
 _log = logging.getLogger(__name__)
 
@@ -343,8 +344,6 @@ def validate_main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--tokenizer-dir and --max-text-tokens go together")
     counter = None
     if args.tokenizer_dir is not None:
-        from wavllm_fairseq.tokenizer import LlamaTokenizer
-
         tokenizer = LlamaTokenizer.from_dir(args.tokenizer_dir)
         counter = lambda s: len(tokenizer.encode(s))  # noqa: E731
     quiet = logging.getLogger(__name__ + ".validate")

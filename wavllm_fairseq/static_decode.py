@@ -42,6 +42,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from .lora import lora_modules
 
@@ -55,7 +56,7 @@ def supported(llm) -> Optional[str]:
         return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {ARCH_TYPES}"
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return "sliding-window attention"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope = getattr(cfg, "rope_parameters", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
         return "dynamic RoPE scaling (its frequencies depend on the sequence length)"
     layer = llm.model.layers[0]
@@ -161,8 +162,6 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------ the step
     def _forward(self) -> torch.Tensor:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
         llm, model, cur = self.llm, self.llm.model, self.cur
         S = cur.tok.shape[0]
         x = model.embed_tokens(cur.tok)  # (S, 1, D)

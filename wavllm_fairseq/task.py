@@ -35,23 +35,67 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class WavLLMInstructionConfig(FairseqDataclass):
-    data: str = field(default="", metadata={"help": "folder of instruction manifests (<split>.tsv); audio paths in them are relative to it"})
-    tokenizer_dir: str = field(default="", metadata={"help": "folder holding the LLaMA tokenizer.model; empty = model.llama_path"})
-    train_manifests: str = field(default="", metadata={"help": "comma-separated training manifests (names under data/, without .tsv) when no curriculum YAML is given"})
-    train_weights: str = field(default="", metadata={"help": "comma-separated sampling weights for train_manifests (empty = temperature sampling)"})
-    sampling_temperature: float = field(default=1.0, metadata={"help": "temperature over corpus sizes when no weights are given (1 = proportional, large = uniform)"})
-    curriculum: str = field(default="", metadata={"help": "YAML with corpora and phases (weights or temperature from a start_update); relative paths resolve against data/"})
-    updates_per_epoch: int = field(default=1000, metadata={"help": "length of a virtual training epoch (the curriculum draws batches forever)"})
-    max_audio_seconds: float = field(default=0.0, metadata={"help": "longest clip accepted in seconds (longer: error, or skip with skip_bad_rows); 0 = no limit (default): clips over Whisper's 30 s run window by window, as the reference does, and only a row whose prompt + speech + answer exceed the LLM context is refused"})
-    max_text_positions: int = field(default=0, metadata={"help": "context limit for prompt + speech + answer (0 = the LLM's max_position_embeddings)"})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping with an error"})
-    check_audio_on_load: bool = field(default=True, metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before training)"})
-    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "the system prompt of the chat template"})
-    chat_template: ChoiceEnum(["reference", "tokenizer"]) = field(default="reference", metadata={"help": "reference: the reference implementation's LLaMA-2 template (token-exact with the released model); tokenizer: the LLM tokenizer's own chat template (tokenizer_config.json), the speech span inside the first user turn, for another chat-tuned LLM (chat_template.py)"})
-    prompt_augment: bool = field(default=False, metadata={"help": "instruction augmentation on the training split: single-task speech prompts get words dropped (one word only that task's prompts use always stays) and words shared by 3+ tasks inserted, so the model keys on task words (prompt_augment.py; not in the paper; mixed on the toy, see the README)"})
-    max_len_per_task: str = field(default="", metadata={"help": "decoding length caps per task, e.g. 'sv:20,er:20,asr:120' (tokens)"})
-    loop_guard_ngram: int = field(default=4, metadata={"help": "decoding: stop a hypothesis whose tail repeats an n-gram (n <= this) 3 times; 0 = off"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
+    data: str = field(
+        default="",
+        metadata={"help": "folder of instruction manifests (<split>.tsv); audio paths in them are relative to it"})
+    tokenizer_dir: str = field(
+        default="",
+        metadata={"help": "folder holding the LLaMA tokenizer.model; empty = model.llama_path"})
+    train_manifests: str = field(
+        default="",
+        metadata={"help": "comma-separated training manifests (names under data/, without .tsv) when no curriculum YAML"
+                          " is given"})
+    train_weights: str = field(
+        default="",
+        metadata={"help": "comma-separated sampling weights for train_manifests (empty = temperature sampling)"})
+    sampling_temperature: float = field(
+        default=1.0,
+        metadata={"help": "temperature over corpus sizes when no weights are given (1 = proportional, large = uniform)"})
+    curriculum: str = field(
+        default="",
+        metadata={"help": "YAML with corpora and phases (weights or temperature from a start_update); relative paths "
+                          "resolve against data/"})
+    updates_per_epoch: int = field(
+        default=1000,
+        metadata={"help": "length of a virtual training epoch (the curriculum draws batches forever)"})
+    max_audio_seconds: float = field(
+        default=0.0,
+        metadata={"help": "longest clip accepted in seconds (longer: error, or skip with skip_bad_rows); 0 = no limit "
+                          "(default): clips over Whisper's 30 s run window by window, as the reference does, and only a"
+                          " row whose prompt + speech + answer exceed the LLM context is refused"})
+    max_text_positions: int = field(
+        default=0,
+        metadata={"help": "context limit for prompt + speech + answer (0 = the LLM's max_position_embeddings)"})
+    skip_bad_rows: bool = field(
+        default=False,
+        metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping with an error"})
+    check_audio_on_load: bool = field(
+        default=True,
+        metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before "
+                          "training)"})
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        metadata={"help": "the system prompt of the chat template"})
+    chat_template: ChoiceEnum(["reference", "tokenizer"]) = field(
+        default="reference",
+        metadata={"help": "reference: the reference implementation's LLaMA-2 template (token-exact with the released "
+                          "model); tokenizer: the LLM tokenizer's own chat template (tokenizer_config.json), the speech"
+                          " span inside the first user turn, for another chat-tuned LLM (chat_template.py)"})
+    prompt_augment: bool = field(
+        default=False,
+        metadata={"help": "instruction augmentation on the training split: single-task speech prompts get words dropped"
+                          " (one word only that task's prompts use always stays) and words shared by 3+ tasks inserted,"
+                          " so the model keys on task words (prompt_augment.py; not in the paper; mixed on the toy, see"
+                          " the README)"})
+    max_len_per_task: str = field(
+        default="",
+        metadata={"help": "decoding length caps per task, e.g. 'sv:20,er:20,asr:120' (tokens)"})
+    loop_guard_ngram: int = field(
+        default=4,
+        metadata={"help": "decoding: stop a hypothesis whose tail repeats an n-gram (n <= this) 3 times; 0 = off"})
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
     seed: int = II("common.seed")
     update_freq: List[int] = II("optimization.update_freq")
 

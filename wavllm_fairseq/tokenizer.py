@@ -18,10 +18,14 @@ folder's config.json, e.g. Qwen2's padding to a multiple of 128), the dictionary
 symbols up to that size. ``SentencePieceDecoder`` is what fairseq-generate uses to turn the
 space-joined pieces back into text, for either kind.
 """
+import io
+import json
 import os
 from typing import Iterable, List, Optional, Sequence
 
+import sentencepiece as spm
 from fairseq.data import Dictionary
+from transformers import AutoTokenizer
 
 from .errors import WavLLMInputError
 
@@ -31,8 +35,6 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def config_vocab_size(directory: str) -> int:
     """``vocab_size`` of the LLM folder's config.json (0 when there is none)."""
-    import json
-
     cfg = os.path.join(directory, "config.json")
     if not os.path.isfile(cfg):
         return 0
@@ -65,8 +67,6 @@ class LlamaTokenizer:
     """Thin wrapper over a sentencepiece model with LLaMA's special ids."""
 
     def __init__(self, model_path: str):
-        import sentencepiece as spm
-
         if not os.path.isfile(model_path):
             raise WavLLMInputError(f"LLaMA tokenizer not found: {model_path} (expected the {TOKENIZER_FILE} of the "
                                    "LLaMA directory)", file=model_path, reason="missing")
@@ -136,8 +136,6 @@ class HFTokenizer:
     """
 
     def __init__(self, directory: str):
-        from transformers import AutoTokenizer
-
         if not os.path.isdir(directory):
             raise WavLLMInputError(f"tokenizer folder not found: {directory}", file=directory, reason="missing")
         self.path = os.path.abspath(directory)
@@ -258,10 +256,6 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 51
 
     Used by the toy stage 0 and by tests; real runs use the LLaMA directory's own ``tokenizer.model``.
     """
-    import io
-
-    import sentencepiece as spm
-
     os.makedirs(out_dir, exist_ok=True)
     lines = [t.strip() for t in texts if t and t.strip()]
     if not lines:

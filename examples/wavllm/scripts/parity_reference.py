@@ -38,7 +38,6 @@ Model weights are float32 on the CPU. Prints one line per comparison and writes 
 """
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -392,7 +391,7 @@ def main(argv=None) -> int:
                         a = alone[idx.index(sid)]
                         diffs.append(float((rb[b, : a.shape[1]] - a[0]).abs().max()))
                     report(stage, case, "reference: own batch vs alone (speech)", f"{max(diffs):.3g}")
-        del ref, api, model
+        ref = api = model = None  # free this stage's models before the next is built
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": " ".join(sys.argv), "results": results}, f, indent=1)
