@@ -1,4 +1,6 @@
 """Instruction augmentation: what it varies, what it keeps, and its wiring into the training split."""
+import ast
+import hashlib
 import os
 import random
 from types import SimpleNamespace
@@ -6,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import make_corpus
-from wavllm_fairseq.prompt_augment import PromptAugmenter, augmentable, prompt_pools, prompt_words
+from wavllm_fairseq.prompt_augment import PromptAugmenter, augmentable, prompt_pools
+from wavllm_fairseq.text_norm import words as prompt_words
+from wavllm_fairseq.toy import corpus as toy
 from wavllm_fairseq.task import WavLLMInstructionConfig, WavLLMInstructionTask
 
 POOLS = {"asr": ["Transcribe the audio.", "What does the speaker say?"],
@@ -47,11 +51,52 @@ def test_only_single_turn_speech_rows_of_single_tasks_are_pooled():
 
 
 def test_toy_pools_are_the_seen_prompts_only():
-    from wavllm_fairseq.toy import corpus as toy
-
     seen = {w for task in toy.PROMPTS for p in toy.PROMPTS[task][0] for w in prompt_words(p)}
     aug = PromptAugmenter({task: seen_pool for task, (seen_pool, _) in toy.PROMPTS.items()})
     assert aug.specific | set(aug.neutral) <= seen
+
+
+# (prompt, seed, variant) made by the augmenter of the toy's seen prompts, recorded from the code as it stood
+# when the normaliser lived in scoring.py: the same seeds must give the same training prompts
+RECORDED = [("Transcribe the audio.", 0, "Transcribe the audio speech say."),
+            ("Transcribe the audio.", 1, "Transcribe does the audio spoken."),
+            ("Translate the audio into German.", 2, "Translate the German."),
+            ("Is the speaker male or female?", 3, "the me speaker what male or?"),
+            ("What is the speaking style of the speaker?", 4, "the style is of the speaker does?"),
+            ("Which object is mentioned in the audio?", 5, "Which object is mentioned in audio the?"),
+            ("Is there only one speaker in the audio clip?", 6, "Is there only in the audio clip?"),
+            ("Which sentence is spoken in the recording?", 7, "is in the?")]
+# every toy prompt (seen and unseen) x seeds 0..19 x (drop, insert) in (0.35, 0.5), (0.9, 1.0), (0.0, 1.0), one per line
+RECORDED_SWEEP = (5880, "fa544356a58a80c7b85707f7a439342f73c8cdf96576050d1d836607e9716f58")
+
+
+def test_the_same_seeds_give_the_recorded_prompts():
+    pools = {task: seen for task, (seen, _) in toy.PROMPTS.items()}
+    aug = PromptAugmenter(pools)
+    assert (len(aug.tasks), len(aug.specific), len(aug.neutral)) == (6, 71, 19)
+    assert aug.neutral == ["a", "audio", "clip", "does", "in", "is", "me", "of", "recording", "say", "speaker",
+                           "speech", "spoken", "tell", "the", "this", "voice", "what", "which"]
+    for prompt, seed, variant in RECORDED:
+        assert aug(prompt, random.Random(seed)) == variant
+    out = []
+    for drop, insert in ((0.35, 0.5), (0.9, 1.0), (0.0, 1.0)):
+        aug = PromptAugmenter(pools, drop=drop, insert=insert)
+        for task in sorted(toy.PROMPTS):
+            for prompt in toy.PROMPTS[task][0] + toy.PROMPTS[task][1]:
+                out += [aug(prompt, random.Random(seed)) for seed in range(20)]
+    assert (len(out), hashlib.sha256("\n".join(out).encode()).hexdigest()) == RECORDED_SWEEP
+
+
+def test_the_augmenter_does_not_import_the_scorer():
+    import wavllm_fairseq.prompt_augment as augment
+
+    imported = set()
+    for node in ast.walk(ast.parse(open(augment.__file__).read())):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {f"{node.module or ''}.{a.name}".strip(".") for a in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert "text_norm" in imported and not any("scoring" in name for name in imported), imported
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from helpers import write_manifest
+from wavllm_fairseq.scoring import word_errors
+from wavllm_fairseq.text_norm import words
 from wavllm_fairseq.toy.breakdown import breakdown, format_breakdown, nearest_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +86,11 @@ def test_nearest_task_by_relative_word_edit_distance():
     assert nearest_task("The speaker is female.", answers) == ("gender", 0.25)
     assert nearest_task("a red cat", answers) == ("asr", 0.5)
     assert nearest_task("x", {}) == (None, float("inf"))
+    # the hypothesis is normalised as the scorer normalises it; the distance is the scorer's word edit distance
+    assert nearest_task("The SPEAKER, is female!", answers) == ("gender", 0.25)
+    ref, hyp = "a red cat finds the tree", "A red dog finds a tree."
+    errors, n = word_errors(ref, hyp)  # 2 substitutions in 6 words
+    assert nearest_task(hyp, {"asr": [words(ref)]}) == ("asr", errors / n) == ("asr", 2 / 6)
 
 
 def test_cli_prints_the_table_and_writes_json(toy, tmp_path):

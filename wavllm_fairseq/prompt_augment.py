@@ -10,20 +10,16 @@ training prompts alone: words that occur in the prompts of one task only (``tran
 least one of its task's words, and may get one or two shared words inserted: the task's words decide,
 the shared ones are noise. Only single-turn speech rows of single tasks are varied; multi-task prompts
 (``task`` with ``+``), text-only and multi-round rows are left as they are. The variant of a row
-depends on (seed, epoch, row), so runs repeat and resume exactly.
+depends on (seed, epoch, row), so runs repeat and resume exactly. Prompts are split into words by
+``text_norm.words``, the normaliser the scorer applies too; this module does not import the scorer.
 """
 import random
 from typing import Dict, Iterable, List, Sequence
 
-from .scoring import normalise
+from . import text_norm
 
 WORD_DROP = 0.35  # chance that a word of the prompt is dropped
 SHARED_INSERT = 0.5  # chance that one or two shared words are inserted
-
-
-def prompt_words(text: str) -> List[str]:
-    """Words of ``text`` as the scorer normalises them (lower case, punctuation removed, any alphabet)."""
-    return normalise(text).split()
 
 
 def augmentable(row) -> bool:
@@ -49,7 +45,7 @@ class PromptAugmenter:
         tasks_of: Dict[str, set] = {}
         for task, prompts in pools.items():
             for prompt in prompts:
-                for w in prompt_words(prompt):
+                for w in text_norm.words(prompt):
                     tasks_of.setdefault(w, set()).add(task)
         self.tasks = set(pools)
         self.specific = {w for w, ts in tasks_of.items() if len(ts) == 1}
@@ -62,7 +58,7 @@ class PromptAugmenter:
             return prompt
         end = prompt[-1] if prompt[-1] in "?.!" else ""
         keep = [rng.random() >= self.drop for _ in words]
-        specific = [i for i, w in enumerate(words) if set(prompt_words(w)) & self.specific]
+        specific = [i for i, w in enumerate(words) if set(text_norm.words(w)) & self.specific]
         if specific and not any(keep[i] for i in specific):
             keep[rng.choice(specific)] = True
         if not any(keep):

@@ -18,7 +18,8 @@ sqqa           task's labels named in the normalised hypothesis (word match)
 sqa            ``accuracy``: the ``label`` is named (first of the labels), else the normalised target is
                contained in the normalised hypothesis
 it             ``accuracy``: normalised exact match (``containment`` also printed)
-cot            ``rouge1 rouge2 rougeL`` F1 in %; ``bertscore`` F1 only with ``--bertscore-model DIR``
+cot            ``rouge1 rouge2 rougeL`` F1 in % (rouge-score, stemmed: below); ``bertscore`` F1
+               (bert-score) only with ``--bertscore-model DIR``
 multi (a+b..)  ``ifr``: instruction-following rate, every sub-task answered in order (the row's
                ``sub_markers`` found in order, else every sub-target found in order); ``accuracy``:
                followed and every sub-answer right (ASR/ST sub-answers: WER <= 50%, others: contained)
@@ -26,39 +27,66 @@ multi (a+b..)  ``ifr``: instruction-following rate, every sub-task answered in o
 
 Rows carrying a ``prompt_pool`` column also get ``<metric>_<pool>`` lines (seen vs unseen prompts). The
 output ends with one ``<task> <metric> <value>`` line per metric.
+
+Text normalisation. WER, label and containment matching, IT exact match and the multi-task checks compare
+texts after ``text_norm.normalise`` (named on the output's first line): lower-cased; ASCII punctuation and
+the Unicode quotes, dashes, inverted question and exclamation marks turned into spaces; an apostrophe kept
+inside a word (``don't``, ``90's``) and dropped as a quote (``'quoted'``); whitespace collapsed. Words of any
+alphabet stay whole. It is the normaliser the instruction augmenter splits training prompts with: both
+read ``text_norm``, so that a change to this scorer cannot change training. BLEU, ROUGE and BERTScore
+tokenise the raw texts themselves (below), as their papers do.
+
+ROUGE is Google's ``rouge-score`` package (the implementation chain-of-thought papers report), F1 of
+``rouge1``, ``rouge2`` and ``rougeL`` (sentence-level longest common subsequence, not ``rougeLsum``),
+with Porter stemming (``use_stemmer=True``) and its own tokeniser: lower-case, every character outside
+``a-z0-9`` a separator (so it is for English: other letters split words or vanish). BERTScore is the
+``bert-score`` package (optional, ``pip install wavllm_fairseq[bertscore]``) on a LOCAL model directory.
+
+Why ``fairseq-generate --scoring wer`` reports another WER. fairseq's ``wer`` scorer
+(fairseq/scoring/wer.py) passes each reference and hypothesis through its ``EvaluationTokenizer``: a
+sacrebleu tokeniser (``--wer-tokenizer``, default ``none``: the text as it is), then, each off by
+default, dropping the tokens made only of Unicode punctuation (``--wer-remove-punct``; ``sat.`` keeps its
+period unless the tokeniser split it off), splitting into characters (``--wer-char-level``) and
+lower-casing (``--wer-lowercase``); it then splits on spaces and divides the edit distance summed over
+rows by the reference words. With its defaults ``The cat sat.`` against ``the cat sat`` is 2 errors in 3
+words there and none here. Even with ``--wer-tokenizer 13a --wer-remove-punct --wer-lowercase`` quotes
+and hyphens stay on words there (``'quoted'``, ``c-a-t``, ``3.5`` are one word each) and not here. Its
+reference is the ``T-`` line (the target tokens decoded again), here the manifest's ``tgt_text``; and it
+scores the whole subset as one set, here rows are split by task and prompt pool.
 """
 import argparse
+import functools
 import json
 import logging
+import os
 import re
-import string
 import sys
 from collections import Counter, OrderedDict, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import editdistance
+import sacrebleu
+
 from .errors import WavLLMInputError
+from .manifest import read_manifest
+from .text_norm import NORMALISER, normalise, words
 
 logger = logging.getLogger(__name__)
 
-NORMALISER = "lower-case, punctuation removed (apostrophes inside words kept), whitespace collapsed"
 LABEL_TASKS = ("sv", "er", "gender", "sqqa", "emotion", "style")
-_PUNCT = "".join(c for c in string.punctuation if c != "'")
-_PUNCT_RE = re.compile("[" + re.escape(_PUNCT) + "\u2018\u2019\u201c\u201d\u00bf\u00a1\u2014\u2013]")
-
-
-def normalise(text: str) -> str:
-    """Lower-case, punctuation to spaces (apostrophes inside words kept), whitespace collapsed."""
-    text = _PUNCT_RE.sub(" ", text.lower())
-    text = re.sub(r"(?<![a-z0-9])'|'(?![a-z0-9])", " ", text)  # quotes, not apostrophes
-    return " ".join(text.split())
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
 # ------------------------------------------------------------------------------------- metrics
-def word_errors(ref: str, hyp: str) -> Tuple[int, int]:
-    import editdistance
+def word_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
+    """Word edit distance (substitutions, deletions, insertions) between two word sequences."""
+    return editdistance.eval(ref, hyp)
 
-    r, h = normalise(ref).split(), normalise(hyp).split()
-    return editdistance.eval(r, h), len(r)
+
+def word_errors(ref: str, hyp: str) -> Tuple[int, int]:
+    """(word errors, reference words) on normalised texts."""
+    r = words(ref)
+    return word_distance(r, words(hyp)), len(r)
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
@@ -67,8 +95,6 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
 
 
 def bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
-    import sacrebleu
-
     return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
 
 
@@ -124,60 +150,71 @@ def row_right(task: str, row, hyp: str, labels: Optional[Sequence[str]]) -> bool
     return normalise(row.tgt_text) == normalise(hyp)
 
 
-def _ngrams(tokens: List[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    # imported on first use: rouge-score imports nltk (about a second), and only CoT rows need it
+    from rouge_score import rouge_scorer
 
-
-def _f1(overlap: float, n_hyp: float, n_ref: float) -> float:
-    if overlap == 0 or n_hyp == 0 or n_ref == 0:
-        return 0.0
-    p, r = overlap / n_hyp, overlap / n_ref
-    return 2 * p * r / (p + r)
-
-
-def _lcs(a: List[str], b: List[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
 def rouge(ref: str, hyp: str) -> Dict[str, float]:
-    """ROUGE-1/2/L F1 (0..1) on normalised words (no stemming)."""
-    r, h = normalise(ref).split(), normalise(hyp).split()
-    out = {}
-    for n in (1, 2):
-        rn, hn = _ngrams(r, n), _ngrams(h, n)
-        out[f"rouge{n}"] = _f1(sum((rn & hn).values()), sum(hn.values()), sum(rn.values()))
-    out["rougeL"] = _f1(_lcs(r, h), len(h), len(r))
-    return out
+    """ROUGE-1/2/L F1 (0..1) by rouge-score on the raw texts, with Porter stemming (see the module docstring)."""
+    scores = _rouge_scorer().score(ref, hyp)
+    return {k: scores[k].fmeasure for k in ROUGE_TYPES}
 
 
 def bertscore(refs: Sequence[str], hyps: Sequence[str], model_dir: str, layer: int = -1) -> float:
-    """BERTScore F1 (greedy cosine matching of contextual token embeddings) with a LOCAL model directory."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    """BERTScore F1 in % by the bert-score package, with the model and tokenizer in the LOCAL directory
+    ``model_dir`` (``save_pretrained``; never a hub id). Greedy cosine matching of contextual token
+    embeddings, no idf weighting and no baseline rescaling (its defaults), the embeddings of hidden state
+    ``layer`` (-1: the last layer; k: the output of layer k, 0 the embeddings). An empty hypothesis (or
+    reference) scores 0, as bert-score scores it; it is not passed to bert-score, whose 0.3.13 cannot encode
+    an empty text with transformers 5."""
+    if not os.path.isdir(model_dir):
+        raise WavLLMInputError("not a directory: BERTScore takes a local model directory (save_pretrained), "
+                               "never a hub id", file=model_dir, reason="missing")
+    try:
+        import bert_score  # optional and heavy (pandas, matplotlib): imported only when asked for
+    except ImportError:
+        raise WavLLMInputError("BERTScore needs the bert-score package: pip install wavllm_fairseq[bertscore]",
+                               reason="missing") from None
+    from transformers import AutoConfig, AutoTokenizer  # a few seconds to import: only BERTScore needs it here
 
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
-
-    def embed(text: str):
-        enc = tok(text, return_tensors="pt", truncation=True)
-        with torch.no_grad():
-            hs = model(**enc, output_hidden_states=True).hidden_states[layer][0]
-        hs = hs[1:-1] if hs.shape[0] > 2 else hs  # drop [CLS]/[SEP]
-        return torch.nn.functional.normalize(hs, dim=-1)
-
-    scores = []
-    for r, h in zip(refs, hyps):
-        er, eh = embed(r), embed(h or " ")
-        sim = eh @ er.T
-        p, rec = sim.max(1).values.mean().item(), sim.max(0).values.mean().item()
-        scores.append(2 * p * rec / (p + rec) if p + rec > 0 else 0.0)
-    return 100.0 * sum(scores) / max(1, len(scores))
+    # bert-score loads model_type with from_pretrained: an absolute directory path is read from disk, and a
+    # path starting with "scibert" (relative) would be downloaded instead; a path containing "t5" is loaded
+    # as a T5 encoder whatever its model is
+    path = os.path.abspath(model_dir)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if "t5" in path and "t5" not in config.model_type:
+        raise WavLLMInputError(f"bert-score loads any path containing 't5' as a T5 model, and this is a "
+                               f"{config.model_type}: move it to a directory without 't5' in its path",
+                               file=model_dir, reason="bad_input")
+    if AutoTokenizer.from_pretrained(path, local_files_only=True).model_max_length > 1_000_000:
+        raise WavLLMInputError("the tokenizer states no model_max_length (bert-score truncates to it): add it "
+                               "to tokenizer_config.json", file=model_dir, reason="bad_input")
+    n_layers = config.num_hidden_layers
+    num_layers = layer if layer >= 0 else n_layers + 1 + layer
+    if not 0 <= num_layers <= n_layers:
+        raise WavLLMInputError(f"layer {layer} is not a hidden state of this {n_layers}-layer model",
+                               file=model_dir, reason="bad_input")
+    scored = [i for i, (r, h) in enumerate(zip(refs, hyps)) if r.strip() and h.strip()]
+    f1 = [0.0] * len(hyps)
+    if scored:
+        # transformers 5 swaps in hub kernels when loading unless told not to: nothing may be fetched
+        kernels = os.environ.get("USE_HUB_KERNELS")
+        os.environ["USE_HUB_KERNELS"] = "NO"
+        try:
+            _, _, f = bert_score.score([hyps[i] for i in scored], [refs[i] for i in scored], model_type=path,
+                                       num_layers=num_layers, idf=False)
+        finally:
+            if kernels is None:
+                del os.environ["USE_HUB_KERNELS"]
+            else:
+                os.environ["USE_HUB_KERNELS"] = kernels
+        for i, v in zip(scored, f.tolist()):
+            f1[i] = v
+    return 100.0 * sum(f1) / max(1, len(f1))
 
 
 def follow_multi(row, hyp: str) -> Tuple[bool, bool]:
@@ -193,8 +230,8 @@ def follow_multi(row, hyp: str) -> Tuple[bool, bool]:
             at = _contains_words(" ".join(hw[pos:]), normalise(m))
             if at < 0:
                 return False, False
-            spans.append((pos + at, len(normalise(m).split())))
-            pos = pos + at + len(normalise(m).split())
+            spans.append((pos + at, len(words(m))))
+            pos = pos + at + len(words(m))
         segments = [" ".join(hw[s + n: (spans[k + 1][0] if k + 1 < len(spans) else len(hw))])
                     for k, (s, n) in enumerate(spans)]
     elif targets:
@@ -204,9 +241,9 @@ def follow_multi(row, hyp: str) -> Tuple[bool, bool]:
             at = _contains_words(rest, normalise(t))
             if at < 0:
                 return False, False
-            words = rest.split()
-            segments.append(" ".join(words[at: at + len(normalise(t).split())]))
-            rest = " ".join(words[at + len(normalise(t).split()):])
+            rest_words = rest.split()
+            segments.append(" ".join(rest_words[at: at + len(words(t))]))
+            rest = " ".join(rest_words[at + len(words(t)):])
     else:
         raise WavLLMInputError(f"multi-task row {row.id} has neither sub_markers nor sub_targets columns; "
                                "the instruction-following check needs one of them")
@@ -298,10 +335,11 @@ def _task_metrics(task: str, rows, hyps: List[str], bertscore_model: str) -> Dic
         return {"bleu": round(bleu(refs, hyps), 2)}
     if task == "multi":
         res = [follow_multi(r, h) for r, h in zip(rows, hyps)]
-        return {"ifr": round(sum(f for f, _ in res) / len(res), 4), "accuracy": round(sum(a for _, a in res) / len(res), 4)}
+        return {"ifr": round(sum(f for f, _ in res) / len(res), 4),
+                "accuracy": round(sum(a for _, a in res) / len(res), 4)}
     if task == "cot":
         rs = [rouge(r, h) for r, h in zip(refs, hyps)]
-        m = {k: round(100 * sum(x[k] for x in rs) / len(rs), 2) for k in ("rouge1", "rouge2", "rougeL")}
+        m = {k: round(100 * sum(x[k] for x in rs) / len(rs), 2) for k in ROUGE_TYPES}
         if bertscore_model:
             m["bertscore"] = round(bertscore(refs, hyps, bertscore_model), 2)
         return m
@@ -319,8 +357,6 @@ def _task_metrics(task: str, rows, hyps: List[str], bertscore_model: str) -> Dic
 
 def score_files(manifest: str, hypotheses: str, task: Optional[str] = None, skip_bad_rows: bool = False,
                 bertscore_model: str = "") -> "OrderedDict[str, float]":
-    from .manifest import read_manifest
-
     rows, report = read_manifest(manifest, task=task, skip_bad=skip_bad_rows, require_target=True)
     if task:
         for r in rows:

@@ -12,9 +12,10 @@ For every single-task test set and prompt pool (seen / unseen paraphrases) each 
   prompt), named in the last column;
 * ``neither``: no test answer of any task is within half its words of it (loops, fragments).
 
-"Closer" is the word edit distance, divided by the longer of the two, to the nearest target of each
-task's test set (multi-task combinations count as tasks of their own). For the multi-task set, each
-combination's rows are counted as following the instruction or not (``wavllm-score``'s check).
+"Closer" is the word edit distance (the scorer's, on ``text_norm`` words), divided by the longer of the
+two, to the nearest target of each task's test set (multi-task combinations count as tasks of their own).
+For the multi-task set, each combination's rows are counted as following the instruction or not
+(``wavllm-score``'s check).
 """
 import argparse
 import glob
@@ -25,20 +26,21 @@ from collections import Counter, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..manifest import read_manifest
-from ..scoring import first_label, follow_multi, gold_label, normalise, read_hypotheses, row_right, task_labels
+from ..scoring import (first_label, follow_multi, gold_label, read_hypotheses, row_right, task_labels,
+                       word_distance)
+from ..text_norm import words
 
 NEITHER = 0.5  # nearest answer of any task further than this (edit distance / longer length): "neither"
 
 
 def _distance(a: Sequence[str], b: Sequence[str]) -> float:
-    import editdistance
-
-    return editdistance.eval(a, b) / max(1, len(a), len(b))
+    """The scorer's word edit distance, divided by the longer of the two."""
+    return word_distance(a, b) / max(1, len(a), len(b))
 
 
 def nearest_task(hyp: str, answers: Dict[str, Iterable[Sequence[str]]]) -> Tuple[Optional[str], float]:
     """The task whose test answers come nearest to ``hyp``, and that distance (None when no answers)."""
-    h = normalise(hyp).split()
+    h = words(hyp)
     best: Tuple[Optional[str], float] = (None, float("inf"))
     for task, targets in answers.items():
         d = min(_distance(h, t) for t in targets)
@@ -77,7 +79,7 @@ def breakdown(corpus: str, decode: str) -> dict:
     answers: Dict[str, Set[Tuple[str, ...]]] = defaultdict(set)
     for rows, _ in sets.values():
         for r in rows:
-            answers[_combination(r) if _is_multi(r) else r.task].add(tuple(normalise(r.tgt_text).split()))
+            answers[_combination(r) if _is_multi(r) else r.task].add(tuple(words(r.tgt_text)))
     single: Dict[str, Dict[str, dict]] = {}
     multi: Dict[str, Dict[str, List[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for name, (rows, hyps) in sets.items():
