@@ -1,15 +1,22 @@
-"""The espeak-ng toy corpus: deterministic, valid, disjoint splits, multi-task targets in order."""
+"""The espeak-ng toy corpus: deterministic, valid, disjoint splits, multi-task targets in order; its tables
+and prompt pools as data files."""
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import soundfile as sf
 
-from wavllm_fairseq.manifest import read_manifest
+from wavllm_fairseq.manifest import convert_s2t_manifest, read_manifest
 from wavllm_fairseq.toy import corpus as toy
+from wavllm_fairseq.toy import tables
+from wavllm_fairseq.toy.espeak import synthesize, word_starts
+from wavllm_fairseq.toy.stage0 import word_frame_labels
 
 ESPEAK = shutil.which("espeak-ng")
 
@@ -131,11 +138,6 @@ def test_a_second_run_is_cached(built):
 def test_library_synthesis_equals_the_command_and_reports_every_word(tmp_path):
     """espeak.synthesize (in-process library, fresh per call) writes the command's samples exactly,
     is repeatable, and places a start for every word, also for words espeak joins to a neighbour."""
-    import numpy as np
-    import soundfile as sf
-
-    from wavllm_fairseq.toy.espeak import synthesize, word_starts
-
     text = "the green cow carries the book in the garden"  # en-gb-scotland joins "in the"
     for voice, pitch, speed, amp in (("en-gb-scotland+f1", 50, 165, 100), ("en-us+m3", 70, 190, 200)):
         wav, sr, starts = synthesize(text, voice, pitch, speed, amp)
@@ -162,12 +164,63 @@ def test_word_alignments_cover_each_clip_in_order(built):
 
 
 def test_frame_labels_follow_the_alignment():
-    from types import SimpleNamespace
-
-    from wavllm_fairseq.toy.stage0 import word_frame_labels
-
     row = SimpleNamespace(id="x", n_frames=3200, extra={"word_samples": "[[300,1300],[1300,2600]]"})
     labels = word_frame_labels(row, [7, 9], 320)  # 10 frames of 20 ms
     assert labels.tolist() == [0, 7, 7, 7, 9, 9, 9, 9, 0, 0]
     with pytest.raises(ValueError, match="row x"):
         word_frame_labels(row, [7], 320)
+
+
+# ------------------------------------------------------------------ the tables as data
+def test_the_corpus_prompt_pools_are_the_repository_prompt_files(built):
+    for task in tables.SPEECH_TASKS:
+        for i, pool in enumerate(("seen", "unseen")):
+            repo_file = os.path.join(tables.PROMPT_DIR, f"{task}.{pool}.txt")
+            with open(repo_file, "rb") as f, open(os.path.join(built["a"], "prompts", f"{task}.{pool}.txt"), "rb") as g:
+                assert f.read() == g.read(), repo_file
+            assert toy.PROMPTS[task][i] == tables.read_prompt_file(repo_file)
+    train_prompts = {r.prompt for r in rows_of(built["a"], "train_sqa")}
+    assert train_prompts <= set(toy.PROMPTS["sqa"][0])
+
+
+def test_the_prompt_files_are_what_convert_s2t_manifest_reads(tmp_path):
+    src = tmp_path / "s2t.tsv"
+    src.write_text("id\taudio\tn_frames\ttgt_text\n" + "".join(f"u{i}\tx.wav\t16000\tthe cat\n" for i in range(300)))
+    path = os.path.join(tables.PROMPT_DIR, "asr.seen.txt")
+    counts = convert_s2t_manifest(str(src), str(tmp_path / "out.tsv"), task="asr", prompts=path, check_audio=False)
+    rows = read_manifest(str(tmp_path / "out.tsv"))[0]
+    assert counts["prompts"] == len(toy.PROMPTS["asr"][0]) >= 10
+    assert {r.prompt for r in rows} == set(toy.PROMPTS["asr"][0])
+
+
+def test_a_missing_or_empty_prompt_file_is_named(tmp_path):
+    folder = tmp_path / "prompts"
+    shutil.copytree(tables.PROMPT_DIR, folder)
+    os.remove(folder / "st.unseen.txt")
+    with pytest.raises(FileNotFoundError, match=r"st\.unseen\.txt is missing.*manifests/prompts"):
+        tables.prompt_pools(str(folder))
+    (folder / "st.unseen.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"st\.unseen\.txt holds no prompt"):
+        tables.prompt_pools(str(folder) + os.sep)  # another cache entry
+    (folder / "st.unseen.txt").write_text("Say it in German.\nA tab\\there.\n")
+    assert tables.prompt_pools(str(folder) + os.sep + ".")["st"][1] == ["Say it in German.", "A tab\there."]
+
+
+def test_the_data_tables_load_with_their_types_and_cover_the_grammar():
+    words = set(toy.DETS + toy.ADJS + toy.NOUNS + toy.VERBS + toy.OBJECTS)
+    assert words <= set(toy.DE) and set(toy.PLACES) == set(toy.DE_PLACES)
+    assert toy.translate(dict(det="the", adj="red", noun="cat", verb="sees", obj="ball", place="at home")) == \
+        "der rote katze sieht den ball zu hause"
+    assert list(toy.STYLES) == ["neutral", "happy", "sad", "angry"] and toy.STYLES["sad"] == (-22, 0.72, 55)
+    assert toy.CONNECTORS[3] == ["To begin,", "Then,", "Lastly,"] and all(isinstance(m, tuple) for m in toy.MULTI)
+    assert {t for combo in toy.MULTI for t in combo} <= set(toy.MARKERS)
+    assert len(toy.voices("train")) + len(toy.voices("test")) == len(toy.ACCENTS) * len(toy.FEMALE + toy.MALE)
+
+
+def test_it_templates_answer_what_they_ask():
+    answers = {t: fn("cake") for t, fn in toy.IT_TEMPLATES_SEEN + toy.IT_TEMPLATES_UNSEEN}
+    assert answers["Translate the word {w} into German."] == answers["In German, what is {w}?"] == "kuchen"
+    assert answers["Say {w} two times."] == "cake cake" and answers["How do you spell {w}?"] == "c-a-k-e"
+    assert answers["Which letter does {w} start with?"] == "c" and answers["Uppercase the word {w}."] == "CAKE"
+    assert len(toy.IT_TEMPLATES_SEEN) >= 10 and len(toy.IT_TEMPLATES_UNSEEN) >= 5
+    assert not {t for t, _ in toy.IT_TEMPLATES_SEEN} & {t for t, _ in toy.IT_TEMPLATES_UNSEEN}

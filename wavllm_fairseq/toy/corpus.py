@@ -23,12 +23,16 @@ spoken words; two sentences in an SV clip), ``word_samples`` (JSON [start, end) 
 each of those words: the alignment stage 0 trains the Whisper stand-in with), ``style`` and
 ``n_speakers`` (1, or 2 in an SV clip with two voices).
 
+Data: the grammar's words and their German (``data/lexicon.json``), the voices and styles
+(``data/voices.json``), the answer markers, multi-task combinations and text-only instruction templates
+(``data/tasks.json``) and the prompt pools of the speech tasks (``manifests/prompts/<task>.{seen,unseen}.txt``
+of the repository checkout, one prompt per line as ``wavllm-convert-s2t-manifest --prompts`` reads them).
+
 Also written: ``prompts/<task>.{seen,unseen}.txt``, ``lm_text.txt`` (all training text, for the toy
 tokenizer and LM of stage 0) and ``corpus.json`` (seed, size, counts, voice split). Deterministic for a
 seed (same manifests byte for byte); a second run with the same seed, size and format is skipped.
 """
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -38,118 +42,28 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import soundfile as sf
 
+from ..audio import resample_to_16k
 from ..manifest import escape_cell
+from . import tables
+from .espeak import synthesize
+from .tables import (  # noqa: F401  (the tables' names, as other modules and tests import them from here)
+    ACCENTS, ADJS, CONNECTORS, DE, DE_PLACES, DETS, FEMALE, IT_TEMPLATES_SEEN, IT_TEMPLATES_UNSEEN, IT_WORDS, MALE,
+    MARKERS, MULTI, NOUNS, OBJECTS, PLACES, STYLES, TEST_VARIANTS, VERBS, _h, all_sentences, is_train_sentence,
+    pool_prompts, prompt_pools, translate, voices)
 
-# ------------------------------------------------------------------ language
-DETS = ["the", "a"]
-ADJS = ["big", "small", "red", "blue", "green", "old", "young", "brown"]
-NOUNS = ["cat", "dog", "bird", "horse", "cow", "boy", "girl", "man", "woman", "farmer"]
-VERBS = ["sees", "likes", "finds", "follows", "helps", "watches", "pulls", "carries"]
-OBJECTS = ["ball", "apple", "book", "car", "house", "tree", "box", "bread", "cake", "door"]
-PLACES = ["in the park", "near the river", "at home", "in the garden", "on the hill", "at school", ""]
-DE = {"the": "der", "a": "ein", "big": "grosse", "small": "kleine", "red": "rote", "blue": "blaue",
-      "green": "gruene", "old": "alte", "young": "junge", "brown": "braune", "cat": "katze", "dog": "hund",
-      "bird": "vogel", "horse": "pferd", "cow": "kuh", "boy": "junge", "girl": "maedchen", "man": "mann",
-      "woman": "frau", "farmer": "bauer", "sees": "sieht", "likes": "mag", "finds": "findet",
-      "follows": "folgt", "helps": "hilft", "watches": "beobachtet", "pulls": "zieht", "carries": "traegt",
-      "ball": "ball", "apple": "apfel", "book": "buch", "car": "auto", "house": "haus", "tree": "baum",
-      "box": "kiste", "bread": "brot", "cake": "kuchen", "door": "tuer"}
-DE_PLACES = {"in the park": "im park", "near the river": "am fluss", "at home": "zu hause",
-             "in the garden": "im garten", "on the hill": "auf dem huegel", "at school": "in der schule", "": ""}
 
-ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
-           "en-us-nyc"]
-FEMALE = ["f1", "f2", "f3", "f4", "f5", "Alicia", "Andrea", "Annie", "aunty", "belinda", "linda", "steph"]
-MALE = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "adam", "Andy", "benjamin", "caleb", "david", "john", "max"]
-TEST_VARIANTS = ["f4", "Annie", "m5", "david"]  # held out in every accent
-# pitch offset, speed factor, amplitude: each style moves at least two of them by more than the per-clip
-# jitter below, so a clip's style shows through the voices' own differences in pitch and loudness
-STYLES = {"neutral": (0, 1.0, 100), "happy": (28, 1.25, 125), "sad": (-22, 0.72, 55), "angry": (10, 1.12, 200)}
+def __getattr__(name: str):  # ``PROMPTS`` (tables.PROMPTS), read on first use
+    if name == "PROMPTS":
+        return tables.PROMPTS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SIZES = {"small": dict(train=160, test=24, valid=12, sv_train=40, multi_train=80, multi_test=16, it_train=60),
          "default": dict(train=1500, test=100, valid=40, sv_train=800, multi_train=900, multi_test=60,
                          it_train=500)}
 
-# ------------------------------------------------------------------ prompt pools (seen, unseen)
-PROMPTS: Dict[str, Tuple[List[str], List[str]]] = {
-    "asr": (["Transcribe the audio.", "What is said in the audio?", "Write down what the speaker says.",
-             "Please transcribe this recording.", "Convert the speech into text.", "What does the speaker say?",
-             "Give me a transcript of the audio.", "Can you write out the spoken words?",
-             "Recognize the speech and output the text.", "Turn this speech into written words.",
-             "Transcribe the speech in the clip.", "What words are spoken here?"],
-            ["Please write what you hear.", "Produce the text of this utterance.", "Tell me the exact words spoken.",
-             "Put the spoken sentence into text.", "Which sentence is spoken in the recording?"]),
-    "st": (["Translate the audio into German.", "What is the German translation of the speech?",
-            "Translate what the speaker says into German.", "Please give the German version of this audio.",
-            "Render the spoken sentence in German.", "How would you say this in German?",
-            "Translate the speech to German.", "Give a German translation of the recording.",
-            "Convert the spoken English into German text.", "Provide the German translation.",
-            "Say the spoken sentence in German.", "Turn the speech into German."],
-           ["Write the speech in German, please.", "Express the utterance in German.",
-            "I need this audio translated into German.", "What is this sentence in German?",
-            "Give me the spoken words in German."]),
-    "sv": (["Is there only one speaker in the audio clip?", "Is the whole clip spoken by a single person?",
-            "Do both sentences come from the same speaker?", "Is this audio spoken by only one speaker?",
-            "Are the two utterances said by the same person?", "Does one person speak the whole clip?",
-            "Is there a single speaker in this recording?", "Are both parts spoken by one speaker?",
-            "Is the same voice heard throughout the clip?", "Did one speaker say both sentences?",
-            "Is only one speaker present in the audio?"],
-           ["Is it one person talking in both parts?", "Do we hear a single speaker in the clip?",
-            "Is the audio produced by just one speaker?", "Are the two sentences from one voice?",
-            "Is a single voice speaking throughout?"]),
-    "er": (["What is the speaking style of the speaker?", "How does the speaker sound?",
-            "What emotion does the speaker express?", "Describe the speaker's speaking style.",
-            "Which emotion is in the voice?", "Is the speaker neutral, happy, sad or angry?",
-            "What mood is the speaker in?", "Classify the emotion of the speech.",
-            "Tell me the emotional tone of the voice.", "What is the emotion of this utterance?",
-            "Identify the speaker's emotion."],
-           ["Which feeling does the voice convey?", "How would you describe the speaker's emotion?",
-            "Name the emotion heard in the speech.", "What emotional state does the speaker show?",
-            "Determine the style of speaking."]),
-    "gender": (["Is the speaker male or female?", "What is the gender of the speaker?",
-                "Is this a man's or a woman's voice?", "Tell me the speaker's gender.",
-                "Which gender does the speaker have?", "Does a male or a female speak?",
-                "Identify the gender of the voice.", "Is the voice male or female?",
-                "Is the person speaking a man or a woman?", "Classify the speaker's gender.",
-                "What gender is the speaking person?"],
-               ["Would you say the voice is male or female?", "Guess the gender of the talker.",
-                "Is the talker a woman or a man?", "Which sex does the voice belong to?",
-                "Determine whether the speaker is male or female."]),
-    "sqa": (["Which object is mentioned in the audio?", "What object does the speaker talk about?",
-             "Name the object in the sentence.", "What thing is mentioned in the recording?",
-             "Which item appears in the spoken sentence?", "What is the object of the sentence?",
-             "Tell me the object mentioned by the speaker.", "Which thing does the sentence mention?",
-             "What item is talked about?", "Which object is named in the speech?",
-             "What object is referred to in the clip?"],
-            ["What is the thing the speaker mentions?", "Identify the object in the utterance.",
-             "Which item is named by the speaker?", "What object can be heard in the sentence?",
-             "Name the item mentioned in the audio."]),
-}
-MARKERS = {"asr": "The transcription is:", "st": "The German translation is:", "sv": "Speaker check:",
-           "er": "The speaking style is:", "gender": "The speaker's gender is:", "sqa": "The object mentioned is:",
-           "it": "The answer to the text question is:"}
-MULTI = [("asr", "st"), ("asr", "it"), ("er", "it"), ("sv", "it"), ("gender", "asr"), ("asr", "sqa"),
-         ("st", "it"), ("sqa", "it"), ("asr", "st", "it"), ("asr", "sqa", "it")]
-CONNECTORS = {2: ["To begin,", "Then,"], 3: ["To begin,", "Then,", "Lastly,"]}
-IT_TEMPLATES_SEEN = [("Translate the word {w} into German.", lambda w: DE[w]),
-                     ("What is the German word for {w}?", lambda w: DE[w]),
-                     ("Give the German for {w}.", lambda w: DE[w]),
-                     ("Repeat the word {w} twice.", lambda w: f"{w} {w}"),
-                     ("Say {w} two times.", lambda w: f"{w} {w}"),
-                     ("Spell the word {w}.", lambda w: "-".join(w)),
-                     ("How do you spell {w}?", lambda w: "-".join(w)),
-                     ("Write the letters of {w} separated by dashes.", lambda w: "-".join(w)),
-                     ("What is the first letter of {w}?", lambda w: w[0]),
-                     ("Give the first letter of the word {w}.", lambda w: w[0]),
-                     ("Write {w} in capital letters.", lambda w: w.upper()),
-                     ("Uppercase the word {w}.", lambda w: w.upper())]
-IT_TEMPLATES_UNSEEN = [("In German, what is {w}?", lambda w: DE[w]),
-                       ("Please repeat {w} two times.", lambda w: f"{w} {w}"),
-                       ("Spell out {w} letter by letter.", lambda w: "-".join(w)),
-                       ("Which letter does {w} start with?", lambda w: w[0]),
-                       ("Turn {w} into capital letters.", lambda w: w.upper())]
-IT_WORDS = NOUNS + OBJECTS + ADJS
 FORMAT = 3  # 3: word alignments and what the clip holds (word_samples, transcript, style, n_speakers); a cached
 # corpus of another format is rebuilt
 HEADER = ["id", "audio", "n_frames", "prompt", "tgt_text", "with_speech", "task", "speaker", "gender", "label",
@@ -160,50 +74,10 @@ def log(msg: str) -> None:
     print(f"[corpus] {msg}", flush=True)
 
 
-def _h(*parts) -> int:
-    return int(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12], 16)
-
-
-def all_sentences() -> List[Tuple[str, dict]]:
-    out = []
-    for d in DETS:
-        for a in ADJS + [""]:
-            for n in NOUNS:
-                for v in VERBS:
-                    for o in OBJECTS:
-                        for p in PLACES:
-                            words = [d] + ([a] if a else []) + [n, v, "the", o] + ([p] if p else [])
-                            out.append((" ".join(words), dict(det=d, adj=a, noun=n, verb=v, obj=o, place=p)))
-    return out
-
-
-def translate(parts: dict) -> str:
-    words = [DE[parts["det"]]] + ([DE[parts["adj"]]] if parts["adj"] else []) + [DE[parts["noun"]], DE[parts["verb"]],
-                                                                                   "den", DE[parts["obj"]]]
-    if parts["place"]:
-        words.append(DE_PLACES[parts["place"]])
-    return " ".join(words)
-
-
-def voices(split: str) -> List[Tuple[str, str, str]]:
-    """(accent, variant, gender) of the train or test voices."""
-    out = []
-    for acc in ACCENTS:
-        for var in FEMALE + MALE:
-            if (var in TEST_VARIANTS) == (split == "test"):
-                out.append((acc, var, "female" if var in FEMALE else "male"))
-    return out
-
-
 # ------------------------------------------------------------------ synthesis
 def _synth(job) -> Tuple[str, int, List[List[int]]]:
     """One clip: espeak-ng -> 16 kHz mono PCM16 (two utterances joined by silence for SV), and the
     [start, end) sample span of every word in the written clip (the alignment stage 0 trains on)."""
-    import soundfile as sf
-
-    from ..audio import resample_to_16k
-    from .espeak import synthesize
-
     out_path, parts = job
     pieces, spans, offset = [], [], 0
     for k, (text, accent, variant, pitch, speed, amp) in enumerate(parts):
@@ -286,7 +160,7 @@ def clip_columns(clip: dict) -> dict:
 
 
 def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generator) -> List[dict]:
-    prompts = PROMPTS[task][0 if pool == "seen" else 1]
+    prompts = pool_prompts(task, pool)
     rows = []
     for c in clips:
         tgt, label = answer(task, c)
@@ -316,7 +190,7 @@ def multi_rows(clips: List[dict], sv_clips: List[dict], n: int, pool: str, rng, 
         conns = CONNECTORS[len(combo)]
         prompts, answers, subs = [], [], []
         for k, t in enumerate(combo):
-            p = it[0] if t == "it" else PROMPTS[t][0 if pool == "seen" else 1][int(rng.integers(5 if pool == "unseen" else 10))]
+            p = it[0] if t == "it" else pool_prompts(t, pool)[int(rng.integers(5 if pool == "unseen" else 10))]
             prompts.append(f"{conns[k]} {p[0].lower()}{p[1:]}")
             sub = sub_answer(t, c, it)
             subs.append(sub)
@@ -339,8 +213,8 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
     sz = SIZES[size]
     rng = np.random.default_rng(seed)
     sentences = all_sentences()
-    train_s = [s for s in sentences if _h(seed, "split", s[0]) % 100 >= 15]
-    test_s = [s for s in sentences if _h(seed, "split", s[0]) % 100 < 15]
+    train_s = [s for s in sentences if is_train_sentence(seed, s[0])]
+    test_s = [s for s in sentences if not is_train_sentence(seed, s[0])]
     wav_dir = os.path.join(out, "wav")
     os.makedirs(wav_dir, exist_ok=True)
 
@@ -421,11 +295,11 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
         _write(os.path.join(out, name + ".tsv"), rows)
 
     os.makedirs(os.path.join(out, "prompts"), exist_ok=True)
-    for task, (seen, unseen) in list(PROMPTS.items()) + [("it", ([t for t, _ in IT_TEMPLATES_SEEN],
-                                                                 [t for t, _ in IT_TEMPLATES_UNSEEN]))]:
+    it_pools = ([t for t, _ in IT_TEMPLATES_SEEN], [t for t, _ in IT_TEMPLATES_UNSEEN])
+    for task, (seen, unseen) in list(prompt_pools().items()) + [("it", it_pools)]:
         for pool, items in (("seen", seen), ("unseen", unseen)):
-            with open(os.path.join(out, "prompts", f"{task}.{pool}.txt"), "w") as f:
-                f.write("\n".join(items) + "\n")
+            with open(os.path.join(out, "prompts", f"{task}.{pool}.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(escape_cell(p) for p in items) + "\n")
     lm = []
     for name, rows in manifests.items():
         if name.startswith("train_"):

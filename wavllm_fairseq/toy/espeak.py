@@ -13,6 +13,8 @@ Parameters are the command's ``-v``, ``-p``, ``-s`` and ``-a`` (tested equal sam
 """
 import ctypes
 import ctypes.util
+import os
+import pickle
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -138,9 +140,6 @@ def synthesize(text: str, voice: str, pitch: int, speed: int, amplitude: int) ->
     """Like ``Espeak()(...)`` but in a forked child with a fresh library, so the result depends on the
     arguments only (the library carries state from one utterance to the next, e.g. its pitch flutter;
     a fresh one gives exactly the ``espeak-ng`` command's samples). About as fast as running the command."""
-    import os
-    import pickle
-
     if Espeak._lib is not None:
         raise EspeakError("synthesize() needs a process that has not initialised espeak itself")
     read_fd, write_fd = os.pipe()

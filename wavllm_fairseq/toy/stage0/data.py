@@ -1,0 +1,38 @@
+"""What the stage-0 stand-ins read from the toy corpus: manifest rows, their audio, padded batches, where
+the second utterance of a two-utterance clip starts."""
+import os
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ...audio import load_audio
+from ...manifest import ManifestRow, read_manifest
+
+
+def rows(corpus: str, name: str) -> List[ManifestRow]:
+    """The rows of the corpus's ``<name>.tsv``."""
+    out, _ = read_manifest(os.path.join(corpus, name + ".tsv"))
+    return out
+
+
+def audio(corpus: str, items: Sequence[ManifestRow]) -> List[np.ndarray]:
+    return [load_audio(r.audio, corpus) for r in items]
+
+
+def batch_wav(wavs: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded (B, T) waveforms and their lengths."""
+    lengths = torch.tensor([len(w) for w in wavs])
+    out = torch.zeros(len(wavs), int(lengths.max()))
+    for i, w in enumerate(wavs):
+        out[i, : len(w)] = torch.from_numpy(w)
+    return out, lengths
+
+
+def second_utterance(spans: Sequence[Sequence[int]], where: str = "a two-utterance clip") -> int:
+    """Index of the first word after the widest pause between words (where an SV clip's second
+    utterance starts); ``where`` names the clip in the error."""
+    if len(spans) < 2:
+        raise ValueError(f"{where}: an SV clip needs at least two word alignments (word_samples); "
+                         "regenerate the corpus")
+    return max(range(1, len(spans)), key=lambda i: spans[i][0] - spans[i - 1][1])
