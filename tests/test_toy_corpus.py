@@ -84,7 +84,8 @@ def test_prompt_pools_have_ten_paraphrases_and_are_disjoint(built):
 
 
 def test_test_voices_and_sentences_never_occur_in_training(built):
-    train = [r for n in manifests(built["a"]) if n.startswith("train_") and n != "train_it" for r in rows_of(built["a"], n)]
+    train = [r for n in manifests(built["a"]) if n.startswith("train_") and n != "train_it"
+             for r in rows_of(built["a"], n)]
     test = [r for n in manifests(built["a"]) if n.startswith(("test_", "valid_")) and not n.startswith("test_it")
             and not n.startswith("valid_it") for r in rows_of(built["a"], n)]
     assert train and test
@@ -95,7 +96,7 @@ def test_test_voices_and_sentences_never_occur_in_training(built):
     test_text = {r.tgt_text for r in rows_of(built["a"], "test_asr")}
     assert test_text and not train_text & test_text
     # SV clips hold two sentences: none of them is a training sentence either
-    all_train_sentences = {s for s, _ in toy.all_sentences() if toy._h(5, "split", s) % 100 >= 15}
+    all_train_sentences = {s for s, _ in toy.all_sentences() if toy.is_train_sentence(5, s)}
     assert not test_text & all_train_sentences
 
 
@@ -150,7 +151,8 @@ def test_library_synthesis_equals_the_command_and_reports_every_word(tmp_path):
         assert len(starts) == 9 and starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:]))
         assert starts[-1] < len(wav)
     # a word without its own event is placed by character share between its neighbours' events
-    assert word_starts("in the park", [(1, 0), (8, 1100)], 2000) == [0, 471, 1100]  # "the" starts 3 of the 7 characters into the span
+    # "the" starts 3 of the 7 characters into the span
+    assert word_starts("in the park", [(1, 0), (8, 1100)], 2000) == [0, 471, 1100]
 
 
 def test_word_alignments_cover_each_clip_in_order(built):

@@ -18,7 +18,7 @@ def test_train_seed_and_overrides_reach_both_training_stages_only(tmp_path, monk
     class Stop(Exception):
         pass
 
-    def train_stage(stage, corpus, backbones, out, updates, init, extra, echo=True, warmup=None):
+    def train_stage(stage, corpus, recipe, out, updates, init, extra, echo=True, warmup=None):
         seen[f"stage{stage}"] = extra
         seen[f"stage{stage}_budget"] = (updates, warmup)
         if stage == 2:
@@ -45,7 +45,7 @@ def test_stage_updates_set_that_stage_and_a_tenth_of_it_as_warm_up(tmp_path, mon
     class Stop(Exception):
         pass
 
-    def train_stage(stage, corpus, backbones, out, updates, init, extra, echo=True, warmup=None):
+    def train_stage(stage, corpus, recipe, out, updates, init, extra, echo=True, warmup=None):
         calls[stage] = (updates, warmup)
         if stage == 2:
             raise Stop
@@ -63,11 +63,13 @@ def test_stage_updates_set_that_stage_and_a_tenth_of_it_as_warm_up(tmp_path, mon
     monkeypatch.setattr(pipeline, "run", lambda cmd, log_path, env=None, echo=True: cmds.append(cmd))
     (tmp_path / "s2").mkdir()
     (tmp_path / "s2" / "checkpoint_last.pt").write_bytes(b"")
-    real_train_stage(2, "C", "B", str(tmp_path / "s2"), 1000, "init.pt", ["lr_scheduler.warmup_updates=7"], warmup=100)
+    recipe = pipeline.Recipe("toy", {k: f"B/{k}" for k in ("whisper", "wavlm", "llama")})
+    real_train_stage(2, "C", recipe, str(tmp_path / "s2"), 1000, "init.pt", ["lr_scheduler.warmup_updates=7"],
+                     warmup=100)
     cmd = cmds[-1]
     assert cmd[0] == "fairseq-hydra-train" and "optimization.max_update=1000" in cmd
     assert cmd.index("lr_scheduler.warmup_updates=100") < cmd.index("lr_scheduler.warmup_updates=7")
-    real_train_stage(1, "C", "B", str(tmp_path / "s2"), None, None, [])
+    real_train_stage(1, "C", recipe, str(tmp_path / "s2"), None, None, [])
     assert not any(c.startswith(("optimization.max_update=", "lr_scheduler.warmup_updates=")) for c in cmds[-1])
 
 
@@ -84,3 +86,39 @@ def test_a_malformed_override_is_refused_before_any_work(tmp_path):
                           "--override", "task.prompt_augment"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "KEY=VALUE" in out.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, monkeypatch):
+    from wavllm_fairseq import small_backbones
+    from wavllm_fairseq.toy import corpus, pipeline, stage0
+
+    monkeypatch.setattr(corpus, "main", lambda argv: 0)
+    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed: {})
+    monkeypatch.setattr(small_backbones, "ensure_packages", lambda *a, **k: None)
+    prepared = (str(tmp_path / "real" / "whisper-tiny.en"), str(tmp_path / "real" / "smollm2"))
+    monkeypatch.setattr(small_backbones, "prepare", lambda out: prepared)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def train_stage(stage, corpus, recipe, out, updates, init, extra, echo=True, warmup=None):
+        seen["recipe"] = recipe
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "train_stage", train_stage)
+    with pytest.raises(Stop):
+        pipeline.main(["--work", str(tmp_path), "--recipe", "small_real"])
+    recipe = seen["recipe"]
+    assert os.path.basename(recipe.config_dir) == "small_real" and recipe.config_name(1) == "small_real_stage1"
+    assert os.path.isfile(os.path.join(recipe.config_dir, recipe.config_name(2) + ".yaml"))
+    assert recipe.backbones == {"whisper": prepared[0], "llama": prepared[1],
+                                "wavlm": os.path.join(str(tmp_path), "backbones", "wavlm")}
+    assert recipe.decode_args == ["--chat-template", "tokenizer"]  # SmolLM2 was trained with its own template
+
+
+def test_decode_stages_are_checked():
+    from wavllm_fairseq.toy import pipeline
+
+    with pytest.raises(SystemExit):
+        pipeline.main(["--decode-stages", "3"])

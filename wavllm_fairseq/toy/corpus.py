@@ -75,7 +75,7 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ synthesis
-def _synth(job) -> Tuple[str, int, List[List[int]]]:
+def synth_clip(job) -> Tuple[str, int, List[List[int]]]:
     """One clip: espeak-ng -> 16 kHz mono PCM16 (two utterances joined by silence for SV), and the
     [start, end) sample span of every word in the written clip (the alignment stage 0 trains on)."""
     out_path, parts = job
@@ -100,7 +100,7 @@ def _synth(job) -> Tuple[str, int, List[List[int]]]:
     return out_path, len(wav), spans
 
 
-def _voice_params(rng: np.random.Generator, style: str) -> Tuple[int, int, int]:
+def voice_params(rng: np.random.Generator, style: str) -> Tuple[int, int, int]:
     dp, fs, amp = STYLES[style]
     pitch = int(np.clip(50 + dp + rng.integers(-5, 6), 5, 99))
     speed = int(165 * fs * rng.uniform(0.95, 1.05))
@@ -164,8 +164,9 @@ def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generato
     rows = []
     for c in clips:
         tgt, label = answer(task, c)
-        rows.append(_row(id=f"{task}_{c['id']}" + ("_unseen" if pool == "unseen" else ""), audio=c["audio"], n_frames=c["n_frames"],
-                         prompt=prompts[int(rng.integers(len(prompts)))], tgt_text=tgt, with_speech="True", task=task,
+        rows.append(_row(id=f"{task}_{c['id']}" + ("_unseen" if pool == "unseen" else ""), audio=c["audio"],
+                         n_frames=c["n_frames"], prompt=prompts[int(rng.integers(len(prompts)))], tgt_text=tgt,
+                         with_speech="True", task=task,
                          speaker=c["speaker"], gender=c["gender"], label=label or "", prompt_pool=pool,
                          **clip_columns(c)))
     return rows
@@ -195,8 +196,9 @@ def multi_rows(clips: List[dict], sv_clips: List[dict], n: int, pool: str, rng, 
             sub = sub_answer(t, c, it)
             subs.append(sub)
             answers.append(f"{MARKERS[t]} {sub}")
-        rows.append(_row(id=f"multi_{pool}{i}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"], prompt=" ".join(prompts),
-                         tgt_text=" ".join(answers), with_speech="True", task="+".join(combo), speaker=c["speaker"],
+        rows.append(_row(id=f"multi_{pool}{i}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"],
+                         prompt=" ".join(prompts), tgt_text=" ".join(answers), with_speech="True",
+                         task="+".join(combo), speaker=c["speaker"],
                          gender=c["gender"], prompt_pool=pool, subtasks=json.dumps(list(combo)), **clip_columns(c),
                          sub_markers=json.dumps([MARKERS[t] for t in combo]), sub_targets=json.dumps(subs)))
     return rows
@@ -225,7 +227,7 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
             text, parts = sents[int(rng.integers(len(sents)))]
             acc, var, gender = vs[int(rng.integers(len(vs)))]
             style = list(STYLES)[int(rng.integers(4))]
-            pitch, speed, amp = _voice_params(rng, style)
+            pitch, speed, amp = voice_params(rng, style)
             clips.append(dict(id=f"{split}{i:05d}", audio=f"wav/{split}{i:05d}.wav", text=text, de=translate(parts),
                               obj=parts["obj"], style=style, gender=gender, speaker=f"{acc}+{var}",
                               synth=[(text, acc, var, pitch, speed, amp)]))
@@ -241,8 +243,8 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
             while not same and b[1] == a[1]:  # a different speaker: another variant
                 b = vs[int(rng.integers(len(vs)))]
             (t1, p1), (t2, p2) = (sents[int(rng.integers(len(sents)))] for _ in range(2))
-            pa, sa, aa = _voice_params(rng, "neutral")
-            pb, sb, ab = (pa, sa, aa) if same else _voice_params(rng, "neutral")
+            pa, sa, aa = voice_params(rng, "neutral")
+            pb, sb, ab = (pa, sa, aa) if same else voice_params(rng, "neutral")
             clips.append(dict(id=f"{split}sv{i:05d}", audio=f"wav/{split}sv{i:05d}.wav", text=f"{t1} {t2}", same=same,
                               obj=p1["obj"], style="neutral", gender=a[2], speaker=f"{a[0]}+{a[1]}",
                               synth=[(t1, a[0], a[1], pa, sa, aa), (t2, b[0], b[1], pb, sb, ab)]))
@@ -259,7 +261,7 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
     work = [(os.path.join(out, c["audio"]), c["synth"]) for c in every]
     lengths, spans = {}, {}
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for k, (path, n, words) in enumerate(pool.map(_synth, work, chunksize=16)):
+        for k, (path, n, words) in enumerate(pool.map(synth_clip, work, chunksize=16)):
             lengths[path], spans[path] = n, words
             if (k + 1) % 500 == 0 or k + 1 == len(work):
                 log(f"progress {k + 1}/{len(work)} clips ({time.time() - t0:.0f} s)")

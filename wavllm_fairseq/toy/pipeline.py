@@ -149,16 +149,22 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="parallel fairseq-generate processes")
     p.add_argument("--max-len-b", type=int, default=60)
     p.add_argument("--skip-train", action="store_true", help="reuse existing checkpoints in --work")
+    p.add_argument("--decode-stages", default="1,2",
+                   help="which stages' checkpoints decode every test set (comma list)")
     p.add_argument("--train-seed", type=int, default=None,
                    help="common.seed of stages 1 and 2 (default: --seed); the corpus and stage 0 keep --seed, so "
                         "runs differing only here measure the run-to-run spread of training")
     for stage in (1, 2):
         p.add_argument(f"--stage{stage}-updates", type=int, default=None, metavar="N",
-                       help=f"stage-{stage} updates (default: the toy config's, or the --size preset); warm-up 10%% of N")
+                       help=f"stage-{stage} updates (default: the toy config's, or the --size preset); "
+                            "warm-up 10%% of N")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra hydra override for both training stages, e.g. task.prompt_augment=true (repeatable)")
     args = p.parse_args(argv)
     train_seed = args.seed if args.train_seed is None else args.train_seed
+    decode_stages = sorted({int(s) for s in args.decode_stages.split(",") if s.strip()})
+    if not decode_stages or any(s not in (1, 2) for s in decode_stages):
+        p.error("--decode-stages takes 1, 2 or 1,2")
     if any("=" not in o for o in args.override):
         p.error("--override takes KEY=VALUE")
     if any(n is not None and n < 1 for n in (args.stage1_updates, args.stage2_updates)):
@@ -207,7 +213,8 @@ def main(argv=None) -> int:
             # --stageN-updates keeps the configs' warm-up of 10% of max_update; the --size preset does not touch it
             asked = getattr(args, f"stage{stage}_updates")
             ckpts[stage] = train_stage(stage, corpus, recipe, out, asked or size[f"stage{stage}_updates"],
-                                       ckpts.get(1) if stage == 2 else None, [f"common.seed={train_seed}"] + args.override,
+                                       ckpts.get(1) if stage == 2 else None,
+                                       [f"common.seed={train_seed}"] + args.override,
                                        warmup=max(1, round(asked / 10)) if asked else None)
         times[f"stage{stage}"] = time.time() - t
 
@@ -222,7 +229,7 @@ def main(argv=None) -> int:
                                   recipe.decode_args)}
     results["untrained"] = score_all(corpus, gen, os.path.join(work, "decode", "untrained"))
     times["baseline (untrained) on test_asr"] = time.time() - t
-    for stage in (1, 2):
+    for stage in decode_stages:
         t = time.time()
         log(f"decoding every test manifest with the stage-{stage} model")
         generated = decode_all(corpus, ckpts[stage], os.path.join(work, "decode", f"stage{stage}"), args.max_len_b,
@@ -241,7 +248,7 @@ def main(argv=None) -> int:
     from .report import write_report
 
     where = {}
-    for stage in (1, 2):  # where each stage's answers go: right, wrong, another task's, neither
+    for stage in decode_stages:  # where each stage's answers go: right, wrong, another task's, neither
         out = os.path.join(work, "decode", f"stage{stage}")
         counts = breakdown(corpus, out)
         with open(os.path.join(out, "breakdown.json"), "w") as f:
@@ -250,10 +257,12 @@ def main(argv=None) -> int:
         with open(os.path.join(out, "breakdown.md"), "w") as f:
             f.write(where[stage] + "\n")
     table = write_report(work, results, times, standins)
-    where_title = "Where the stage-2 answers go (python -m wavllm_fairseq.toy.breakdown; stage 1: decode/stage1/breakdown.md)"
+    last = decode_stages[-1]
+    where_title = (f"Where the stage-{last} answers go (python -m wavllm_fairseq.toy.breakdown; each decoded stage: "
+                   "decode/stage<N>/breakdown.md)")
     with open(os.path.join(work, "results.md"), "a") as f:
-        f.write(f"\n{where_title}\n\n{where[2]}\n")
-    print(f"{table}\n\n{where_title}\n\n{where[2]}")
+        f.write(f"\n{where_title}\n\n{where[last]}\n")
+    print(f"{table}\n\n{where_title}\n\n{where[last]}")
     return 0
 
 

@@ -5,7 +5,7 @@ import re
 import time
 from typing import Dict, List, Optional
 
-# issue 8's targets on the held-out toy sets (checked after stage 2 unless said otherwise)
+# the toy's targets on the held-out toy sets (checked after stage 2 unless said otherwise)
 TARGETS = {
     ("test_asr", "asr", "wer"): "<= 20",
     ("test_st", "st", "bleu"): ">= 40",
