@@ -34,7 +34,7 @@ setup(
     ],
     # serve: wavllm-serve (FastAPI + uvicorn, python-multipart for uploads); its tests also drive a browser over
     # the DevTools protocol (websockets) and call the server with the official OpenAI client
-    extras_require={"test": ["pytest", "fastapi", "uvicorn", "python-multipart", "websockets", "openai"],
+    extras_require={"test": ["pytest", "fastapi", "uvicorn", "python-multipart", "websockets", "openai", "ruff"],
                     "serve": ["fastapi", "uvicorn", "python-multipart"],
                     # bertscore: wavllm-score --bertscore-model DIR (bert-score 0.3.13 needs torch, transformers,
                     # pandas, numpy, requests, tqdm, matplotlib, packaging; it caps none of them)

@@ -46,7 +46,8 @@ def test_wavlm_base_layout_weight_norm_names_in_a_pickle_bin(tmp_path):
     """microsoft/wavlm-base's pytorch_model.bin stores the positional conv's weight norm as weight_g /
     weight_v (torch's old weight_norm), which today's module names parametrizations.weight.original0/1."""
     src = _wavlm()
-    state = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"): v
+    state = {k.replace("parametrizations.weight.original0", "weight_g")
+              .replace("parametrizations.weight.original1", "weight_v"): v
              for k, v in src.state_dict().items()}
     assert "encoder.pos_conv_embed.conv.weight_g" in state and "encoder.pos_conv_embed.conv.weight_v" in state
     src.config.save_pretrained(tmp_path)

@@ -322,7 +322,8 @@ def test_cli_and_python_api(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "stage 1 checkpoint" in out and "backbone tensors equal to the local directories" in out
-    assert "mapped  gpt_model.model_llama.layers.0.attention.wq_lora_A -> llm.model.layers.0.self_attn.q_proj.lora_A.weight" in out
+    assert ("mapped  gpt_model.model_llama.layers.0.attention.wq_lora_A"
+            " -> llm.model.layers.0.self_attn.q_proj.lora_A.weight") in out
 
     api = WavLLM.from_pretrained(str(tmp_path / "ours.pt"))
     direct = WavLLM(model, api.task)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from fairseq.data import FairseqDataset
 
-from wavllm_fairseq.curriculum import (CurriculumBatchSampler, CurriculumEpochBatchIterator, Phase, curriculum_from_subsets,
-                                       load_curriculum, make_batches, mix_of)
+from wavllm_fairseq.curriculum import (CurriculumBatchSampler, CurriculumEpochBatchIterator, Phase,
+                                       curriculum_from_subsets, load_curriculum, make_batches, mix_of)
 from wavllm_fairseq.errors import WavLLMInputError
 
 RNG = np.random.default_rng(0)

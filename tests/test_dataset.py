@@ -83,8 +83,10 @@ def test_too_long_row_is_an_error_naming_file_and_row_or_a_counted_skip(corpus, 
     path = corpus["train_asr"]
     rows, _ = read_manifest(path)
     with pytest.raises(ManifestError, match=r"train_asr.tsv:2: id=tr0: .* context is 60"):
-        InstructionDataset(rows, path, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames, max_positions=60)
-    ds = InstructionDataset(rows, path, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames, max_positions=60, skip_bad=True)
+        InstructionDataset(rows, path, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames,
+                           max_positions=60)
+    ds = InstructionDataset(rows, path, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames,
+                            max_positions=60, skip_bad=True)
     assert len(ds) == 0 and ds.skipped == {"too_long_text": len(rows)}
 
 
@@ -101,7 +103,8 @@ def test_unreadable_audio_at_load_time_names_the_file_or_is_skipped(corpus, task
         ds = InstructionDataset(rows, bad, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames)
         with pytest.raises(AudioError, match="broken_at_runtime.tsv:3"):
             ds[1]
-        ds = InstructionDataset(rows, bad, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames, skip_bad=True)
+        ds = InstructionDataset(rows, bad, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames,
+                                skip_bad=True)
         batch = collate([ds[0], ds[1]], task.tokenizer.pad_id)
         assert batch["nsentences"] == 1 and sum(ds.skipped.values()) == 1
     finally:
@@ -167,7 +170,9 @@ def test_a_row_over_the_llm_context_is_refused_naming_row_and_numbers(tmp_path, 
     with open(path, "w") as f:
         f.write("id\taudio\tn_frames\tprompt\ttgt_text\twith_speech\nrow7\t" + wav + "\t0\tWhat?\tx\tTrue\n")
     rows, _ = read_manifest(str(path), check_audio=True)
-    ds = InstructionDataset(rows, str(path), task.tokenizer, corpus="c", speech_frames=expected_speech_frames, max_positions=400)  # 12 s: 150 speech
+    ds = InstructionDataset(rows, str(path), task.tokenizer, corpus="c", speech_frames=expected_speech_frames,
+                            max_positions=400)  # 12 s: 150 speech
     assert len(ds) == 1
     with pytest.raises(ManifestError, match=r"ctx.tsv:2: id=row7: .*need \d+ positions \(speech 150.*context is 100"):
-        InstructionDataset(rows, str(path), task.tokenizer, corpus="c", speech_frames=expected_speech_frames, max_positions=100)
+        InstructionDataset(rows, str(path), task.tokenizer, corpus="c", speech_frames=expected_speech_frames,
+                           max_positions=100)

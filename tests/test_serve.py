@@ -362,7 +362,8 @@ def test_bad_requests_are_4xx_json(env):
     expect_error(multipart(env["url"], {"instruction": " "}, {"file": ("a.wav", env["clips"][0])}), 400,
                  "missing_instruction")
     expect_error(multipart(env["url"], {"instruction": "Transcribe the audio."}, {}), 400, "missing_file")
-    expect_error(multipart(env["url"], {"instruction": "x", "max_tokens": "many"}, {"file": ("a.wav", env["clips"][0])}),
+    expect_error(multipart(env["url"], {"instruction": "x", "max_tokens": "many"},
+                           {"file": ("a.wav", env["clips"][0])}),
                  400, "invalid_value", ["max_tokens"])
     expect_error(multipart(env["url"], {"instruction": "x"}, {"file": ("a.wav", b"")}), 400, "audio_empty")
     assert health(env["url"])["status"] == "ok"
@@ -423,7 +424,10 @@ def test_client_leaving_mid_stream_ends_its_row_and_the_server_goes_on(env):
         assert time.time() < deadline, "the row of the departed client was not cancelled"
         time.sleep(0.1)
     spent = health(env["url"])["stats"]["answer_tokens"] - before["answer_tokens"]
-    assert 2 <= spent < 400  # ended early, not run to max_tokens    assert answer(chat(env["url"], env["clips"][1], "Transcribe the audio.", max_tokens=3))
+    assert 2 <= spent < 400  # ended early, not run to max_tokens
+    # FIXME: f90674c merged the check below into the comment above, so it has not run since; restoring it is a
+    # behaviour change left out of the line-wrapping commit:
+    # assert answer(chat(env["url"], env["clips"][1], "Transcribe the audio.", max_tokens=3))
 
 
 @pytest.mark.slow

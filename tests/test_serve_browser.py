@@ -123,7 +123,8 @@ def test_page_upload_preset_record_and_streamed_answers(tmp_path, chromium):
     clip = str(tmp_path / "hello.wav")
     with open(clip, "wb") as f:
         f.write(tone_clips(1, seed=7)[0])
-    with ServerProcess(ckpt, "--threads", "1", "--default-max-tokens", "24", log_path=str(tmp_path / "server.log")) as srv:
+    with ServerProcess(ckpt, "--threads", "1", "--default-max-tokens", "24",
+                       log_path=str(tmp_path / "server.log")) as srv:
         for domain in ("Runtime", "Log", "Page", "DOM"):
             cdp(domain + ".enable")
         cdp("Emulation.setDeviceMetricsOverride", width=820, height=720, deviceScaleFactor=1, mobile=False)

@@ -75,7 +75,8 @@ def test_ct2_whisper_converter_inverts_ctranslate2s_own_converter(tmp_path, quan
     # the folder is complete: the processor (tokenizer + feature extractor) and generate work
     proc = WhisperProcessor.from_pretrained(back, local_files_only=True)
     assert proc.tokenizer.convert_tokens_to_ids("<|notimestamps|>") == loaded.generation_config.no_timestamps_token_id
-    feats = proc.feature_extractor([torch.randn(16000).numpy()], sampling_rate=16000, return_tensors="pt").input_features
+    feats = proc.feature_extractor([torch.randn(16000).numpy()], sampling_rate=16000,
+                                   return_tensors="pt").input_features
     assert feats.shape[1] == 80
 
 
@@ -165,8 +166,9 @@ def test_wavllm_small_real_trains_one_step_from_the_prepared_folders(prepared, t
     cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(ROOT, "examples/wavllm/config/small_real"),
            "--config-name", "small_real_stage1", f"task.data={data}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
            f"model.whisper_path={prepared['whisper']}", f"model.wavlm_path={tmp_path / 'wavlm'}",
-           f"model.llama_path={prepared['llm']}", "task.train_manifests='train_asr,train_it'", "task.train_weights='1,1'",
-           "dataset.valid_subset=valid_asr", "dataset.batch_size=2", "optimization.max_update=1",
+           f"model.llama_path={prepared['llm']}", "task.train_manifests='train_asr,train_it'",
+           "task.train_weights='1,1'", "dataset.valid_subset=valid_asr", "dataset.batch_size=2",
+           "optimization.max_update=1",
            "lr_scheduler.warmup_updates=0", "checkpoint.save_interval_updates=1", "dataset.validate_interval_updates=1"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -31,15 +31,18 @@ def toy(tmp_path):
     decode.mkdir()
     sets = {
         "test_asr": [(row(0, "a blue dog pulls the apple", "asr", "seen"), "a blue dog pulls the apple"),  # right
-                     (row(1, "a red cat finds the tree", "asr", "seen"), "a red cat finds the tree at home"),  # right (1/6)
+                     (row(1, "a red cat finds the tree", "asr", "seen"),
+                      "a red cat finds the tree at home"),  # right (1/6)
                      (row(2, "the boy likes the ball", "asr", "unseen"), "The speaker is male."),  # gender
-                     (row(3, "the girl sees the cake", "asr", "unseen"), "a big cow likes the ball"),  # asr, wrong (2/6 from row 4)
+                     (row(3, "the girl sees the cake", "asr", "unseen"),
+                      "a big cow likes the ball"),  # asr, wrong (2/6 from row 4)
                      (row(4, "a big cow finds the box", "asr", "unseen"), "b-b-b-b")],  # neither
         "test_er": [(row(0, "The speaker sounds sad.", "er", "seen", label="sad"), "The speaker sounds sad."),
                     (row(1, "The speaker sounds happy.", "er", "seen", label="happy"), "The speaker sounds angry."),
                     (row(2, "The speaker sounds angry.", "er", "unseen", label="angry"), "a red cat finds the tree")],
         "test_gender": [(row(0, "The speaker is male.", "gender", "seen", label="male"), "The speaker is female."),
-                        (row(1, "The speaker is female.", "gender", "unseen", label="female"), "The speaker is female.")],
+                        (row(1, "The speaker is female.", "gender", "unseen", label="female"),
+                         "The speaker is female.")],
         "test_multi": [(row(0, "The transcription is: a b The answer to the text question is: c", "asr+it", "seen",
                             subtasks='["asr", "it"]',
                             sub_markers='["The transcription is:", "The answer to the text question is:"]',
@@ -67,8 +70,8 @@ def test_rows_are_counted_right_wrong_another_task_or_neither(toy):
     s = res["single"]
     asr_seen, asr_unseen = s["test_asr"]["seen"], s["test_asr"]["unseen"]
     assert (asr_seen["rows"], asr_seen["right"]) == (2, 2)
-    assert (asr_unseen["right"], asr_unseen["asked task, wrong"], asr_unseen["another task"], asr_unseen["neither"]) == (
-        0, 1, 1, 1)
+    assert (asr_unseen["right"], asr_unseen["asked task, wrong"], asr_unseen["another task"],
+            asr_unseen["neither"]) == (0, 1, 1, 1)
     assert asr_unseen["answered instead"] == {"gender": 1}
     assert (s["test_er"]["seen"]["right"], s["test_er"]["seen"]["asked task, wrong"]) == (1, 1)
     assert s["test_er"]["seen"]["wrong labels"] == {"happy -> angry": 1}

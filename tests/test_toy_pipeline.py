@@ -90,7 +90,8 @@ def test_checkpoints_hold_only_trained_parts_and_backbones_reload_from_their_dir
         ckpt = torch.load(os.path.join(pipeline["work"], stage, "checkpoint_last.pt"), map_location="cpu",
                           weights_only=False)
         keys = list(ckpt["model"])
-        frozen = [k for k in keys if k.startswith(("whisper.", "wavlm.")) or (k.startswith("llm.") and "lora_" not in k)]
+        frozen = [k for k in keys
+                  if k.startswith(("whisper.", "wavlm.")) or (k.startswith("llm.") and "lora_" not in k)]
         assert not frozen, (stage, frozen[:5])
         assert any(".lora_B." in k for k in keys) and any(k.startswith("projector.") for k in keys)
         assert any(k.startswith("prompt_scale.") for k in keys) == (stage == "stage2")

@@ -58,7 +58,8 @@ def test_text_span_repeats_each_word_and_carries_its_tags():
     assert pieces == [red] * n_red + [cat] * (len(pieces) - n_red)
     assert all(1 <= c <= max(stage0.SPAN_REPEATS) for c in (n_red, len(pieces) - n_red))
     assert tags == [(1,)] * n_red + [(2, 3)] * (len(pieces) - n_red)
-    assert stage0.text_span(tok, "red", random.Random(0))[1] == [()] * len(stage0.text_span(tok, "red", random.Random(0))[0])
+    assert (stage0.text_span(tok, "red", random.Random(0))[1]
+            == [()] * len(stage0.text_span(tok, "red", random.Random(0))[0]))
 
 
 def test_embeddings_add_the_tags_to_their_positions_and_pad_with_a_mask():

@@ -61,7 +61,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(corpus, t
     assert [u for u, _ in l1] == [u for u, _ in l2] and len(l1) == 8
     for (_, a), (_, b) in zip(l1, l2):
         assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (l1, l2)
-    one, two = trainable_state(tmp_path / "one" / "checkpoint_last.pt"), trainable_state(tmp_path / "two" / "checkpoint_last.pt")
+    one, two = (trainable_state(tmp_path / "one" / "checkpoint_last.pt"),
+                trainable_state(tmp_path / "two" / "checkpoint_last.pt"))
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4, msg=k)
@@ -112,7 +113,8 @@ def test_truncated_checkpoint_fails_naming_it_and_the_usable_ones(corpus, tmp_pa
     assert "checkpoint_last.pt" in log and "truncated or corrupt" in log, log[-3000:]
     assert "checkpoint_1_6.pt" in log and "checkpoint.restore_file=" in log
     # the hint works: resuming from the named usable checkpoint continues at update 7
-    rc, log = run(command(1, tiny_overrides(corpus, save, 9, [*extra, f"checkpoint.restore_file={save}/checkpoint_1_6.pt"])))
+    rc, log = run(command(1, tiny_overrides(corpus, save, 9,
+                                            [*extra, f"checkpoint.restore_file={save}/checkpoint_1_6.pt"])))
     assert rc == 0, log[-4000:]
     assert [u for u, _ in train_losses(log)][0] == 7
 
@@ -145,7 +147,8 @@ def test_broken_corpus_validates_trains_and_decodes_with_exact_counts(corpus, tm
     local = dict(corpus, train_asr=str(data / "train_asr.tsv"))
     rc, log = run(command(1, tiny_overrides(local, tmp_path / "strict", 2, [])))
     assert rc != 0
-    assert f"train_asr.tsv:{n_train + 2}: id=gone: audio" in log and "does_not_exist.wav: file not found" in log, log[-3000:]
+    assert (f"train_asr.tsv:{n_train + 2}: id=gone: audio" in log
+            and "does_not_exist.wav: file not found" in log), log[-3000:]
 
     rc, log = run(command(1, tiny_overrides(local, tmp_path / "skip", 2, ["task.skip_bad_rows=true"])))
     assert rc == 0, log[-4000:]

@@ -8,7 +8,8 @@ Each adapter (paper section 3.1; sizes of the reference implementation):
                  or x + Up(GELU(Down(LayerNorm(x))))            ("pre", the usual pre-norm Houlsby form)
       -> Linear(C_mid -> C_out)                                 (B, T', C_out)
 
-Frames past a clip's length are zeroed before each conv (batch invariance). Output length of each conv: ``floor((L - 1) / 2) + 1`` (kernel 3, stride 2, padding 1), so
+Frames past a clip's length are zeroed before each conv (batch invariance).
+Output length of each conv: ``floor((L - 1) / 2) + 1`` (kernel 3, stride 2, padding 1), so
 ``T' = conv_out_len(conv_out_len(T))``.
 
 Fusion and projection (paper section 3.1, the reference's order)::

@@ -9,7 +9,8 @@ step: the CPU default), our generator on its static path (static_decode.py: a pr
 on CUDA, the step captured as a CUDA graph: the GPU default), Hugging Face ``generate`` with
 ``inputs_embeds`` on the same LLM (dynamic cache; with ``--hf-static`` also
 ``cache_implementation="static"``, which compiles its step), and our generator without a key/value
-cache (the whole sequence recomputed each step; ``--skip-uncached`` leaves it out). Prefixes in a batch have different lengths (speech of 4-12 s, prompts of
+cache (the whole sequence recomputed each step; ``--skip-uncached`` leaves it out).
+Prefixes in a batch have different lengths (speech of 4-12 s, prompts of
 20-60 tokens) and, as in real multi-task batches (a 3-token SV answer next to a 60-token
 transcript), so do the answers: row b ends after ``n_b`` tokens, n_b spread evenly from
 ``--new-tokens / 4`` to ``--new-tokens`` (``--same-length`` makes every row ``--new-tokens`` long).

@@ -35,8 +35,10 @@ def _child(arch: str, batch: int, seconds: float, text: int, ckpt: bool, bf16: b
     n_target = text // 2
     net = dict(
         audio=0.1 * torch.randn(batch, T, device=device), audio_lengths=torch.full((batch,), T, device=device),
-        pre_tokens=torch.randint(3, 32000, (batch, 40), device=device), pre_lengths=torch.full((batch,), 40, device=device),
-        post_tokens=torch.randint(3, 32000, (batch, text), device=device), post_lengths=torch.full((batch,), text, device=device),
+        pre_tokens=torch.randint(3, 32000, (batch, 40), device=device),
+        pre_lengths=torch.full((batch,), 40, device=device),
+        post_tokens=torch.randint(3, 32000, (batch, text), device=device),
+        post_lengths=torch.full((batch,), text, device=device),
         post_target_mask=torch.cat([torch.zeros(batch, text - n_target, dtype=torch.bool),
                                     torch.ones(batch, n_target, dtype=torch.bool)], 1).to(device),
         instruction_tokens=torch.randint(3, 32000, (batch, 12), device=device),

@@ -76,20 +76,26 @@ _L = re.escape(LLAMA)
 # are compared with it); without a directory they are carried into the checkpoint.
 KEY_MAP: List[Tuple[str, str, str, str]] = [
     # semantic branch (Whisper side)
-    (r"audio_encoder\.subsample\.conv_layers\.(\d+)\.(weight|bias)", r"semantic_adapter.subsampler.conv_layers.\1.\2", "copy", ""),
-    (r"audio_encoder\.adapter\.(down_layer|up_layer|layer_norm)\.(weight|bias)", r"semantic_adapter.bottleneck.{b}.\2", "copy", ""),
+    (r"audio_encoder\.subsample\.conv_layers\.(\d+)\.(weight|bias)", r"semantic_adapter.subsampler.conv_layers.\1.\2",
+     "copy", ""),
+    (r"audio_encoder\.adapter\.(down_layer|up_layer|layer_norm)\.(weight|bias)", r"semantic_adapter.bottleneck.{b}.\2",
+     "copy", ""),
     (r"audio_encoder\.projector\.(weight|bias)", r"semantic_adapter.out_proj.\1", "copy", ""),
     # acoustic branch (WavLM side)
     (r"wavlm_encoder\.output_weights", "acoustic_adapter.layer_weights", "copy", ""),
-    (r"wavlm_encoder\.subsample\.conv_layers\.(\d+)\.(weight|bias)", r"acoustic_adapter.subsampler.conv_layers.\1.\2", "copy", ""),
-    (r"wavlm_encoder\.adapter\.(down_layer|up_layer|layer_norm)\.(weight|bias)", r"acoustic_adapter.bottleneck.{b}.\2", "copy", ""),
+    (r"wavlm_encoder\.subsample\.conv_layers\.(\d+)\.(weight|bias)", r"acoustic_adapter.subsampler.conv_layers.\1.\2",
+     "copy", ""),
+    (r"wavlm_encoder\.adapter\.(down_layer|up_layer|layer_norm)\.(weight|bias)", r"acoustic_adapter.bottleneck.{b}.\2",
+     "copy", ""),
     (r"wavlm_encoder\.projector\.(weight|bias)", r"acoustic_adapter.out_proj.\1", "copy", ""),
     # projector into the LLM, and the reference's unused Whisper-only projection
     (r"wavlm_audio_proj\.(weight|bias)", r"projector.\1", "copy", ""),
     (r"audio_proj\.(weight|bias)", r"semantic_only_projector.\1", "copy", ""),
     # LoRA on q, k, v, o of every layer
-    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)_lora_A", r"llm.model.layers.\1.self_attn.{p}.lora_A.weight", "lora_A", ""),
-    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)_lora_B", r"llm.model.layers.\1.self_attn.{p}.lora_B.weight", "lora_B", ""),
+    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)_lora_A", r"llm.model.layers.\1.self_attn.{p}.lora_A.weight",
+     "lora_A", ""),
+    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)_lora_B", r"llm.model.layers.\1.self_attn.{p}.lora_B.weight",
+     "lora_B", ""),
     # prompt-aware LoRA weight adapter (stage 2)
     (_L + r"scale_fc_1\.(weight|bias)", r"prompt_scale.down.\1", "copy", ""),
     (_L + r"scale_fc_2\.(weight|bias)", r"prompt_scale.up.\1", "copy", ""),
@@ -100,7 +106,8 @@ KEY_MAP: List[Tuple[str, str, str, str]] = [
     (_L + r"tok_embeddings\.weight", "llm.model.embed_tokens.weight", "copy", "llm"),
     (_L + r"norm\.weight", "llm.model.norm.weight", "copy", "llm"),
     (_L + r"output\.weight", "llm.lm_head.weight", "copy", "llm"),
-    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)\.weight", r"llm.model.layers.\1.self_attn.{p}.base.weight", "qk_rows", "llm"),
+    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)\.weight", r"llm.model.layers.\1.self_attn.{p}.base.weight",
+     "qk_rows", "llm"),
     (_L + r"layers\.(\d+)\.feed_forward\.w1\.weight", r"llm.model.layers.\1.mlp.gate_proj.weight", "copy", "llm"),
     (_L + r"layers\.(\d+)\.feed_forward\.w2\.weight", r"llm.model.layers.\1.mlp.down_proj.weight", "copy", "llm"),
     (_L + r"layers\.(\d+)\.feed_forward\.w3\.weight", r"llm.model.layers.\1.mlp.up_proj.weight", "copy", "llm"),
@@ -182,7 +189,8 @@ def _transform(how: str, value: torch.Tensor, m: "re.Match", n_heads: int, n_kv_
 def _local_backbone_state(group: str, path: str) -> Dict[str, torch.Tensor]:
     """The directory's tensors under this plugin's names (``whisper.encoder.*``, ``wavlm.wavlm.*``, ``llm.*``)."""
     if group == "whisper":
-        return {"whisper.encoder." + k: v for k, v in read_hf_state_dict(path, ("model.encoder.", "encoder.", "")).items()}
+        return {"whisper.encoder." + k: v
+                for k, v in read_hf_state_dict(path, ("model.encoder.", "encoder.", "")).items()}
     if group == "wavlm":
         return {"wavlm.wavlm." + k: v for k, v in read_hf_state_dict(path, ("wavlm.", "")).items()}
     state = read_hf_state_dict(path, ("",))
@@ -363,7 +371,8 @@ def convert_checkpoint(src_path: str, dst_path: str, *, arch: str = "wavllm_7b",
             "report": {k: report[k] for k in ("mapped", "dropped")}}
 
 
-def _fairseq_checkpoint(cfg, arch: str, model_state: Dict[str, torch.Tensor], tokenizer_dir: str, src_path: str) -> dict:
+def _fairseq_checkpoint(cfg, arch: str, model_state: Dict[str, torch.Tensor], tokenizer_dir: str,
+                        src_path: str) -> dict:
     """A checkpoint dict that fairseq-generate, fairseq-hydra-train (restore_file) and WavLLM.from_pretrained read."""
     full = OmegaConf.to_container(OmegaConf.structured(FairseqConfig), resolve=True, enum_to_str=True,
                                   throw_on_missing=False)
@@ -390,7 +399,8 @@ def main(argv=None) -> int:
     p.add_argument("--wavlm-path", default="", help="local WavLM-base directory")
     p.add_argument("--llama-path", default="", help="local Llama-2-7b-chat-hf directory (with tokenizer.model)")
     p.add_argument("--tokenizer-dir", default="", help="directory of tokenizer.model (default: --llama-path)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="stage-1 LoRA alpha if the checkpoint does not record it")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="stage-1 LoRA alpha if the checkpoint does not record it")
     p.add_argument("--backbone-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-check-backbones", action="store_true",
                    help="do not compare the checkpoint's frozen tensors with the local directories")

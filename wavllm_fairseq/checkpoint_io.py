@@ -35,7 +35,8 @@ def _omegaconf_safe_globals():
 
 
 def torch_load(path: str, trust: bool) -> Dict[str, Any]:
-    """``torch.load`` of a fairseq checkpoint: weights-only with the allow-list unless ``trust``; errors name the file."""
+    """``torch.load`` of a fairseq checkpoint: weights-only with the allow-list unless ``trust``; errors name
+    the file."""
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -112,11 +113,13 @@ def atomic_copy(src: str, dst: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m wavllm_fairseq.checkpoint_io",
-                                description="Export a fairseq checkpoint to safetensors + JSON (safe to share and load).")
+                                description="Export a fairseq checkpoint to safetensors + JSON "
+                                            "(safe to share and load).")
     p.add_argument("command", choices=["export"])
     p.add_argument("checkpoint")
     p.add_argument("--out", default="", help="output prefix (default: the checkpoint path without .pt)")
-    p.add_argument("--trust", action="store_true", help="allow full unpickling of the source (only for files you trust)")
+    p.add_argument("--trust", action="store_true",
+                   help="allow full unpickling of the source (only for files you trust)")
     args = p.parse_args(argv)
     print(export_safetensors(args.checkpoint, args.out, trust=args.trust))
     return 0

@@ -41,10 +41,12 @@ def breakdown(model) -> List[str]:
         p = model.semantic_only_projector
         why = ("held by the reference implementation but unused while WavLM is on; kept for checkpoint "
                "compatibility" if model.wavlm is not None else "the Whisper-only projection")
-        lines.append(f"  {'semantic-only projector':<26} {_numel(p):>14,}  (Linear {p.in_features}->{p.out_features}: {why})")
+        lines.append(f"  {'semantic-only projector':<26} {_numel(p):>14,}  "
+                     f"(Linear {p.in_features}->{p.out_features}: {why})")
     lora = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in _lora(model))
     n_mod = len(list(_lora(model)))
-    lines.append(f"  {'LoRA':<26} {lora:>14,}  ({n_mod} projections (q,k,v,o x {model.llm.config.num_hidden_layers} layers), rank {model.cfg.lora_rank})")
+    lines.append(f"  {'LoRA':<26} {lora:>14,}  ({n_mod} projections (q,k,v,o x {model.llm.config.num_hidden_layers} "
+                 f"layers), rank {model.cfg.lora_rank})")
     if model.prompt_scale is not None:
         lines.append(f"  {'prompt adapter':<26} {_numel(model.prompt_scale):>14,}  (P_d, P_u, W_A; stage 2)")
     return lines

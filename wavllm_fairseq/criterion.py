@@ -20,7 +20,8 @@ TASK_NTOK = "task_ntok:"
 
 @dataclass
 class WavLLMCrossEntropyConfig(FairseqDataclass):
-    label_smoothing: float = field(default=0.0, metadata={"help": "epsilon for label smoothing (0 = plain cross entropy)"})
+    label_smoothing: float = field(default=0.0,
+                                   metadata={"help": "epsilon for label smoothing (0 = plain cross entropy)"})
     report_per_task: bool = field(default=True, metadata={"help": "log the loss of each task separately"})
 
 
@@ -52,7 +53,8 @@ class WavLLMCrossEntropy(FairseqCriterion):
         }
         if self.report_per_task and "task_names" in sample:
             names = sample["task_names"]
-            per_row = torch.zeros(len(names), dtype=torch.float64).index_add_(0, rows.cpu(), nll.detach().double().cpu())
+            per_row = torch.zeros(len(names), dtype=torch.float64).index_add_(0, rows.cpu(),
+                                                                              nll.detach().double().cpu())
             count = torch.bincount(rows.cpu(), minlength=len(names))
             for i, name in enumerate(names):
                 logging_output[TASK_LOSS + name] = logging_output.get(TASK_LOSS + name, 0.0) + float(per_row[i])

@@ -114,7 +114,8 @@ def whisper_state_dict(variables: Dict[str, torch.Tensor]) -> Tuple[Dict[str, to
     n_enc = len({k.split("/")[1] for k in v if re.match(r"encoder/layer_\d+/", k)})
     n_dec = len({k.split("/")[1] for k in v if re.match(r"decoder/layer_\d+/", k)})
     sizes = dict(d_model=d, encoder_layers=n_enc, decoder_layers=n_dec,
-                 encoder_attention_heads=int(v["encoder/num_heads"]), decoder_attention_heads=int(v["decoder/num_heads"]),
+                 encoder_attention_heads=int(v["encoder/num_heads"]),
+                 decoder_attention_heads=int(v["decoder/num_heads"]),
                  encoder_ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
                  decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
                  num_mel_bins=v["encoder/conv1/weight"].shape[1],
@@ -165,8 +166,9 @@ def convert_ct2_whisper(src: str, out: str, dtype: torch.dtype = torch.float32) 
     state, sizes = whisper_state_dict(variables)
     tok_file = os.path.join(src, "tokenizer.json")
     if not os.path.isfile(tok_file):
-        raise CheckpointError("the CTranslate2 folder has no tokenizer.json, needed for the HF tokenizer (ct2-transformers-"
-                              "converter --copy_files tokenizer.json puts it there, as Systran's releases have it)",
+        raise CheckpointError("the CTranslate2 folder has no tokenizer.json, needed for the HF tokenizer "
+                              "(ct2-transformers-converter --copy_files tokenizer.json puts it there, as Systran's "
+                              "releases have it)",
                               file=tok_file, reason="missing")
     special = "<|endoftext|>"
     tokenizer = WhisperTokenizer(tokenizer_file=tok_file, unk_token=special, bos_token=special, eos_token=special,

@@ -187,7 +187,8 @@ class CurriculumBatchSampler:
         self.probs = [p.probabilities(self.names, sizes) for p in self.phases]
         for p, pr in zip(self.phases, self.probs):
             mix = ", ".join(f"{n}={x:.3f}" for n, x in zip(self.names, pr))
-            logger.info(f"curriculum phase from update {p.start_update}: {mix} (corpus sizes {dict(zip(self.names, sizes))})")
+            logger.info(f"curriculum phase from update {p.start_update}: {mix} "
+                        f"(corpus sizes {dict(zip(self.names, sizes))})")
         if max_tokens is not None:
             too_big = sum(int((c > max_tokens).sum()) for c in self.costs.values())
             if too_big:

@@ -68,7 +68,8 @@ def read_hf_state_dict(path: str, prefixes: Iterable[str] = ("",)) -> Dict[str, 
                 tensors.update(torch.load(f, map_location="cpu", weights_only=True))
         except Exception as e:  # truncated or corrupt shard
             raise CheckpointError(f"cannot read weight file: {e}", file=f, reason="corrupt") from e
-    tensors = {re.sub(r"\.(weight_[gv])$", lambda m: "." + LEGACY_WEIGHT_NORM[m.group(1)], k): v for k, v in tensors.items()}
+    tensors = {re.sub(r"\.(weight_[gv])$", lambda m: "." + LEGACY_WEIGHT_NORM[m.group(1)], k): v
+               for k, v in tensors.items()}
     for prefix in prefixes:
         picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if picked:

@@ -102,7 +102,8 @@ def _cache_classes():
 
     class GrowingCache(Cache):
         def __init__(self, num_layers: int = 0, reserve: int = 64, layers=None):
-            super().__init__(layers=layers if layers is not None else [GrowingLayer(reserve) for _ in range(num_layers)])
+            super().__init__(layers=layers if layers is not None
+                                    else [GrowingLayer(reserve) for _ in range(num_layers)])
 
     return GrowingLayer, GrowingCache
 

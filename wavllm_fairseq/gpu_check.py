@@ -42,7 +42,8 @@ def _net(batch: int, seconds: float, text: int, vocab: int, device: str) -> dict
     n_target = text // 2
     return dict(
         audio=0.1 * torch.randn(batch, T, device=device), audio_lengths=torch.full((batch,), T, device=device),
-        pre_tokens=torch.randint(3, vocab, (batch, 40), device=device), pre_lengths=torch.full((batch,), 40, device=device),
+        pre_tokens=torch.randint(3, vocab, (batch, 40), device=device),
+        pre_lengths=torch.full((batch,), 40, device=device),
         post_tokens=torch.randint(3, vocab, (batch, text), device=device),
         post_lengths=torch.full((batch,), text, device=device),
         post_target_mask=torch.cat([torch.zeros(batch, text - n_target, dtype=torch.bool),
@@ -154,7 +155,8 @@ def cli(args, report) -> None:
 def decode(args, report) -> None:
     path = os.path.join(args.out, "decode.json")
     argv = ["--arch", args.arch, "--device", args.device, "--dtype", "bfloat16", "--vocab", str(args.vocab),
-            "--batch", *map(str, args.decode_batches), "--new-tokens", str(args.new_tokens), "--repeats", "2", "--skip-uncached", "--json", path]
+            "--batch", *map(str, args.decode_batches), "--new-tokens", str(args.new_tokens), "--repeats", "2",
+            "--skip-uncached", "--json", path]
     if not args.no_hf_static:
         argv.append("--hf-static")
     bench_generate.main(argv)
@@ -175,8 +177,8 @@ def invariance(args, report) -> None:
             differ, first = 0, []
             for b in range(8):
                 n = int(prefix.attention_mask[b].sum())
-                one = type(prefix)(embeds=prefix.embeds[b: b + 1, -n:], attention_mask=prefix.attention_mask[b: b + 1, -n:],
-                                   lora_scale=None)
+                one = type(prefix)(embeds=prefix.embeds[b: b + 1, -n:],
+                                   attention_mask=prefix.attention_mask[b: b + 1, -n:], lora_scale=None)
                 g._cap_is_task = [False]
                 alone = g._greedy(one, [N], [b])[0][0]["tokens"].tolist()
                 if alone != together[b]:
@@ -193,9 +195,9 @@ def invariance(args, report) -> None:
 def table(report) -> str:
     lines = [f"GPU check, {report.get('gpu')}, torch {torch.__version__}, {report.get('date')}", ""]
     if report.get("memory"):
-        lines += [f"Training step, {report.get('arch')} bf16 weights ({report.get('memory_weights_gib', 0):.1f} GiB), 30 s audio + 64 "
-                  "text tokens: peak GiB / step s", "", "| stage | batch | no checkpointing | activation checkpointing |",
-                  "|---|---|---|---|"]
+        lines += [f"Training step, {report.get('arch')} bf16 weights ({report.get('memory_weights_gib', 0):.1f} GiB), "
+                  "30 s audio + 64 text tokens: peak GiB / step s", "",
+                  "| stage | batch | no checkpointing | activation checkpointing |", "|---|---|---|---|"]
         rows = {}
         for r in report["memory"]:
             cell = "OOM" if r.get("oom") else f"{r['peak_gib']:.1f} GiB / {r['step_s']:.2f} s"
@@ -208,13 +210,14 @@ def table(report) -> str:
         lines += ["| real CLI on CUDA (bf16) | rc | wall s |", "|---|---|---|"]
         for k in ("stage1", "stage2", "generate"):
             if k in c:
-                extra = f" ({c[k].get('updates')} updates)" if "updates" in c[k] else f" ({c[k].get('hypotheses')} hypotheses)"
+                extra = (f" ({c[k].get('updates')} updates)" if "updates" in c[k]
+                         else f" ({c[k].get('hypotheses')} hypotheses)")
                 lines.append(f"| {k}{extra} | {c[k]['rc']} | {c[k]['wall_s']:.0f} |")
         lines.append("")
     if report.get("decode"):
         d = report["decode"]
-        lines += [f"Greedy decoding, {d['arch']} bf16, {report.get('new_tokens')} new tokens; bandwidth limit at batch 1: "
-                  f"{d.get('limit_tokens_per_s') or 0:.0f} tokens/s", ""]
+        lines += [f"Greedy decoding, {d['arch']} bf16, {report.get('new_tokens')} new tokens; "
+                  f"bandwidth limit at batch 1: {d.get('limit_tokens_per_s') or 0:.0f} tokens/s", ""]
         names = sorted({k for r in d["results"] for k in r["tokens_per_s"]})
         lines += ["| batch | " + " | ".join(names) + " | % of limit |", "|---" * (len(names) + 2) + "|"]
         for r in d["results"]:
@@ -254,8 +257,8 @@ def main(argv=None) -> int:
         print("no CUDA device: this check needs a GPU (--device cpu only smoke-tests the script)", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    report = {"gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "date": time.strftime("%Y-%m-%d"), "seconds": {},
-              "arch": args.arch, "new_tokens": args.new_tokens}
+    report = {"gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "date": time.strftime("%Y-%m-%d"), "seconds": {}, "arch": args.arch, "new_tokens": args.new_tokens}
     sections = {"memory": memory, "cli": cli, "decode": decode, "invariance": invariance}
     for name in args.only:
         t = time.perf_counter()

@@ -82,9 +82,11 @@ class WavLLM:
         elif audio is not None:
             wav = np.asarray(audio, dtype=np.float32)
             if wav.ndim != 1:
-                raise ValueError(f"audio array {i} must be 1-D 16 kHz mono (got shape {wav.shape}); pass (array, sr) to resample")
+                raise ValueError(f"audio array {i} must be 1-D 16 kHz mono (got shape {wav.shape}); "
+                                 "pass (array, sr) to resample")
         encode = prompt_encoder(getattr(self.task.cfg, "chat_template", "reference"))
-        enc = encode(self.tokenizer, [(instruction, None)], with_speech=wav is not None, system=self.task.cfg.system_prompt)
+        enc = encode(self.tokenizer, [(instruction, None)], with_speech=wav is not None,
+                     system=self.task.cfg.system_prompt)
         return {"id": i, "row": SimpleNamespace(id=str(i)), "audio": wav, "enc": enc, "gen_len": len(enc.post),
                 "task": task_name}
 

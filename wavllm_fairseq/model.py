@@ -87,8 +87,8 @@ class WavLLMModel(BaseFairseqModel):
                                                 cfg.bottleneck_dim, cfg.adapter_out_dim,
                                                 bottleneck_norm=cfg.bottleneck_norm)
         if self.wavlm is not None:
-            self.acoustic_adapter = ModalityAdapter(self.wavlm.dim, cfg.acoustic_conv_mid_dim, cfg.acoustic_conv_out_dim,
-                                                    cfg.bottleneck_dim, cfg.adapter_out_dim,
+            self.acoustic_adapter = ModalityAdapter(self.wavlm.dim, cfg.acoustic_conv_mid_dim,
+                                                    cfg.acoustic_conv_out_dim, cfg.bottleneck_dim, cfg.adapter_out_dim,
                                                     num_layer_weights=self.wavlm.num_hidden_states,
                                                     bottleneck_norm=cfg.bottleneck_norm)
             self.projector = Projector(2 * cfg.adapter_out_dim, d_llm)
@@ -126,7 +126,8 @@ class WavLLMModel(BaseFairseqModel):
         if not isinstance(cfg, WavLLMConfig):  # a config read back from a checkpoint may predate some fields
             complete_model_cfg(cfg)
         fill_from_arch(cfg, arch if arch in ARCHITECTURES else "wavllm")
-        vocab = len(task.target_dictionary) if task is not None and task.target_dictionary is not None else cfg.llama_vocab_size
+        vocab = (len(task.target_dictionary) if task is not None and task.target_dictionary is not None
+                 else cfg.llama_vocab_size)
         return cls(cfg, vocab, arch)
 
     @classmethod
@@ -227,9 +228,12 @@ class WavLLMModel(BaseFairseqModel):
         if self.cfg.prompt_adapter_input == "bos_instruction":
             if batch is None or "legacy_instruction_tokens" not in batch:
                 raise WavLLMInputError("this checkpoint's prompt adapter reads <s> + instruction "
-                                       "(prompt_adapter_input=bos_instruction): the batch needs legacy_instruction_tokens")
-            instruction_tokens, instruction_lengths = batch["legacy_instruction_tokens"], batch["legacy_instruction_lengths"]
-        mask = torch.arange(instruction_tokens.shape[1], device=instruction_tokens.device)[None] < instruction_lengths[:, None]
+                                       "(prompt_adapter_input=bos_instruction): the batch needs "
+                                       "legacy_instruction_tokens")
+            instruction_tokens, instruction_lengths = (batch["legacy_instruction_tokens"],
+                                                       batch["legacy_instruction_lengths"])
+        mask = (torch.arange(instruction_tokens.shape[1], device=instruction_tokens.device)[None]
+                < instruction_lengths[:, None])
         captured = {}
         hook = self.llm.model.layers[-1].register_forward_hook(
             lambda m, i, o: captured.__setitem__("h", o[0] if isinstance(o, tuple) else o))
@@ -272,7 +276,8 @@ class WavLLMModel(BaseFairseqModel):
             speech, speech_len = pre_e.new_zeros(B, 0, pre_e.shape[-1]), torch.zeros_like(pre_len)
         rows = []
         for b in range(B):
-            rows.append(torch.cat([pre_e[b, : pre_len[b]], speech[b, : speech_len[b]], post_e[b, : post_len[b]]], dim=0))
+            rows.append(torch.cat([pre_e[b, : pre_len[b]], speech[b, : speech_len[b]], post_e[b, : post_len[b]]],
+                                  dim=0))
         lengths = pre_len + speech_len + post_len
         L = int(lengths.max())
         x = pre_e.new_zeros(B, L, pre_e.shape[-1])
@@ -290,7 +295,8 @@ class WavLLMModel(BaseFairseqModel):
         net_input = dict(audio=audio, audio_lengths=audio_lengths, pre_tokens=pre_tokens, pre_lengths=pre_lengths,
                          post_tokens=post_tokens, post_lengths=post_lengths)
         x, mask, post_start = self.assemble(net_input, left_pad=False)  # right padding: positions 0..L-1
-        r = self.prompt_lora_scale(instruction_tokens, instruction_lengths, unused) if self.prompt_scale is not None else None
+        r = (self.prompt_lora_scale(instruction_tokens, instruction_lengths, unused) if self.prompt_scale is not None
+             else None)
         with self.lora_scale_context(r):
             h = self.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state  # (B, L, D)
         rows, cols = post_target_mask.nonzero(as_tuple=True)  # target tokens, row-major = target order

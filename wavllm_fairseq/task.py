@@ -50,7 +50,8 @@ class WavLLMInstructionConfig(FairseqDataclass):
         metadata={"help": "comma-separated sampling weights for train_manifests (empty = temperature sampling)"})
     sampling_temperature: float = field(
         default=1.0,
-        metadata={"help": "temperature over corpus sizes when no weights are given (1 = proportional, large = uniform)"})
+        metadata={"help": "temperature over corpus sizes when no weights are given (1 = proportional, "
+                          "large = uniform)"})
     curriculum: str = field(
         default="",
         metadata={"help": "YAML with corpora and phases (weights or temperature from a start_update); relative paths "
@@ -68,7 +69,8 @@ class WavLLMInstructionConfig(FairseqDataclass):
         metadata={"help": "context limit for prompt + speech + answer (0 = the LLM's max_position_embeddings)"})
     skip_bad_rows: bool = field(
         default=False,
-        metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping with an error"})
+        metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping "
+                          "with an error"})
     check_audio_on_load: bool = field(
         default=True,
         metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before "
@@ -165,7 +167,8 @@ class WavLLMInstructionTask(FairseqTask):
     # ------------------------------------------------------------------ vocabulary
     def _require_tokenizer(self):
         if self.tokenizer is None:
-            raise WavLLMInputError("no tokenizer: set task.tokenizer_dir or model.llama_path (the folder with tokenizer.model)")
+            raise WavLLMInputError("no tokenizer: set task.tokenizer_dir or model.llama_path "
+                                   "(the folder with tokenizer.model)")
         return self.tokenizer
 
     @property
@@ -218,8 +221,10 @@ class WavLLMInstructionTask(FairseqTask):
     def load_corpus(self, name_or_path: str, corpus: Optional[str] = None, shuffle: bool = True):
         path = self.manifest_path(name_or_path)
         if not os.path.isfile(path):
-            raise WavLLMInputError(f"manifest not found: {path} (task.data={self.cfg.data!r})", file=path, reason="missing")
-        max_seconds = self.cfg.max_audio_seconds if self.cfg.max_audio_seconds and self.cfg.max_audio_seconds > 0 else None
+            raise WavLLMInputError(f"manifest not found: {path} (task.data={self.cfg.data!r})", file=path,
+                                   reason="missing")
+        max_seconds = (self.cfg.max_audio_seconds if self.cfg.max_audio_seconds and self.cfg.max_audio_seconds > 0
+                       else None)
         rows, report = read_manifest(path, check_audio=self.cfg.check_audio_on_load, skip_bad=self.cfg.skip_bad_rows,
                                      max_audio_seconds=max_seconds, logger=logger)
         context = self.cfg.max_text_positions or self._context_length
@@ -235,12 +240,14 @@ class WavLLMInstructionTask(FairseqTask):
 
     def train_curriculum(self):
         if self.cfg.curriculum:
-            path = self.cfg.curriculum if os.path.isabs(self.cfg.curriculum) else os.path.join(self.cfg.data, self.cfg.curriculum)
+            path = (self.cfg.curriculum if os.path.isabs(self.cfg.curriculum)
+                    else os.path.join(self.cfg.data, self.cfg.curriculum))
             if not os.path.isfile(path) and os.path.isfile(self.cfg.curriculum):
                 path = self.cfg.curriculum
             return load_curriculum(path, self.cfg.data)
         if not self.cfg.train_manifests:
-            raise WavLLMInputError("the training split needs task.curriculum (YAML) or task.train_manifests (comma list)")
+            raise WavLLMInputError("the training split needs task.curriculum (YAML) "
+                                   "or task.train_manifests (comma list)")
         return curriculum_from_subsets(self.cfg.train_manifests, self.cfg.train_weights,
                                        self.cfg.sampling_temperature, self.cfg.data)
 
@@ -276,9 +283,11 @@ class WavLLMInstructionTask(FairseqTask):
                 skip_remainder_batch=False, grouped_shuffling=grouped_shuffling,
                 update_epoch_batch_itr=update_epoch_batch_itr)
         if max_tokens is None and max_sentences is None:
-            raise WavLLMInputError("set dataset.max_tokens (audio samples per batch, 480000 = 30 s) or dataset.batch_size")
+            raise WavLLMInputError("set dataset.max_tokens (audio samples per batch, 480000 = 30 s) "
+                                   "or dataset.batch_size")
         update_freq = self.cfg.update_freq
-        update_freq = int(update_freq[0] if isinstance(update_freq, (list, tuple)) or hasattr(update_freq, "__len__") else update_freq)
+        update_freq = int(update_freq[0] if isinstance(update_freq, (list, tuple)) or hasattr(update_freq, "__len__")
+                          else update_freq)
         sampler = CurriculumBatchSampler(
             costs=dataset.costs_by_corpus(), offsets=dataset.offsets_by_corpus(), phases=self.curriculum.phases,
             max_tokens=max_tokens, max_sentences=max_sentences, seed=seed,
@@ -287,7 +296,8 @@ class WavLLMInstructionTask(FairseqTask):
         return CurriculumEpochBatchIterator(
             dataset=dataset, collate_fn=dataset.collater, batch_sampler=sampler, seed=seed, num_shards=num_shards,
             shard_id=shard_id, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
-            skip_remainder_batch=False, grouped_shuffling=False, reuse_dataloader=True, persistent_workers=num_workers > 0)
+            skip_remainder_batch=False, grouped_shuffling=False, reuse_dataloader=True,
+            persistent_workers=num_workers > 0)
 
     # ------------------------------------------------------------------ decoding
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):

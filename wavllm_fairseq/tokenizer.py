@@ -75,7 +75,8 @@ class LlamaTokenizer:
         try:
             self.sp.Load(model_path)
         except Exception as e:  # sentencepiece raises OSError/RuntimeError with little context
-            raise WavLLMInputError(f"cannot read the sentencepiece model: {e}", file=model_path, reason="corrupt") from e
+            raise WavLLMInputError(f"cannot read the sentencepiece model: {e}", file=model_path,
+                                   reason="corrupt") from e
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.unk_id = self.sp.unk_id()

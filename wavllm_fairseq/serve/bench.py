@@ -68,8 +68,8 @@ def tiny_checkpoint(out_dir: str, seed: int = 0, stage: int = 1) -> str:
     cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if not k.startswith("_")}
     cfg["_name"] = "wavllm_tiny"
     path = os.path.join(out_dir, f"tiny_stage{stage}.pt")
-    torch.save({"model": model.state_dict(), "cfg": {"model": cfg, "task": {"tokenizer_dir": os.path.join(out_dir, "tok")}}},
-               path)
+    torch.save({"model": model.state_dict(),
+                "cfg": {"model": cfg, "task": {"tokenizer_dir": os.path.join(out_dir, "tok")}}}, path)
     return path
 
 
@@ -105,7 +105,8 @@ def manifest_clips(manifest: str, n: int) -> List[Tuple[bytes, str]]:
 def chat_body(audio: Optional[bytes], instruction: str, max_tokens: int, model: str = "wavllm", **extra) -> dict:
     content = [{"type": "text", "text": instruction}]
     if audio is not None:
-        content.append({"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}})
+        content.append({"type": "input_audio",
+                        "input_audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}})
     return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0, **extra}
 

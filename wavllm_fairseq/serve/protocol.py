@@ -79,7 +79,8 @@ def decode_audio(data: bytes, where: str, max_seconds: Optional[float]) -> np.nd
     (load_audio only warns).
     """
     if not data:
-        raise APIError(400, f"{where}: the audio is empty (0 bytes); send a wav/flac/ogg/mp3 file", "audio_empty", where)
+        raise APIError(400, f"{where}: the audio is empty (0 bytes); send a wav/flac/ogg/mp3 file", "audio_empty",
+                       where)
     fd, path = tempfile.mkstemp(prefix="wavllm-upload-", suffix=".audio")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -254,7 +255,7 @@ def encode(tokenizer, turns, audio: Optional[np.ndarray], system: str, speech_to
     used = len(enc.pre) + len(enc.post) + speech_tokens
     if used >= limits.context_length:
         raise APIError(400, f"the prompt takes {used} positions ({speech_tokens} of them speech) of the model's "
-                            f"{limits.context_length}; shorten the audio or the conversation", "context_length_exceeded",
-                       "messages")
+                            f"{limits.context_length}; shorten the audio or the conversation",
+                       "context_length_exceeded", "messages")
     return enc
 

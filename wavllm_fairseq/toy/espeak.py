@@ -89,7 +89,8 @@ class Espeak:
             i += 1
         return 0
 
-    def __call__(self, text: str, voice: str, pitch: int, speed: int, amplitude: int) -> Tuple[np.ndarray, int, List[int]]:
+    def __call__(self, text: str, voice: str, pitch: int, speed: int,
+                 amplitude: int) -> Tuple[np.ndarray, int, List[int]]:
         """(int16 waveform, sample rate, start sample of each word of ``text``)."""
         lib = self._lib
         lib.espeak_SetSynthCallback(self._callback)

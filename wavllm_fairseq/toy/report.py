@@ -35,7 +35,8 @@ STANDIN_CHECKS = [("whisper_ctc_wer_valid", "Whisper stand-in: CTC greedy WER % 
                   ("wavlm_style_acc_valid", "WavLM stand-in: style accuracy, own head (valid_er)"),
                   ("wavlm_gender_acc_valid", "WavLM stand-in: gender accuracy, own head (valid_er)"),
                   ("wavlm_sv_acc_valid", "WavLM stand-in: same/different speaker accuracy, own clip head (valid_sv)"),
-                  ("wavlm_change_acc_valid", "WavLM stand-in: same/different speaker accuracy, own frame head (valid_sv)"),
+                  ("wavlm_change_acc_valid",
+                   "WavLM stand-in: same/different speaker accuracy, own frame head (valid_sv)"),
                   ("llama_valid_ppl", "LLaMA stand-in: perplexity (held-out chat rows)"),
                   ("llama_copy_loss_valid", "LLaMA stand-in: answer loss, transcript in the speech span (valid_asr)"),
                   ("llama_nocopy_loss_valid", "LLaMA stand-in: answer loss, empty speech span (valid_asr)"),
@@ -51,8 +52,10 @@ def format_table(results, times, standins: Optional[dict] = None) -> str:
         vals = []
         for s in stages:
             v = results[s].get(subset, {}).get(task, {}).get(metric)
-            vals.append("" if v is None else (f"{v:.2f}" if metric in ("wer", "bleu") or "wer" in metric else f"{v:.4g}"))
-        lines.append(f"| {subset} | {task} | {metric} | " + " | ".join(vals) + f" | {TARGETS.get((subset, task, metric), '')} |")
+            vals.append("" if v is None
+                        else (f"{v:.2f}" if metric in ("wer", "bleu") or "wer" in metric else f"{v:.4g}"))
+        lines.append(f"| {subset} | {task} | {metric} | " + " | ".join(vals)
+                     + f" | {TARGETS.get((subset, task, metric), '')} |")
     if standins:
         lines += ["", "| stage-0 stand-in check | value |", "|---|---|"]
         lines += [f"| {name} | {standins[key]} |" for key, name in STANDIN_CHECKS if key in standins]

@@ -179,7 +179,8 @@ def reference_batch(R, work: str, split: str, tokenizer_path: str, indices):
                                 is_whisper=True, use_wavlm=True, whisper_token_len=64)
     ds = R.data.SpeechLLMDataset(cfg, work, split, False, text_tokenizer=R.tok.Tokenizer(tokenizer_path),
                                  audio_processor=WhisperFeatureExtractor(feature_size=80),
-                                 wavlm_processor=Wav2Vec2FeatureExtractor(do_normalize=False, return_attention_mask=True))
+                                 wavlm_processor=Wav2Vec2FeatureExtractor(do_normalize=False,
+                                                                          return_attention_mask=True))
     return ds, ds.collater([ds[i] for i in indices])
 
 
@@ -294,7 +295,8 @@ def main(argv=None) -> int:
     def clip(seconds, f0):
         t = np.arange(int(seconds * 16000)) / 16000
         env = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
-        return (0.3 * env * np.sin(2 * np.pi * f0 * t * (1 + 0.1 * t)) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+        return (0.3 * env * np.sin(2 * np.pi * f0 * t * (1 + 0.1 * t))
+                + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
     prompts = ["Based on the attached audio, generate a comprehensive text transcription of the spoken content.",
                "Based on the attached audio, generate a comprehensive text transcription of the spoken content.",
@@ -375,12 +377,20 @@ def main(argv=None) -> int:
                     report(stage, case, "r max|diff|", f"{d_r:.3g} (r in {'; '.join(r_range)})")
                 report(stage, case, "forced-answer logits max|diff|", f"{d_logit:.3g} (logits up to {scale:.3g})")
                 if case == cases[0][0]:  # what the parity rests on: each input detail, switched back
-                    report(stage, case, "  ablation: no <s> after speech", f"{ablate(lambda: setattr(model.cfg, 'decode_bos_after_speech', False), lambda: setattr(model.cfg, 'decode_bos_after_speech', True)):.3g}")
+                    report(stage, case, "  ablation: no <s> after speech",
+                           f"""{ablate(lambda: setattr(model.cfg, 'decode_bos_after_speech', False),
+                                       lambda: setattr(model.cfg, 'decode_bos_after_speech', True)):.3g}""")
                     if stage == 2:
                         old = (model.cfg.prompt_adapter_input, model.cfg.prompt_adapter_pool_bos)
-                        report(stage, case, "  ablation: adapter reads <s>+instruction", f"{ablate(lambda: (setattr(model.cfg, 'prompt_adapter_input', 'bos_instruction'), setattr(model.cfg, 'prompt_adapter_pool_bos', True)), lambda: (setattr(model.cfg, 'prompt_adapter_input', old[0]), setattr(model.cfg, 'prompt_adapter_pool_bos', old[1]))):.3g}")
+                        report(stage, case, "  ablation: adapter reads <s>+instruction",
+                               f"""{ablate(lambda: (setattr(model.cfg, 'prompt_adapter_input', 'bos_instruction'),
+                                                    setattr(model.cfg, 'prompt_adapter_pool_bos', True)),
+                                           lambda: (setattr(model.cfg, 'prompt_adapter_input', old[0]),
+                                                    setattr(model.cfg, 'prompt_adapter_pool_bos', old[1]))):.3g}""")
                     norms = [m for m in model.llm.modules() if hasattr(m, "variance_epsilon")]
-                    report(stage, case, "  ablation: RMSNorm eps 1e-5 (HF Llama-2)", f"{ablate(lambda: [setattr(m, 'variance_epsilon', 1e-5) for m in norms], lambda: [setattr(m, 'variance_epsilon', 1e-6) for m in norms]):.3g}")
+                    report(stage, case, "  ablation: RMSNorm eps 1e-5 (HF Llama-2)",
+                           f"""{ablate(lambda: [setattr(m, 'variance_epsilon', 1e-5) for m in norms],
+                                       lambda: [setattr(m, 'variance_epsilon', 1e-6) for m in norms]):.3g}""")
                 report(stage, case, f"greedy {args.new_tokens} tokens identical", same_tokens)
                 if len(idx) > 1:  # the reference's own padded batch against its rows alone
                     _, rs = reference_batch(R, work, split, tok_path, idx)

@@ -53,8 +53,8 @@ SETTINGS = {
     ),
     "small": dict(
         vocab=600,
-        whisper=dict(unit="word", d_model=96, layers=2, heads=2, ffn=256, window_positions=200, steps=60, batch=8, lr=2e-3,
-                     align_weight=1.0),
+        whisper=dict(unit="word", d_model=96, layers=2, heads=2, ffn=256, window_positions=200, steps=60, batch=8,
+                     lr=2e-3, align_weight=1.0),
         wavlm=dict(hidden=64, layers=2, heads=2, ffn=128, conv_dim=32, steps=30, batch=8, sv_batch=2, lr=2e-3),
         llama=dict(dim=96, layers=2, heads=2, ffn=192, steps=60, batch=16, lr=3e-3),
     ),

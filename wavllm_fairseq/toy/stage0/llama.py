@@ -139,7 +139,8 @@ def tag_check(model, tok, corpus: str, n: int = 40) -> Dict[str, float]:
             e = encode_example(tok, [(r.prompt, r.tgt_text)], with_speech=True)
             for mode in losses:
                 tags = word_tags(tok, r) if mode == "tags" else None
-                losses[mode].append(answer_loss(model, e, text_span(tok, r.extra["transcript"], random.Random(0), tags)))
+                losses[mode].append(answer_loss(model, e,
+                                                text_span(tok, r.extra["transcript"], random.Random(0), tags)))
     return {k: float(np.mean(v)) for k, v in losses.items()}
 
 
@@ -151,7 +152,8 @@ def copy_check(model, tok, corpus: str, n: int = 30) -> Dict[str, float]:
     for r in rows(corpus, "valid_asr")[:n]:
         e = encode_example(tok, [(r.prompt, r.tgt_text)], with_speech=True)
         for mode in losses:
-            losses[mode].append(answer_loss(model, e, text_span(tok, r.tgt_text, rng) if mode == "with_text" else ([], [])))
+            losses[mode].append(answer_loss(model, e,
+                                            text_span(tok, r.tgt_text, rng) if mode == "with_text" else ([], [])))
     return {k: float(np.mean(v)) for k, v in losses.items()}
 
 
@@ -189,4 +191,5 @@ def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, f
     model.save_pretrained(os.path.join(out, "llama"))
     return {"llama_tag_loss_valid": round(tc["tags"], 4), "llama_notag_loss_valid": round(tc["words_only"], 4),
             "llama_valid_ppl": round(math.exp(vloss), 3), "llama_copy_loss_valid": round(cc["with_text"], 4),
-            "llama_nocopy_loss_valid": round(cc["empty"], 4), "llama_params": sum(p.numel() for p in model.parameters())}
+            "llama_nocopy_loss_valid": round(cc["empty"], 4),
+            "llama_params": sum(p.numel() for p in model.parameters())}

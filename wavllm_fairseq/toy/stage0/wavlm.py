@@ -114,7 +114,8 @@ def train_wavlm(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]
             mixed, frame_ok = frames(vsw[k: k + 16])
             pred = heads["sv"](pool(mixed, frame_ok)).argmax(-1)
             # a change is heard when >= 15% of the clip's frames are taken for a second speaker
-            changed = ((heads["change"](mixed).argmax(-1) == 1) & frame_ok).float().sum(1) / frame_ok.float().sum(1) >= 0.15
+            changed = (((heads["change"](mixed).argmax(-1) == 1) & frame_ok).float().sum(1)
+                       / frame_ok.float().sum(1) >= 0.15)
             for j, r in enumerate(vsv[k: k + 16]):
                 same = r.extra["label"] == "yes"
                 sv_hits += int(int(pred[j]) == int(same))
