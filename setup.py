@@ -48,7 +48,7 @@ setup(
         "console_scripts": [
             "wavllm-count-params=wavllm_fairseq.count_params:main",
             "wavllm-validate-manifest=wavllm_fairseq.manifest:validate_main",
-            "wavllm-convert-s2t-manifest=wavllm_fairseq.manifest:convert_s2t_main",
+            "wavllm-convert-s2t-manifest=wavllm_fairseq.manifest_convert:convert_s2t_main",
             "wavllm-make-toy-corpus=wavllm_fairseq.toy.corpus:main",
             "wavllm-toy-pretrain=wavllm_fairseq.toy.stage0:main",
             "wavllm-score=wavllm_fairseq.scoring:main",

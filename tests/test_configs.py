@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "wavllm", "config", "**", "*.yaml"), recursive=True))
+# the training configs (decode.yaml holds fairseq-generate's settings: tests/test_decode_config.py)
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "examples", "wavllm", "config", "**", "*.yaml"),
+                                       recursive=True) if os.path.basename(p) != "decode.yaml")
 OVERRIDES = ["task.data=/data", "model.whisper_path=/w", "model.wavlm_path=/l", "model.llama_path=/ll",
              "checkpoint.save_dir=/ckpt"]
 
@@ -55,3 +57,32 @@ def test_paper_settings(name, updates):
     assert cfg["dataset"]["max_tokens"] == 30 * 16000  # 30 s of audio per GPU
     assert cfg["distributed_training"]["distributed_world_size"] == 32
     assert cfg["model"]["_name"] == "wavllm_7b"
+
+
+@pytest.mark.parametrize("override, field", [("model.backbone_dtype=bfloat61", "backbone_dtype"),
+                                             ("model.lora_scale_layout=metta", "lora_scale_layout"),
+                                             ("task.chat_template=tokeniser", "chat_template")])
+def test_a_typo_in_a_choice_fails_when_the_config_is_composed(override, field):
+    path = os.path.join(ROOT, "examples", "wavllm", "config", "toy", "toy_stage1.yaml")
+    out = subprocess.run(["fairseq-hydra-train", "--config-dir", os.path.dirname(path), "--config-name", "toy_stage1",
+                          "--cfg", "job", *OVERRIDES, override], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and field in out.stderr, out.stderr[-2000:]
+
+
+def test_a_typo_in_a_python_config_is_a_named_error():
+    from wavllm_fairseq.errors import WavLLMInputError
+    from wavllm_fairseq.model import WavLLMModel
+
+    with pytest.raises(WavLLMInputError, match="bottleneck_norm must be one of post, pre"):
+        WavLLMModel.from_arch("wavllm_tiny", vocab_size=100, bottleneck_norm="mid")
+
+
+def test_max_len_per_task_is_parsed_with_a_clear_error():
+    from wavllm_fairseq.errors import WavLLMInputError
+    from wavllm_fairseq.task import parse_task_lengths
+
+    assert parse_task_lengths("sv:20, er:20,asr:120") == {"sv": 20, "er": 20, "asr": 120}
+    assert parse_task_lengths("") == {}
+    for bad in ("sv=20", "sv:", ":20", "sv:0", "sv:many"):
+        with pytest.raises(WavLLMInputError, match="max_len_per_task"):
+            parse_task_lengths(bad)

@@ -11,8 +11,8 @@ import soundfile as sf
 
 from wavllm_fairseq.audio import load_audio
 from wavllm_fairseq.errors import ManifestError
-from wavllm_fairseq.manifest import (_pick, convert_s2t_main, convert_s2t_manifest, escape_cell, read_manifest,
-                                     task_from_filename, unescape_cell, validate_main)
+from wavllm_fairseq.manifest import escape_cell, read_manifest, task_from_filename, unescape_cell, validate_main
+from wavllm_fairseq.manifest_convert import _pick, convert_s2t_main, convert_s2t_manifest
 
 HEADER = "id\taudio\tn_frames\tprompt\ttgt_text\twith_speech"
 

