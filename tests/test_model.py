@@ -276,6 +276,21 @@ def test_frozen_parameters_get_no_gradient(stage):
         assert any(n.startswith("prompt_scale.") for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_freeze_lora_trains_only_the_prompt_adapter_and_adapters():
+    """freeze_lora (stage 2 that trains the prompt adapter over a fixed LoRA): LoRA is its own frozen group
+    (this raised a KeyError before it had a group) and gets no gradient."""
+    from wavllm_fairseq.trainability import trainable_groups
+
+    model = tiny(prompt_adapter=True, freeze_lora=True)
+    groups = trainable_groups(model)
+    assert "lora" not in groups and groups["frozen:lora"]
+    assert not any(p.requires_grad for _, p in groups["frozen:lora"])
+    assert all(p.requires_grad for _, p in groups["prompt_adapter"])
+    logits, target, _ = model.train()(**make_batch([16000, 8000, 0]))
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    assert all(p.grad is None for _, p in groups["frozen:lora"])
+
+
 def test_save_and_load_gives_identical_logits(tmp_path):
     model = tiny(seed=1).eval()
     for m in lora_modules(model.llm):

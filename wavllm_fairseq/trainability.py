@@ -14,6 +14,14 @@ from .lora import lora_parameters
 logger = logging.getLogger(__name__)
 
 
+# parameter-name prefix -> group, for the parameters whose group depends on nothing but their module
+_PREFIX_GROUPS = (
+    ("semantic_adapter.", "semantic_adapter"), ("acoustic_adapter.", "acoustic_adapter"), ("projector.", "projector"),
+    ("prompt_scale.", "prompt_adapter"), ("whisper.", "frozen:whisper"), ("wavlm.", "frozen:wavlm"),
+    ("llm.", "frozen:llama"),
+)
+
+
 def trainable_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
     """THE place that decides what trains. Stage 1: adapters (+ WavLM layer weights), projector(s),
     LoRA. Stage 2 (``prompt_adapter=True``): the same plus the prompt adapter. Backbones: frozen.
@@ -27,30 +35,20 @@ def trainable_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter
     named = dict(model.named_parameters())
     groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {
         "semantic_adapter": [], "acoustic_adapter": [], "projector": [], "lora": [], "prompt_adapter": [],
-        "unused:semantic_only_projector": [], "frozen:whisper": [], "frozen:wavlm": [], "frozen:llama": [],
+        "unused:semantic_only_projector": [], "frozen:lora": [], "frozen:whisper": [], "frozen:wavlm": [],
+        "frozen:llama": [],
     }
     lora_names = set(lora_parameters(model.llm))
     for name, p in named.items():
-        if name.startswith("semantic_adapter."):
-            groups["semantic_adapter"].append((name, p))
-        elif name.startswith("acoustic_adapter."):
-            groups["acoustic_adapter"].append((name, p))
-        elif name.startswith("projector."):
-            groups["projector"].append((name, p))
-        elif name.startswith("semantic_only_projector."):
-            groups["projector" if model.wavlm is None else "unused:semantic_only_projector"].append((name, p))
-        elif name.startswith("prompt_scale."):
-            groups["prompt_adapter"].append((name, p))
+        if name.startswith("semantic_only_projector."):
+            group = "projector" if model.wavlm is None else "unused:semantic_only_projector"
         elif name.startswith("llm.") and name[len("llm."):] in lora_names:
-            groups["frozen:lora" if model.cfg.freeze_lora else "lora"].append((name, p))
-        elif name.startswith("whisper."):
-            groups["frozen:whisper"].append((name, p))
-        elif name.startswith("wavlm."):
-            groups["frozen:wavlm"].append((name, p))
-        elif name.startswith("llm."):
-            groups["frozen:llama"].append((name, p))
+            group = "frozen:lora" if model.cfg.freeze_lora else "lora"
         else:
+            group = next((g for prefix, g in _PREFIX_GROUPS if name.startswith(prefix)), None)
+        if group is None:
             raise RuntimeError(f"parameter {name} belongs to no trainability group")
+        groups[group].append((name, p))
     return {k: v for k, v in groups.items() if v}
 
 
