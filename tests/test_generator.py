@@ -81,6 +81,27 @@ def test_cached_greedy_equals_uncached(stage):
     assert all(len(t) >= 2 for t in tokens(cached))  # something was generated
 
 
+def test_stage2_on_a_grouped_query_llm_cached_equals_uncached_and_batch_equals_alone(tmp_path):
+    """A GQA LLM (k/v narrower than r, as in SmolLM2): the per-utterance scale reaches k/v in decoding too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(11)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=512,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    m = WavLLMModel.from_arch("wavllm_tiny", vocab_size=VOCAB, prompt_adapter=True, llama_path=str(tmp_path))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n or "prompt_scale" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    m.eval()
+    s = batch()
+    cached = tokens(gen(m).generate([m], s))
+    assert cached == tokens(gen(m, use_cache=False).generate([m], s))
+    assert cached == [tokens(gen(m).generate([m], row(s, b)))[0] for b in range(3)]
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_batch_of_mixed_lengths_equals_items_alone(stage):
     m, s = model_with_lora(stage), batch()

@@ -157,6 +157,66 @@ def test_per_utterance_scale_formula():
     assert torch.allclose(got, layer.base(x) + delta * r[:, None, :], atol=1e-6)
 
 
+def test_grouped_query_key_value_projections_read_the_scale_averaged_over_each_query_group():
+    """GQA (LLaMA-3, SmolLM2): r is as wide as q/o; a k/v projection with n_kv heads scales head j by the
+    mean of r over the query heads that share it; with one query head per group that is r itself."""
+    torch.manual_seed(0)
+    heads, kv, h = 6, 2, 4
+    layer = LoRALinear(torch.nn.Linear(8, kv * h, bias=False), rank=2, alpha=2.0).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    layer.share_scale_over_query_groups(heads // kv, h)
+    x, r = torch.randn(2, 3, 8), torch.rand(2, heads * h)
+    layer.scale_vector = r
+    got = layer(x)
+    delta = x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    # query heads 0-2 share kv head 0, 3-5 kv head 1
+    r_kv = torch.stack([r.view(2, heads, h)[:, 3 * j: 3 * j + 3].mean(1) for j in range(kv)], 1).reshape(2, -1)
+    assert torch.allclose(got, layer.base(x) + delta * r_kv[:, None, :], atol=1e-6)
+    with pytest.raises(ValueError, match=r"LoRA scale must be \(batch=2, 24\)"):
+        layer.scale_vector = r[:, : kv * h]  # a k/v-wide scale is the wrong width here
+        layer(x)
+
+
+def _save_gqa_llama(path, vocab=VOCAB):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(11)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=vocab, max_position_embeddings=512, bos_token_id=1,
+                      eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_stage2_on_a_grouped_query_llm_trains_and_starts_where_stage1_ended(tmp_path):
+    """The small real recipe's LLM (SmolLM2: 9 query heads, 3 key/value heads) has k/v projections a third
+    as wide as r; stage 2 once stopped there ('LoRA scale must be (batch=4, 192), got (4, 576)'). On a
+    GQA LLM stage 2 trains (every trainable tensor gets a gradient, with and without activation
+    checkpointing alike) and, with the stage-1 init of the prompt adapter, computes stage 1's logits."""
+    llama = _save_gqa_llama(tmp_path / "gqa")
+    s1 = tiny(seed=4, llama_path=llama, lora_dropout=0.0).eval()
+    for m in lora_modules(s1.llm):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    assert s1.llm.model.layers[0].self_attn.k_proj.out_features == 32  # 2 kv heads of 16
+    s2 = tiny(seed=5, llama_path=llama, prompt_adapter=True, lora_dropout=0.0).eval()
+    s2.load_state_dict(s1.state_dict())
+    batch = make_batch([16000, 8000, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(s2(**batch)[0], s1(**batch)[0], atol=1e-5, rtol=1e-5)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(seed=7, llama_path=llama, prompt_adapter=True, prompt_adapter_init="random",
+                     activation_checkpointing=ckpt, lora_dropout=0.0).train()
+        for m in lora_modules(model.llm):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+        logits, target, _ = model(**batch)
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for n, g in grads[0].items():
+        assert g is not None and g.abs().sum() > 0, n
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
 def test_prompt_adapter_ignores_padding():
     torch.manual_seed(0)
     pa = PromptAwareLoRAScale(dim=16, hidden_dim=8, clamp_max=None)

@@ -11,6 +11,12 @@ where ``W0`` is the frozen base ``nn.Linear``, ``A`` maps ``in_features -> rank`
   adapter (stage 2): ``h = W0 x + (B A x) * r``, broadcast over every position of the utterance. As in
   the reference implementation, ``alpha / rank`` is *not* applied on top of ``r``.
 
+  ``r`` has the width of the query / output projections (``n_heads * head_dim`` = the LLM width, as in
+  the reference's LLaMA-2-7B). An LLM with grouped-query attention (LLaMA-3, SmolLM2, Qwen2) has
+  narrower key / value projections (``n_kv_heads * head_dim``): there the key / value scale is ``r``
+  averaged over the query heads that share each key / value head (``scale_groups`` = heads per group),
+  so one vector still scales every LoRA layer and equals ``r`` itself when there is no grouping.
+
 The scale vector is set for a whole forward pass through :func:`lora_scale_context` so the
 Hugging Face attention code does not need to know about it. Because that state lives on the modules,
 activation checkpointing must recompute a layer with the state its forward saw, not the state at
@@ -61,7 +67,17 @@ class LoRALinear(nn.Module):
         # (a buffer, not a plain attribute, so it moves with the model: a CPU index tensor on a CUDA model
         # would be copied to the device on every call, which a captured CUDA graph cannot do)
         self.register_buffer("scale_rows", None, persistent=False)
+        # query heads per key/value head when this is a grouped-query k/v projection (see module docstring)
+        self.scale_groups = 1
+        self.scale_head_dim = base.out_features
         self.reset_lora_parameters()
+
+    def share_scale_over_query_groups(self, groups: int, head_dim: int) -> None:
+        """Make this grouped-query key/value projection read the (B, groups * out_features) scale as
+        the mean over the ``groups`` query heads that share each of its heads."""
+        if groups < 1 or self.out_features % head_dim:
+            raise ValueError(f"cannot group a {self.out_features}-wide scale in heads of {head_dim} x {groups}")
+        self.scale_groups, self.scale_head_dim = groups, head_dim
 
     @property
     def in_features(self) -> int:
@@ -103,8 +119,11 @@ class LoRALinear(nn.Module):
         update = self.lora_B(self.lora_A(self.dropout(x)))  # (B, T, out)
         if r is None:
             return out + update * self.scaling
-        if r.dim() != 2 or r.shape[0] != x.shape[0] or r.shape[1] != update.shape[-1]:
-            raise ValueError(f"LoRA scale must be (batch={x.shape[0]}, {update.shape[-1]}), got {tuple(r.shape)}")
+        width = update.shape[-1] * self.scale_groups
+        if r.dim() != 2 or r.shape[0] != x.shape[0] or r.shape[1] != width:
+            raise ValueError(f"LoRA scale must be (batch={x.shape[0]}, {width}), got {tuple(r.shape)}")
+        if self.scale_groups > 1:  # (B, kv * G * h) -> mean over the G query heads of each kv head
+            r = r.view(r.shape[0], -1, self.scale_groups, self.scale_head_dim).mean(2).reshape(r.shape[0], -1)
         if self.scale_rows is not None:
             r = r[:, self.scale_rows]
         return out + update * r.to(update.dtype).unsqueeze(1)  # r: (B, 1, out)

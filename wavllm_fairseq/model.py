@@ -103,9 +103,14 @@ class WavLLMModel(BaseFairseqModel):
         self.lora_modules = inject_lora(self.llm, LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                                         cfg.lora_a_init)
         self.set_activation_checkpointing(cfg.activation_checkpointing)
+        heads = self.llm.config.num_attention_heads
+        kv_heads = getattr(self.llm.config, "num_key_value_heads", None) or heads
+        if kv_heads != heads:  # grouped-query attention: k/v read r averaged over each query group
+            head_dim = getattr(self.llm.config, "head_dim", None) or d_llm // heads
+            for layer in self.llm.model.layers:
+                for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.share_scale_over_query_groups(heads // kv_heads, head_dim)
         if cfg.lora_scale_layout == "meta":
-            heads = self.llm.config.num_attention_heads
-            kv_heads = getattr(self.llm.config, "num_key_value_heads", None) or heads
             for layer in self.llm.model.layers:
                 for proj, h in ((layer.self_attn.q_proj, heads), (layer.self_attn.k_proj, kv_heads)):
                     proj.scale_rows = rotary_meta_to_hf_rows(h, proj.out_features)
