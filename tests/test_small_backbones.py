@@ -2,6 +2,7 @@
 wavllm_small_real architecture built on them. The packages come with the test command's install
 (install.sh); without them these tests skip, naming the package."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,9 +153,11 @@ def test_shipped_smollm2_folder_loads_and_answers(prepared):
     assert (enc.config.d_model, enc.config.encoder_layers) == (384, 4)
 
 
-def test_wavllm_small_real_trains_one_step_from_the_prepared_folders(prepared, tmp_path):
-    """The stage-1 yaml through fairseq-hydra-train: real Whisper tiny.en encoder, SmolLM2 with its chat
-    template and LoRA, a random WavLM stand-in of the toy's size (the toy's stage 0 makes the real one)."""
+def test_wavllm_small_real_trains_stage_1_and_2_and_decodes_from_the_prepared_folders(prepared, tmp_path):
+    """The stage-1 then stage-2 yaml through fairseq-hydra-train, one update each, then fairseq-generate:
+    real Whisper tiny.en encoder, SmolLM2 with its chat template and LoRA, a random WavLM stand-in of the
+    toy's size (the toy's stage 0 makes the real one). Stage 2 puts the prompt-aware scale on SmolLM2's
+    grouped-query k/v projections (it once stopped there at its first step)."""
     from helpers import make_corpus
     from transformers import WavLMModel
 
@@ -178,3 +181,21 @@ def test_wavllm_small_real_trains_one_step_from_the_prepared_folders(prepared, t
     state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["cfg"]["model"]["_name"] == "wavllm_small_real"
     assert not any(k.startswith(("whisper.", "wavlm.")) for k in state["model"])  # reloaded from the folders
+
+    stage2 = [c for c in cmd if not c.startswith(("checkpoint.save_dir=", "dataset.valid_subset="))]
+    stage2[stage2.index("small_real_stage1")] = "small_real_stage2"
+    stage2 += [f"checkpoint.save_dir={tmp_path / 'ckpt2'}", "dataset.valid_subset=valid_asr",
+               f"checkpoint.finetune_from_model={tmp_path / 'ckpt' / 'checkpoint_last.pt'}"]
+    out = subprocess.run(stage2, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    state = torch.load(tmp_path / "ckpt2" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("prompt_scale.") for k in state["model"])
+    assert state["cfg"]["model"]["prompt_adapter"]
+
+    gen = ["fairseq-generate", data, "--user-dir", os.path.join(ROOT, "wavllm_fairseq"), "--task",
+           "wavllm_instruction", "--chat-template", "tokenizer", "--gen-subset", "test_asr",
+           "--path", str(tmp_path / "ckpt2" / "checkpoint_last.pt"), "--beam", "1", "--batch-size", "2",
+           "--max-len-b", "6", "--cpu", "--required-batch-size-multiple", "1"]
+    out = subprocess.run(gen, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert sorted(int(m) for m in re.findall(r"^H-(\d+)\t", out.stdout, re.M)) == [0, 1], out.stdout[-2000:]
