@@ -198,4 +198,15 @@ def test_wavllm_small_real_trains_stage_1_and_2_and_decodes_from_the_prepared_fo
            "--max-len-b", "6", "--cpu", "--required-batch-size-multiple", "1"]
     out = subprocess.run(gen, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    assert sorted(int(m) for m in re.findall(r"^H-(\d+)\t", out.stdout, re.M)) == [0, 1], out.stdout[-2000:]
+    cli = {int(i): t for i, t in re.findall(r"^D-(\d+)\t[^\t]*\t(.*)$", out.stdout, re.M)}
+    assert sorted(cli) == [0, 1], out.stdout[-2000:]
+
+    # the Python API on the same checkpoint (its chat template read from the checkpoint) says the same
+    from wavllm_fairseq import WavLLM
+    from wavllm_fairseq.manifest import read_manifest
+
+    model = WavLLM.from_pretrained(str(tmp_path / "ckpt2" / "checkpoint_last.pt"), trust_checkpoint=False)
+    rows, _ = read_manifest(corpus["test_asr"])
+    answers = model.generate([os.path.join(data, r.audio) for r in rows], [r.prompt for r in rows], max_len_b=6,
+                             batch_size=2)
+    assert [a.strip() for a in answers] == [cli[i].strip() for i in range(len(rows))]
