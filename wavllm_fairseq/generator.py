@@ -54,7 +54,8 @@ class WavLLMGenerator:
                  sampling: bool = False, sampling_topk: int = -1, sampling_topp: float = -1.0,
                  no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0, loop_guard_ngram: int = 0,
                  max_len_per_task: Optional[Dict[str, int]] = None, nbest: int = 1, use_cache: bool = True,
-                 static: Optional[bool] = None, cuda_graphs: Optional[bool] = None, ban_unk: bool = True):
+                 static: Optional[bool] = None, cuda_graphs: Optional[bool] = None, compile_step: bool = False,
+                 ban_unk: bool = True):
         models = list(models) if isinstance(models, (list, tuple)) else [models]
         if len(models) != 1:
             raise ValueError("WavLLM decoding supports a single model (no ensembles)")
@@ -79,6 +80,8 @@ class WavLLMGenerator:
         # static cache + CUDA graphs (static_decode.py): None = on when the model is on a CUDA device and
         # its LLM is supported; the dynamic path (below) is kept on CPUs, where it is the faster one
         self.static, self.cuda_graphs = static, cuda_graphs
+        # torch.compile the static step (fused element-wise kernels; see static_decode's module docstring)
+        self.compile_step = bool(compile_step)
         self._decoder = None
         # the reference bans <unk> at every step (a dictionary whose unk is its eos has none to ban)
         unk = tgt_dict.unk() if (ban_unk and tgt_dict is not None and hasattr(tgt_dict, "unk")) else None
@@ -194,7 +197,7 @@ class WavLLMGenerator:
                  "embeds": None if cache is not None else prefix.embeds}
         if cache is not None and self._use_static(mask.device):
             graphs = self.cuda_graphs if self.cuda_graphs is not None else mask.device.type == "cuda"
-            dec = self._decoder = decoder_for(self.model, graphs)
+            dec = self._decoder = decoder_for(self.model, graphs, self.compile_step)
             dec.start([(layer.keys, layer.values) for layer in cache.layers], mask, prefix.lora_scale,
                       capacity=mask.shape[1] + max(caps) + 1)
             state.update(static=dec, cache=None, mask=None)
