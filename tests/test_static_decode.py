@@ -134,3 +134,58 @@ def test_the_model_holds_one_decoder_for_every_generator_and_merging_lora_resets
     assert merged == tokens(gen(m, static=False, max_len_per_task=CAPS).generate([m], mixed(0)))
     release_decoders(m)
     assert "_static_decoders" not in m.__dict__
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_compiled_static_step_equals_dynamic_and_compiles_without_graph_breaks(stage):
+    """The torch.compile'd step (what a GPU captures with ``compile_step=True``) gives the dynamic path's
+    tokens and scores, through four slot counts (a static then a symbolic slot count) and a second
+    batch whose per-utterance LoRA scales differ (nothing of the first batch is baked in)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # dynamo keeps its compilations per code object, across tests
+    counters.clear()
+    m = model_with_lora(stage)
+    g = gen(m, static=True, compile_step=True, max_len_per_task=CAPS, max_len_b=20)
+    for seed in (0, 3):
+        dyn = gen(m, static=False, max_len_per_task=CAPS, max_len_b=20).generate([m], mixed(seed))
+        same(dyn, g.generate([m], mixed(seed)))
+    assert g._decoder.compiled and len(g._decoder.sets) >= 3
+    assert counters["stats"]["unique_graphs"] >= 1  # it ran compiled, not silently eager
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per step
+
+
+def test_task_and_python_api_pass_the_compile_option_to_the_generator(tmp_path, monkeypatch):
+    """``task.compile_decode_step`` (fairseq-generate ``--compile-decode-step``) and ``WavLLM.generate(compile_step=)``
+    reach the generator; the API follows the task's setting unless told otherwise."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from helpers import make_corpus
+    from wavllm_fairseq import hub
+    from wavllm_fairseq.task import WavLLMInstructionConfig, WavLLMInstructionTask
+
+    corpus = make_corpus(str(tmp_path / "corpus"), n_train=2, n_test=2)
+    built = {}
+    for flag in (False, True):
+        cfg = OmegaConf.merge(OmegaConf.structured(WavLLMInstructionConfig),
+                              dict(data=os.path.dirname(corpus["test_asr"]), seed=1, update_freq=[1],
+                                   compile_decode_step=flag))
+        task = WavLLMInstructionTask.setup_task(cfg)
+        m = model_with_lora(1)
+        built[flag] = task.build_generator([m], OmegaConf.create(dict(beam=1, max_len_b=5))).compile_step
+    assert built == {False: False, True: True}
+
+    seen = []
+
+    class Recorder(hub.WavLLMGenerator):
+        def __init__(self, *a, **kw):
+            seen.append(kw.get("compile_step"))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(hub, "WavLLMGenerator", Recorder)
+    api = hub.WavLLM(m, task)  # the last task: compile_decode_step=True
+    for arg, want in ((None, True), (False, False)):
+        api.generate([], [], compile_step=arg)
+        assert seen[-1] is want

@@ -98,6 +98,10 @@ class WavLLMInstructionConfig(FairseqDataclass):
     repetition_penalty: float = field(
         default=1.0,
         metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
+    compile_decode_step: bool = field(
+        default=False,
+        metadata={"help": "decoding on a GPU: run the static decoding step through torch.compile before it is "
+                          "captured as a CUDA graph (fused kernels; compiling takes a while the first time)"})
     seed: int = II("common.seed")
     update_freq: List[int] = II("optimization.update_freq")
 
@@ -312,6 +316,7 @@ class WavLLMInstructionTask(FairseqTask):
             no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
             repetition_penalty=self.cfg.repetition_penalty, loop_guard_ngram=self.cfg.loop_guard_ngram,
             max_len_per_task=caps or None, nbest=getattr(args, "nbest", 1),
+            compile_step=self.cfg.compile_decode_step,
         )
 
     def build_bpe(self, args):
