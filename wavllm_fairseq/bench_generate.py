@@ -6,7 +6,9 @@
 Decoders start from the same left-padded speech+prompt prefix (speech encoding is done once and not
 timed): our generator on its dynamic path (a growing key/value cache, Hugging Face's LLaMA forward per
 step: the CPU default), our generator on its static path (static_decode.py: a preallocated cache and,
-on CUDA, the step captured as a CUDA graph: the GPU default), Hugging Face ``generate`` with
+on CUDA, the step captured as a CUDA graph: the GPU default), the same static path with its step run
+through ``torch.compile`` (``--decoders ... compiled``: fused element-wise kernels, captured as a CUDA
+graph on CUDA; the first call compiles, outside the timed repeats), Hugging Face ``generate`` with
 ``inputs_embeds`` on the same LLM (dynamic cache; with ``--hf-static`` also
 ``cache_implementation="static"``, which compiles its step), and our generator without a key/value
 cache (the whole sequence recomputed each step; ``--skip-uncached`` leaves it out).
@@ -152,7 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-uncached", action="store_true", help="skip the (slow) no-cache loop")
     p.add_argument("--hf-static", action="store_true", help="also time HF generate with a static, compiled cache")
     p.add_argument("--decoders", nargs="+", default=["static", "dynamic", "hf"],
-                   choices=("static", "dynamic", "hf"), help="which of ours static / ours dynamic / HF dynamic to time")
+                   choices=("static", "compiled", "dynamic", "hf"),
+                   help="which of ours static / ours static with a compiled step / ours dynamic / HF dynamic to time")
     p.add_argument("--bandwidth-gbs", type=float, default=0.0, help="memory bandwidth for the limit (GB/s)")
     p.add_argument("--json", default="", help="also write the results to this file")
     args = p.parse_args(argv)
@@ -172,6 +175,8 @@ def main(argv=None) -> int:
     default_static = dev.startswith("cuda")
     generators = {"dynamic": WavLLMGenerator([model], _Dict(eos), max_len_b=N, min_len=N, static=False),
                   "static": WavLLMGenerator([model], _Dict(eos), max_len_b=N, min_len=N, static=True),
+                  "compiled": WavLLMGenerator([model], _Dict(eos), max_len_b=N, min_len=N, static=True,
+                                              compile_step=True),
                   "nocache": WavLLMGenerator([model], _Dict(eos), max_len_b=N, min_len=N, use_cache=False)}
     results, ratio_hf = [], None
     for B in args.batch:
@@ -195,8 +200,10 @@ def main(argv=None) -> int:
                                          eos_token_id=eos, logits_processor=[_EndAt(lengths, eos)], **kw)
             return [r[:n] for r, n in zip(out[:, -out.shape[1]:].tolist(), lengths)]
 
+        graphs = " + cuda graphs" if default_static else ""
         runs = [(name, fn) for key, name, fn in (
-            ("static", "ours static" + (" + cuda graphs" if default_static else ""), lambda: ours("static")),
+            ("static", "ours static" + graphs, lambda: ours("static")),
+            ("compiled", "ours static compiled" + graphs, lambda: ours("compiled")),
             ("dynamic", "ours dynamic", lambda: ours("dynamic")), ("hf", "hf generate", hf)) if key in args.decoders]
         if args.hf_static:
             runs.append(("hf generate static", lambda: hf(True)))
@@ -216,10 +223,19 @@ def main(argv=None) -> int:
         for name in times:
             if name != ours_name and ours_name in times:
                 print(f"  {ours_name} / {name}: {times[name] / times[ours_name]:.2f}x")
-        if limit and B == 1 and ours_name in times:
-            frac = n_tokens / times[ours_name] / limit
-            rec["fraction_of_bandwidth_limit"] = frac
-            print(f"  {ours_name}: {100 * frac:.0f}% of the bandwidth limit ({limit:.0f} tokens/s)")
+        compiled = next((n for n in times if n.startswith("ours static compiled")), None)
+        if compiled and compiled != ours_name:  # the compiled step against every other decoder
+            for name in times:
+                if name != compiled:
+                    print(f"  {compiled} / {name}: {times[name] / times[compiled]:.2f}x")
+        if limit and B == 1:
+            fractions = {n: n_tokens / t / limit for n, t in times.items()}
+            rec["fraction_of_bandwidth_limit_by_decoder"] = fractions
+            if ours_name in fractions:
+                rec["fraction_of_bandwidth_limit"] = fractions[ours_name]
+            for n in (ours_name, compiled):
+                if n in fractions:
+                    print(f"  {n}: {100 * fractions[n]:.0f}% of the bandwidth limit ({limit:.0f} tokens/s)")
         ref_name = "ours dynamic" if "ours dynamic" in toks else "hf generate"
         agree = {k: v == toks.get(ref_name) for k, v in toks.items() if k != ref_name}
         rec["identical_to_" + ref_name.replace(" ", "_")] = agree
