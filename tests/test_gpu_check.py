@@ -20,10 +20,12 @@ def test_gpu_check_sections_run_and_report(tmp_path):
     assert decode["batch"] == 2 and set(decode["tokens_per_s"]) == {"ours static", "ours static compiled",
                                                                      "hf generate"}
     assert decode["identical_to_hf_generate"] == {"ours static": True, "ours static compiled": True}
+    assert set(decode["first_call_s"]) == set(decode["tokens_per_s"])  # capture / compilation cost, reported
     assert set(report["invariance"]) == {"bfloat16", "float32"}
     assert report["invariance"]["float32"]["rows_differing"] == 0
     table = open(out / "table.md").read()
     assert "| stage | batch | no checkpointing | activation checkpointing |" in table
+    assert "First call at batch 2" in table and "ours static compiled" in table
     assert "rows differing" in table and os.path.isfile(out / "decode.json")
 
 

@@ -226,6 +226,10 @@ def table(report) -> str:
             lines.append(f"| {r['batch']} | " + " | ".join(
                 f"{r['tokens_per_s'].get(n, 0):.1f}" + (f" ({100 * fr[n]:.0f}%)" if n in fr else "")
                 for n in names) + " |")
+        first = d["results"][0].get("first_call_s") if d["results"] else None
+        if first:  # the untimed first call: graph capture, and compilation for a compiled step
+            lines += ["", f"First call at batch {d['results'][0]['batch']} (capture, compilation): "
+                      + ", ".join(f"{n} {t:.1f} s" for n, t in sorted(first.items()))]
         lines.append("")
     if report.get("invariance"):
         lines += ["| greedy, batch of 8 vs each row alone (128 tokens) | rows differing | first differing steps |",
