@@ -44,15 +44,16 @@ seven weights and four LoRA pairs), the attention, and 44 small element-wise one
 RoPE ten, each LoRA projection's scale and add two, residual adds, key/value writes, SiLU * up). On an
 H200 the graph-captured 7B step took 8.5 ms at batch 1 against 2.8 ms of weight reads (2026-12-04);
 about 1,400 small kernels of a few microseconds each are the likely rest (an estimate, not profiled).
-``compile=True`` (``WavLLMGenerator(compile_step=True)``) runs the step through ``torch.compile``
-first, and the CUDA graph captures the compiled step: Inductor keeps the matrix products and fuses the
-rest (RMSNorm, RoPE, the LoRA scale and residual adds, the key/value column write, SiLU * up) into a few
-kernels per layer; with its C++ backend on a CPU, the 2-layer ``wavllm_tiny`` step is 42 calls (31
-matrix products, 11 fused kernels) instead of 144 (the Triton count on a GPU is not measured). The first
-slot count compiles a static step, the next one a step with a symbolic slot count that serves every
-further one. Dynamo keeps its compilations per code object, so decoders for several
-models in one process share its recompile limit (``torch._dynamo.config.recompile_limit``, 8 by
-default); past it the step runs eagerly, which is slower, not wrong.
+``compile=True`` (``WavLLMGenerator(compile_step=True)``) runs each layer's step through ``torch.compile``
+(:func:`layer_step`, compiled once for all layers: their weights are inputs, so compiling costs one
+layer's graph, seconds, not the whole model's), and the CUDA graph captures the compiled step. Inductor
+keeps the matrix products and fuses the rest (RMSNorm, RoPE, the LoRA scale and residual adds, the
+key/value column write, SiLU * up); with its C++ backend on a CPU a ``wavllm_tiny`` layer is 21 calls
+(15 matrix products, 6 fused kernels) instead of 60 (the Triton count on a GPU is not measured). The
+first slot count compiles a static step, the next one a step with a symbolic slot count that serves every
+further one, and one slot (a size dynamo specializes) its own: three compilations per model. Dynamo keeps its compilations per code object, so models of different shapes in one process
+share its recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default); past it the layers run
+eagerly, which is slower, not wrong.
 """
 from typing import Dict, List, Optional
 
@@ -115,13 +116,32 @@ class _Slots:
         return self.k + self.v + [self.mask, self.pos, self.tok] + ([self.r] if self.r is not None else [])
 
 
+def layer_step(layer, x, cos, sin, k_cache, v_cache, mask, col, groups: int) -> torch.Tensor:
+    """One decoder layer for one new token per row: x (S, 1, D) -> (S, 1, D); writes column ``col`` of
+    the layer's key/value cache (S, Hkv, C, hd) in place. The Hugging Face layer's own modules and
+    weights (LoRA wrappers included), so the same function serves every layer of every model."""
+    S = x.shape[0]
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(S, 1, -1, attn.head_dim).transpose(1, 2)  # (S, H, 1, hd)
+    k = attn.k_proj(h).view(S, 1, -1, attn.head_dim).transpose(1, 2)  # (S, Hkv, 1, hd)
+    v = attn.v_proj(h).view(S, 1, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k_cache.index_copy_(2, col, k)
+    v_cache.index_copy_(2, col, v)
+    keys, values = repeat_kv(k_cache, groups), repeat_kv(v_cache, groups)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+    x = x + attn.o_proj(o.transpose(1, 2).reshape(S, 1, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
 class StaticDecoder:
     """One-token steps over a static cache for ``llm`` (a LlamaForCausalLM-like model).
 
     ``start(layers, mask, r, capacity)`` takes over a prefilled left-padded cache; ``step(tokens)``
     returns next-token logits for the live rows (float32); ``select(index)`` keeps / reorders rows.
     ``graphs=True`` (CUDA only) captures each slot count's step as a CUDA graph on first use.
-    ``compile=True`` runs the step through ``torch.compile`` (Inductor fuses the element-wise work between
+    ``compile=True`` runs each layer's step through ``torch.compile`` (Inductor fuses the element-wise work between
     the matrix products: RMSNorm, RoPE, the LoRA scale and residual adds, SiLU * up); with ``graphs`` the
     compiled step is what the CUDA graph captures (see the module docstring).
     """
@@ -134,10 +154,11 @@ class StaticDecoder:
         self.scale_context = lora_scale_context  # callable(r) -> context manager (model.lora_scale_context)
         self.graphs = bool(graphs)
         self.compiled = bool(compile)
-        # automatic dynamic shapes: the first slot count is compiled static, the next one compiles a step
-        # with the slot count (and later the capacity) symbolic that serves every further one; dynamo
-        # caches per code object, so one-compilation-per-slot-count would soon reach its recompile limit
-        self._step_fn = torch.compile(self._forward) if self.compiled else self._forward
+        # regional compilation: the layer step is compiled once and serves every layer (its weights are
+        # inputs, not constants), so compiling costs one layer's graph, not the whole model's; automatic
+        # dynamic shapes: the first slot count compiles a static step, the next one a symbolic step that
+        # serves every further slot count and capacity (one slot is specialized: a third compilation)
+        self._layer_fn = torch.compile(layer_step) if self.compiled else layer_step
         cfg = llm.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -187,24 +208,12 @@ class StaticDecoder:
     # ------------------------------------------------------------------ the step
     def _forward(self) -> torch.Tensor:
         llm, model, cur = self.llm, self.llm.model, self.cur
-        S = cur.tok.shape[0]
         x = model.embed_tokens(cur.tok)  # (S, 1, D)
         cur.mask.index_fill_(-1, self.col, 0.0)  # the new column becomes visible to every row
         cos, sin = model.rotary_emb(x, cur.pos)
         groups = self.n_heads // self.n_kv
         for i, layer in enumerate(model.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(S, 1, -1, attn.head_dim).transpose(1, 2)  # (S, H, 1, hd)
-            k = attn.k_proj(h).view(S, 1, -1, attn.head_dim).transpose(1, 2)  # (S, Hkv, 1, hd)
-            v = attn.v_proj(h).view(S, 1, -1, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            cur.k[i].index_copy_(2, self.col, k)
-            cur.v[i].index_copy_(2, self.col, v)
-            keys, values = repeat_kv(cur.k[i], groups), repeat_kv(cur.v[i], groups)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=cur.mask, scale=attn.scaling)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(S, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self._layer_fn(layer, x, cos, sin, cur.k[i], cur.v[i], cur.mask, self.col, groups)
         logits = llm.lm_head(model.norm(x)[:, 0]).float()  # (S, V)
         cur.pos.add_(1)
         self.col.add_(1)
@@ -214,7 +223,7 @@ class StaticDecoder:
         cur = self.cur
         if not self.graphs:
             with self.scale_context(cur.r):
-                return self._step_fn()
+                return self._forward()
         if cur.graph is None:
             self._capture(cur)
         cur.graph.replay()
@@ -228,7 +237,7 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self.scale_context(cur.r):
             for _ in range(2):  # warm-up: lazy inits and kernel selection happen outside the capture
-                self._step_fn()
+                self._forward()
                 for t, s in zip(state, saved):
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(stream)
@@ -236,7 +245,7 @@ class StaticDecoder:
             self._pool = torch.cuda.graph_pool_handle()
         cur.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cur.graph, pool=self._pool), self.scale_context(cur.r):
-            cur.logits = self._step_fn()
+            cur.logits = self._forward()
         for t, s in zip(state, saved):  # capturing records the kernels, it does not run them
             t.copy_(s)
 
