@@ -263,6 +263,30 @@ def test_concurrent_requests_batch_and_answer_as_alone(env, api):
     assert after["batches"] - before["batches"] < 8 and after["largest_batch"] >= 2  # they did share batches
 
 
+def test_static_compiled_decoding_server_answers_as_the_dynamic_path(env, api):
+    """A server on the static path with a compiled layer step (what a GPU server runs with
+    ``--compile-decode-step``): concurrent greedy requests of different lengths (rows leave the batch at
+    different steps, the stage-2 LoRA scale differs per row) and a streamed one answer what the Python API
+    answers alone on the dynamic path."""
+    prompts = presets()
+    bodies, alone = [], []
+    for i in range(6):
+        q, n = prompts[i % len(prompts)], 5 + 2 * (i % 3)
+        bodies.append(chat_body(env["clips"][i], q, n))
+        alone.append(api.generate([env["paths"][i]], [q], max_len_b=n)[0])
+    with ServerProcess(env["ckpt"], "--max-batch", "6", "--max-wait-ms", "300", "--threads", "1",
+                       "--loop-guard-ngram", "0", "--decode-path", "static", "--compile-decode-step",
+                       log_path=str(env["tmp"] / "server_static.log")) as srv:
+        results, _ = run_load(srv.url, bodies, concurrency=6)
+        assert [s for s, _, _ in results] == [200] * 6
+        assert [answer(r) for _, r, _ in results] == alone
+        assert health(srv.url)["stats"]["largest_batch"] >= 2
+        events = stream_chat(srv.url, {**bodies[1], "stream": True})
+        pieces = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]
+                  if json.loads(e)["choices"]]
+        assert "".join(pieces) == alone[1]
+
+
 @pytest.mark.slow
 def test_load_64_requests_16_clients_all_answered_as_sequential(env):
     """Bounded load test: 64 requests (16 distinct, each sent 4 times) from 16 concurrent clients.

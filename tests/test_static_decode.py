@@ -169,8 +169,9 @@ def test_compiled_static_step_equals_dynamic_and_compiles_once_for_all_layers(st
 
 
 def test_task_and_python_api_pass_the_compile_option_to_the_generator(tmp_path, monkeypatch):
-    """``task.compile_decode_step`` (fairseq-generate ``--compile-decode-step``) and ``WavLLM.generate(compile_step=)``
-    reach the generator; the API follows the task's setting unless told otherwise."""
+    """``task.decode_path`` / ``task.compile_decode_step`` (fairseq-generate ``--decode-path``,
+    ``--compile-decode-step``) and ``WavLLM.generate(compile_step=)`` reach the generator; the API follows
+    the task's settings unless told otherwise."""
     import os
 
     from omegaconf import OmegaConf
@@ -181,24 +182,25 @@ def test_task_and_python_api_pass_the_compile_option_to_the_generator(tmp_path, 
 
     corpus = make_corpus(str(tmp_path / "corpus"), n_train=2, n_test=2)
     built = {}
-    for flag in (False, True):
+    m = model_with_lora(1)
+    for path, flag in (("auto", False), ("static", True), ("dynamic", False)):
         cfg = OmegaConf.merge(OmegaConf.structured(WavLLMInstructionConfig),
                               dict(data=os.path.dirname(corpus["test_asr"]), seed=1, update_freq=[1],
-                                   compile_decode_step=flag))
+                                   decode_path=path, compile_decode_step=flag))
         task = WavLLMInstructionTask.setup_task(cfg)
-        m = model_with_lora(1)
-        built[flag] = task.build_generator([m], OmegaConf.create(dict(beam=1, max_len_b=5))).compile_step
-    assert built == {False: False, True: True}
+        g = task.build_generator([m], OmegaConf.create(dict(beam=1, max_len_b=5)))
+        built[path] = (g.static, g.compile_step)
+    assert built == {"auto": (None, False), "static": (True, True), "dynamic": (False, False)}
 
     seen = []
 
     class Recorder(hub.WavLLMGenerator):
         def __init__(self, *a, **kw):
-            seen.append(kw.get("compile_step"))
+            seen.append((kw.get("static"), kw.get("compile_step")))
             super().__init__(*a, **kw)
 
     monkeypatch.setattr(hub, "WavLLMGenerator", Recorder)
-    api = hub.WavLLM(m, task)  # the last task: compile_decode_step=True
-    for arg, want in ((None, True), (False, False)):
+    api = hub.WavLLM(m, task)  # the last task: decode_path=dynamic, compile_decode_step=False
+    for arg, want in ((None, (False, False)), (True, (False, True))):
         api.generate([], [], compile_step=arg)
-        assert seen[-1] is want
+        assert seen[-1] == want

@@ -128,6 +128,14 @@ def test_fairseq_generate_prints_a_hypothesis_per_item_and_wer(runs, stage):
     assert re.search(r"Generate test_asr with beam=5: WER: [\d.]+", out), out[-1500:]
     out_beam = generate(runs, ckpt, "test_it", ["--beam", "3"])
     assert len(re.findall(r"^H-\d+\t", out_beam, re.M)) == 4
+    if stage == 2:  # the static path with a compiled layer step (a GPU's choice) gives the same hypotheses
+        def hyps(text):  # id -> (score, detokenized hypothesis)
+            return {int(i): (float(sc), h) for i, sc, h in re.findall(r"^D-(\d+)\t([^\t]*)\t(.*)$", text, re.M)}
+
+        dyn = hyps(out)
+        static = hyps(generate(runs, ckpt, "test_asr", ["--decode-path", "static", "--compile-decode-step"]))
+        assert {i: h for i, (_, h) in static.items()} == {i: h for i, (_, h) in dyn.items()}
+        assert all(abs(static[i][0] - dyn[i][0]) < 1e-4 for i in dyn)  # scores up to float rounding
 
 
 def test_python_api_matches_fairseq_generate(runs):

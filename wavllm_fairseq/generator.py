@@ -195,7 +195,13 @@ class WavLLMGenerator:
         """The decoding state after prefill: the dynamic cache, or a static decoder that took it over."""
         state = {"mask": mask, "cache": cache, "r": prefix.lora_scale, "static": None,
                  "embeds": None if cache is not None else prefix.embeds}
-        if cache is not None and self._use_static(mask.device):
+        use_static = cache is not None and self._use_static(mask.device)
+        if self.compile_step and not use_static and not getattr(self, "_told_compile", False):
+            self._told_compile = True  # once per generator
+            logger.warning("compile_step is set but decoding takes the dynamic path (a CPU, no key/value cache, "
+                           "or an LLM static decoding does not support): nothing is compiled; pass static=True "
+                           "to compile on a CPU")
+        if use_static:
             graphs = self.cuda_graphs if self.cuda_graphs is not None else mask.device.type == "cuda"
             dec = self._decoder = decoder_for(self.model, graphs, self.compile_step)
             dec.start([(layer.keys, layer.values) for layer in cache.layers], mask, prefix.lora_scale,

@@ -107,6 +107,8 @@ class WavLLM:
                               max_len_b=max_len_b, sampling=sampling, temperature=temperature, sampling_topk=top_k,
                               sampling_topp=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
                               repetition_penalty=repetition_penalty, loop_guard_ngram=loop_guard_ngram,
+                              static={"static": True, "dynamic": False}.get(
+                                  str(getattr(self.task.cfg, "decode_path", "auto"))),
                               compile_step=(getattr(self.task.cfg, "compile_decode_step", False)
                                             if compile_step is None else compile_step))
         names = list(task_names) if task_names is not None else ["api"] * len(audios)

@@ -44,15 +44,16 @@ seven weights and four LoRA pairs), the attention, and 44 small element-wise one
 RoPE ten, each LoRA projection's scale and add two, residual adds, key/value writes, SiLU * up). On an
 H200 the graph-captured 7B step took 8.5 ms at batch 1 against 2.8 ms of weight reads (2026-12-04);
 about 1,400 small kernels of a few microseconds each are the likely rest (an estimate, not profiled).
-``compile=True`` (``WavLLMGenerator(compile_step=True)``) runs each layer's step through ``torch.compile``
-(:func:`layer_step`, compiled once for all layers: their weights are inputs, so compiling costs one
-layer's graph, seconds, not the whole model's), and the CUDA graph captures the compiled step. Inductor
-keeps the matrix products and fuses the rest (RMSNorm, RoPE, the LoRA scale and residual adds, the
-key/value column write, SiLU * up); with its C++ backend on a CPU a ``wavllm_tiny`` layer is 21 calls
-(15 matrix products, 6 fused kernels) instead of 60 (the Triton count on a GPU is not measured). The
-first slot count compiles a static step, the next one a step with a symbolic slot count that serves every
-further one, and one slot (a size dynamo specializes) its own: three compilations per model. Dynamo keeps its compilations per code object, so models of different shapes in one process
-share its recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default); past it the layers run
+``compile=True`` (``WavLLMGenerator(compile_step=True)``) runs each layer's step through
+``torch.compile`` (:func:`layer_step`, compiled once for all layers: their weights are inputs, so
+compiling costs one layer's graph, seconds, not the whole model's), and the CUDA graph captures the
+compiled step. Inductor keeps the matrix products and fuses the rest (RMSNorm, RoPE, the LoRA scale and
+residual adds, the key/value column write, SiLU * up); with its C++ backend on a CPU a ``wavllm_tiny``
+layer is 21 calls (15 matrix products, 6 fused kernels) instead of 60 (the Triton count on a GPU is not
+measured). The first slot count compiles a static step, the next one a step with a symbolic slot count
+that serves every further one, and one slot (a size dynamo specializes) its own: three compilations per
+model. Dynamo keeps its compilations per code object, so models of different shapes in one process share
+its recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default); past it the layers run
 eagerly, which is slower, not wrong.
 """
 from typing import Dict, List, Optional

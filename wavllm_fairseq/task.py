@@ -98,10 +98,14 @@ class WavLLMInstructionConfig(FairseqDataclass):
     repetition_penalty: float = field(
         default=1.0,
         metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
+    decode_path: ChoiceEnum(["auto", "static", "dynamic"]) = field(
+        default="auto",
+        metadata={"help": "decoding: auto = static cache + CUDA graphs on a GPU, dynamic cache on a CPU (the faster "
+                          "on each); static / dynamic force one (both give the same tokens in float32)"})
     compile_decode_step: bool = field(
         default=False,
-        metadata={"help": "decoding on a GPU: run the static decoding step through torch.compile before it is "
-                          "captured as a CUDA graph (fused kernels; compiling takes a while the first time)"})
+        metadata={"help": "decoding: torch.compile the static path's layer step (captured as a CUDA graph on a "
+                          "GPU; fused kernels; compiling takes seconds per process and slot-count shape)"})
     seed: int = II("common.seed")
     update_freq: List[int] = II("optimization.update_freq")
 
@@ -316,6 +320,7 @@ class WavLLMInstructionTask(FairseqTask):
             no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
             repetition_penalty=self.cfg.repetition_penalty, loop_guard_ngram=self.cfg.loop_guard_ngram,
             max_len_per_task=caps or None, nbest=getattr(args, "nbest", 1),
+            static={"auto": None, "static": True, "dynamic": False}[str(self.cfg.decode_path)],
             compile_step=self.cfg.compile_decode_step,
         )
 

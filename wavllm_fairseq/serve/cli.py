@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop-guard-ngram", type=int, default=4,
                    help="stop an answer whose tail repeats an n-gram (n <= this) 3 times; 0 disables")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--decode-path", default="auto", choices=["auto", "static", "dynamic"],
+                   help="auto: static cache + CUDA graphs on a GPU, dynamic cache on a CPU (the faster on each)")
+    p.add_argument("--compile-decode-step", action="store_true",
+                   help="torch.compile the static path's layer step (faster steps; compiles on the first requests)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--whisper-path", default=None, help="Whisper dir, if not the one in the checkpoint's config")
     p.add_argument("--wavlm-path", default=None, help="WavLM dir, if not the one in the checkpoint's config")
@@ -68,7 +72,9 @@ def main(argv=None) -> int:
         print(f"wavllm-serve: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 1
     engine = BatchEngine(api, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         loop_guard_ngram=args.loop_guard_ngram)
+                         loop_guard_ngram=args.loop_guard_ngram,
+                         static={"auto": None, "static": True, "dynamic": False}[args.decode_path],
+                         compile_step=args.compile_decode_step)
     limits = Limits(model_name=args.model_name, max_audio_seconds=args.max_audio_seconds,
                     default_max_tokens=args.default_max_tokens, context_length=engine.context_length)
     app = create_app(engine, limits, max_body_bytes=int(args.max_body_mb * 2 ** 20))

@@ -88,15 +88,20 @@ class Job:
 
 
 class BatchEngine:
-    """Owns a loaded :class:`~wavllm_fairseq.hub.WavLLM` and decodes submitted jobs in dynamic batches."""
+    """Owns a loaded :class:`~wavllm_fairseq.hub.WavLLM` and decodes submitted jobs in dynamic batches.
 
-    def __init__(self, api, max_batch: int = 8, max_wait_ms: float = 20.0, loop_guard_ngram: int = 4):
+    ``static`` picks the decoding path (None: static with CUDA graphs on a GPU, dynamic on a CPU; see
+    generator.py), ``compile_step`` compiles the static path's layer step (static_decode.py)."""
+
+    def __init__(self, api, max_batch: int = 8, max_wait_ms: float = 20.0, loop_guard_ngram: int = 4,
+                 static: Optional[bool] = None, compile_step: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.api = api
         self.max_batch = int(max_batch)
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.loop_guard_ngram = int(loop_guard_ngram)
+        self.static, self.compile_step = static, bool(compile_step)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "answer_tokens": 0, "cancelled": 0,
                       "failed_batches": 0}
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -182,7 +187,8 @@ class BatchEngine:
         gen = WavLLMGenerator(
             [self.api.model], self.api.task.target_dictionary, max_len_b=max(caps), sampling=d.sampling,
             temperature=d.temperature if d.sampling else 1.0, sampling_topp=d.top_p if d.top_p < 1 else -1.0,
-            sampling_topk=d.top_k, loop_guard_ngram=self.loop_guard_ngram)
+            sampling_topk=d.top_k, loop_guard_ngram=self.loop_guard_ngram, static=self.static,
+            compile_step=self.compile_step)
         try:
             batch = batch_to(collate(items, tok.pad_id), self.api.device)
             batch["max_len"] = caps
