@@ -46,6 +46,18 @@ def loop_length(tokens: Sequence[int], max_n: int, repeats: int = LOOP_REPEATS) 
     return 0
 
 
+DECODE_PATHS = ("auto", "static", "dynamic")
+
+
+def static_for(decode_path) -> Optional[bool]:
+    """``WavLLMGenerator(static=...)`` for a ``decode_path`` option: auto (None: static on a GPU, dynamic on
+    a CPU), static (True) or dynamic (False)."""
+    name = str(decode_path)
+    if name not in DECODE_PATHS:
+        raise ValueError(f"decode path must be one of {DECODE_PATHS}, got {name!r}")
+    return {"auto": None, "static": True, "dynamic": False}[name]
+
+
 class WavLLMGenerator:
     """A fairseq-generate generator for decoder-only WavLLM (one model; no ensembles)."""
 

@@ -22,7 +22,7 @@ from .audio import load_audio, resample_to_16k
 from .chat_template import prompt_encoder
 from .checkpoint_io import load_checkpoint_file
 from .dataset import collate
-from .generator import WavLLMGenerator
+from .generator import WavLLMGenerator, static_for
 from .model import WavLLMModel
 from .model_config import WavLLMConfig, complete_model_cfg
 from .task import WavLLMInstructionConfig, WavLLMInstructionTask
@@ -107,8 +107,7 @@ class WavLLM:
                               max_len_b=max_len_b, sampling=sampling, temperature=temperature, sampling_topk=top_k,
                               sampling_topp=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
                               repetition_penalty=repetition_penalty, loop_guard_ngram=loop_guard_ngram,
-                              static={"static": True, "dynamic": False}.get(
-                                  str(getattr(self.task.cfg, "decode_path", "auto"))),
+                              static=static_for(getattr(self.task.cfg, "decode_path", "auto")),
                               compile_step=(getattr(self.task.cfg, "compile_decode_step", False)
                                             if compile_step is None else compile_step))
         names = list(task_names) if task_names is not None else ["api"] * len(audios)

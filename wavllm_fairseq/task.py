@@ -23,7 +23,7 @@ from .chat_template import prompt_encoder
 from .curriculum import CurriculumBatchSampler, CurriculumEpochBatchIterator, curriculum_from_subsets, load_curriculum
 from .dataset import InstructionDataset, MultiCorpusDataset
 from .errors import WavLLMInputError
-from .generator import WavLLMGenerator
+from .generator import DECODE_PATHS, WavLLMGenerator, static_for
 from .manifest import read_manifest
 from .model import expected_speech_frames
 from .prompt_augment import PromptAugmenter, prompt_pools
@@ -98,7 +98,7 @@ class WavLLMInstructionConfig(FairseqDataclass):
     repetition_penalty: float = field(
         default=1.0,
         metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
-    decode_path: ChoiceEnum(["auto", "static", "dynamic"]) = field(
+    decode_path: ChoiceEnum(list(DECODE_PATHS)) = field(
         default="auto",
         metadata={"help": "decoding: auto = static cache + CUDA graphs on a GPU, dynamic cache on a CPU (the faster "
                           "on each); static / dynamic force one (both give the same tokens in float32)"})
@@ -320,7 +320,7 @@ class WavLLMInstructionTask(FairseqTask):
             no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
             repetition_penalty=self.cfg.repetition_penalty, loop_guard_ngram=self.cfg.loop_guard_ngram,
             max_len_per_task=caps or None, nbest=getattr(args, "nbest", 1),
-            static={"auto": None, "static": True, "dynamic": False}[str(self.cfg.decode_path)],
+            static=static_for(self.cfg.decode_path),
             compile_step=self.cfg.compile_decode_step,
         )
 

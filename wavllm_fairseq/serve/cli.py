@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from ..errors import WavLLMInputError
+    from ..generator import static_for
     from ..hub import WavLLM
     from .app import create_app
     from .engine import BatchEngine
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         return 1
     engine = BatchEngine(api, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          loop_guard_ngram=args.loop_guard_ngram,
-                         static={"auto": None, "static": True, "dynamic": False}[args.decode_path],
+                         static=static_for(args.decode_path),
                          compile_step=args.compile_decode_step)
     limits = Limits(model_name=args.model_name, max_audio_seconds=args.max_audio_seconds,
                     default_max_tokens=args.default_max_tokens, context_length=engine.context_length)
