@@ -46,16 +46,17 @@ def loop_length(tokens: Sequence[int], max_n: int, repeats: int = LOOP_REPEATS) 
     return 0
 
 
-DECODE_PATHS = ("auto", "static", "dynamic")
+# a decode-path option -> WavLLMGenerator(static=...): auto (None: static on a GPU, dynamic on a CPU)
+_STATIC_FOR = {"auto": None, "static": True, "dynamic": False}
+DECODE_PATHS = tuple(_STATIC_FOR)
 
 
 def static_for(decode_path) -> Optional[bool]:
-    """``WavLLMGenerator(static=...)`` for a ``decode_path`` option: auto (None: static on a GPU, dynamic on
-    a CPU), static (True) or dynamic (False)."""
+    """``WavLLMGenerator(static=...)`` for a ``decode_path`` option (one of :data:`DECODE_PATHS`)."""
     name = str(decode_path)
-    if name not in DECODE_PATHS:
+    if name not in _STATIC_FOR:
         raise ValueError(f"decode path must be one of {DECODE_PATHS}, got {name!r}")
-    return {"auto": None, "static": True, "dynamic": False}[name]
+    return _STATIC_FOR[name]
 
 
 class WavLLMGenerator:
@@ -94,6 +95,7 @@ class WavLLMGenerator:
         self.static, self.cuda_graphs = static, cuda_graphs
         # torch.compile the static step (fused element-wise kernels; see static_decode's module docstring)
         self.compile_step = bool(compile_step)
+        self._told_compile = False  # warned once that compile_step has nothing to compile on the dynamic path
         self._decoder = None
         # the reference bans <unk> at every step (a dictionary whose unk is its eos has none to ban)
         unk = tgt_dict.unk() if (ban_unk and tgt_dict is not None and hasattr(tgt_dict, "unk")) else None
@@ -208,8 +210,8 @@ class WavLLMGenerator:
         state = {"mask": mask, "cache": cache, "r": prefix.lora_scale, "static": None,
                  "embeds": None if cache is not None else prefix.embeds}
         use_static = cache is not None and self._use_static(mask.device)
-        if self.compile_step and not use_static and not getattr(self, "_told_compile", False):
-            self._told_compile = True  # once per generator
+        if self.compile_step and not use_static and not self._told_compile:
+            self._told_compile = True
             logger.warning("compile_step is set but decoding takes the dynamic path (a CPU, no key/value cache, "
                            "or an LLM static decoding does not support): nothing is compiled; pass static=True "
                            "to compile on a CPU")
