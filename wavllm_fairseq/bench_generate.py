@@ -6,9 +6,9 @@
 Decoders start from the same left-padded speech+prompt prefix (speech encoding is done once and not
 timed): our generator on its dynamic path (a growing key/value cache, Hugging Face's LLaMA forward per
 step: the CPU default), our generator on its static path (static_decode.py: a preallocated cache and,
-on CUDA, the step captured as a CUDA graph: the GPU default), the same static path with its step run
-through ``torch.compile`` (``--decoders ... compiled``: fused element-wise kernels, captured as a CUDA
-graph on CUDA; the first call compiles, outside the timed repeats), Hugging Face ``generate`` with
+on CUDA, the step captured as a CUDA graph: the GPU default), the same static path with its layer step
+run through ``torch.compile`` (``--decoders ... compiled``: fused element-wise kernels, captured as a
+CUDA graph on CUDA; the first call compiles, outside the timed repeats), Hugging Face ``generate`` with
 ``inputs_embeds`` on the same LLM (dynamic cache; with ``--hf-static`` also
 ``cache_implementation="static"``, which compiles its step), and our generator without a key/value
 cache (the whole sequence recomputed each step; ``--skip-uncached`` leaves it out).

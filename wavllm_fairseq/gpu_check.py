@@ -12,7 +12,8 @@ Sections, each timed and reported even if a later one fails (``--only`` picks so
 ``decode``  the decoding benchmark (bench_generate.py) on ``wavllm_7b`` bf16: batch 1 / 8 / 32,
             ours (static + CUDA graphs, with and without a torch.compile'd step) against HF
             ``generate`` (dynamic, and static compiled), and the fraction of the bandwidth limit at
-            batch 1 (``--decoders`` picks ours; compiling the 7B step takes minutes the first time).
+            batch 1 (``--decoders`` picks ours), and each decoder's untimed first call (graph capture,
+            compilation: seconds per shape for a per-layer compile on a CPU, not yet measured on a GPU).
 ``invariance`` greedy decoding of a batch of 8 (128 tokens) against each row alone, in bf16 and in
             float32: how many rows differ and the first step where they do.
 
