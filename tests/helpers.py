@@ -5,8 +5,8 @@ from typing import Dict, List
 import numpy as np
 import soundfile as sf
 
-from wavllm_fairseq.prompt_template import DEFAULT_SYSTEM_PROMPT
-from wavllm_fairseq.tokenizer import train_sentencepiece
+from wavllm_fairseq.data.prompt_template import DEFAULT_SYSTEM_PROMPT
+from wavllm_fairseq.data.tokenizer import train_sentencepiece
 
 HEADER = ["id", "audio", "n_frames", "prompt", "tgt_text", "with_speech"]
 WORDS = ["red", "blue", "cat", "dog", "runs", "sleeps", "the", "a", "big", "small", "house", "tree"]

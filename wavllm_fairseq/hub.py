@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .audio import load_audio, resample_to_16k
-from .chat_template import prompt_encoder
-from .checkpoint_io import load_checkpoint_file
-from .dataset import collate
-from .generator import WavLLMGenerator, static_for
-from .model import WavLLMModel
-from .model_config import WavLLMConfig, complete_model_cfg
-from .task import WavLLMInstructionConfig, WavLLMInstructionTask
-from .tokenizer import LlamaTokenizer
+from .data.audio import load_audio, resample_to_16k
+from .data.chat_template import prompt_encoder
+from .data.dataset import collate
+from .data.tokenizer import LlamaTokenizer
+from .decoding.generator import WavLLMGenerator, static_for
+from .models.checkpoint_io import load_checkpoint_file
+from .models.config import WavLLMConfig, complete_model_cfg
+from .models.wavllm import WavLLMModel
+from .tasks.instruction import WavLLMInstructionConfig, WavLLMInstructionTask
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from ..errors import WavLLMInputError
-    from ..generator import static_for
+    from ..decoding.generator import static_for
     from ..hub import WavLLM
     from .app import create_app
     from .engine import BatchEngine

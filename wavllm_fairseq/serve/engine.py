@@ -31,10 +31,10 @@ from typing import Callable, Deque, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..dataset import collate
-from ..generator import WavLLMGenerator
+from ..data.dataset import collate
+from ..data.prompt_template import EncodedPrompt
+from ..decoding.generator import WavLLMGenerator
 from ..hub import batch_to
-from ..prompt_template import EncodedPrompt
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from ..audio import load_audio
-from ..chat_template import prompt_encoder
+from ..data.audio import load_audio
+from ..data.chat_template import prompt_encoder
 from ..errors import AudioError
 from .engine import Decoding
 

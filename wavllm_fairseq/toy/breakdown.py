@@ -25,10 +25,10 @@ import sys
 from collections import Counter, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from ..manifest import read_manifest
-from ..scoring import (first_label, follow_multi, gold_label, read_hypotheses, row_right, task_labels,
+from ..data.manifest import read_manifest
+from ..data.text_norm import words
+from ..evaluation.scoring import (first_label, follow_multi, gold_label, read_hypotheses, row_right, task_labels,
                        word_distance)
-from ..text_norm import words
 
 NEITHER = 0.5  # nearest answer of any task further than this (edit distance / longer length): "neither"
 

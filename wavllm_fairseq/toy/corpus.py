@@ -44,8 +44,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import soundfile as sf
 
-from ..audio import resample_to_16k
-from ..manifest import escape_cell
+from ..data.audio import resample_to_16k
+from ..data.manifest import escape_cell
 from . import tables
 from .espeak import synthesize
 from .tables import (  # noqa: F401  (the tables' names, as other modules and tests import them from here)

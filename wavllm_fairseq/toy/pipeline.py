@@ -127,8 +127,9 @@ def score_all(corpus: str, generated: Dict[str, str], out: str) -> Dict[str, Dic
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for subset, path in generated.items():
         score_json = os.path.join(out, f"{subset}.scores.json")
-        run([sys.executable, "-m", "wavllm_fairseq.scoring", "--manifest", os.path.join(corpus, subset + ".tsv"),
-             "--hypotheses", path, "--json", score_json], os.path.join(out, f"{subset}.score.log"), echo=False)
+        run([sys.executable, "-m", "wavllm_fairseq.evaluation.scoring", "--manifest",
+             os.path.join(corpus, subset + ".tsv"), "--hypotheses", path, "--json", score_json],
+            os.path.join(out, f"{subset}.score.log"), echo=False)
         nested: Dict[str, Dict[str, float]] = {}
         for key, value in json.load(open(score_json)).items():
             task, metric = key.split(" ", 1)
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
 
     recipe = Recipe("toy", {k: os.path.join(backbones, k) for k in ("whisper", "wavlm", "llama")})
     if args.recipe == "small_real":
-        from ..small_backbones import ensure_packages, prepare
+        from ..tools.small_backbones import ensure_packages, prepare
 
         t = time.time()
         ensure_packages()
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
         times[f"decode+score stage{stage}"] = time.time() - t
     t = time.time()
     manifests = [os.path.join(corpus, s + ".tsv") for s in test_manifests(corpus)]
-    run([sys.executable, "-m", "wavllm_fairseq.tsne", "--checkpoint", ckpts[2], "--manifests", *manifests,
+    run([sys.executable, "-m", "wavllm_fairseq.evaluation.tsne", "--checkpoint", ckpts[2], "--manifests", *manifests,
          "--out", os.path.join(work, "prompt_tsne.png")], os.path.join(work, "tsne.log"), echo=False)
     log(f"wrote {os.path.join(work, 'prompt_tsne.png')} (prompt adapter outputs r by task, paper figure 2)")
     times["t-SNE of prompt adapter outputs"] = time.time() - t

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Callable, Dict, List, Tuple
 
-from ..manifest import unescape_cell
+from ..data.manifest import unescape_cell
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

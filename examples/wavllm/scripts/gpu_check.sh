@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (wavllm_fairseq/gpu_check.py): training-step memory/time of wavllm_7b with and without
+# The GPU check (wavllm_fairseq/bench/gpu_check.py): training-step memory/time of wavllm_7b with and without
 # activation checkpointing, the real CLIs on CUDA with bf16, the decoding benchmark, bf16 batch
 # invariance; one table at the end. About 6-8 minutes on one H200; nothing is downloaded.
 #   bash examples/wavllm/scripts/gpu_check.sh [--out DIR] [--only memory cli decode invariance] ...
@@ -22,4 +22,4 @@ if ! $PY -c "import fairseq, hydra, sentencepiece, soundfile" >/dev/null 2>&1; t
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-exec $PY -m wavllm_fairseq.gpu_check "$@"
+exec $PY -m wavllm_fairseq.bench.gpu_check "$@"

@@ -229,7 +229,7 @@ def reference_greedy(R, model, sample, n_new: int):
 
 
 def ours_batch(task, split: str, indices):
-    from wavllm_fairseq.dataset import collate
+    from wavllm_fairseq.data.dataset import collate
 
     ds = task.load_corpus(split, shuffle=False)
     return collate([ds[i] for i in indices], task.tokenizer.pad_id)
@@ -254,7 +254,7 @@ def ours_decode_logits(model, batch, answers):
 
 
 def ours_greedy(model, task, batch, n_new: int):
-    from wavllm_fairseq.generator import WavLLMGenerator
+    from wavllm_fairseq.decoding.generator import WavLLMGenerator
 
     gen = WavLLMGenerator([model], task.target_dictionary, beam_size=1, max_len_b=n_new, loop_guard_ngram=0)
     hyps = gen.generate([model], batch)
@@ -279,9 +279,9 @@ def main(argv=None) -> int:
     work = args.work or tempfile.mkdtemp(prefix="wavllm_parity_")
     os.makedirs(work, exist_ok=True)
 
-    from wavllm_fairseq.checkpoint_convert import convert_checkpoint
+    from wavllm_fairseq.tools.convert_reference import convert_checkpoint
     from wavllm_fairseq.hub import WavLLM
-    from wavllm_fairseq.model import ARCHITECTURES
+    from wavllm_fairseq.models.wavllm import ARCHITECTURES
 
     # this plugin's sizes of the reference model built above (only used to shape the converted model)
     ARCHITECTURES["parity_reference"] = dict(
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
         results.append({"stage": stage, "case": case, "metric": key, "value": value})
         print(f"stage {stage}  {case:<34} {key:<34} {value}")
 
-    from wavllm_fairseq.tokenizer import LlamaTokenizer
+    from wavllm_fairseq.data.tokenizer import LlamaTokenizer
 
     tok = LlamaTokenizer(tok_path)
     answers = [tok.encode(a) for a in answers_text]

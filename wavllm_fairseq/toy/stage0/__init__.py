@@ -32,8 +32,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ... import audio, encoders, manifest, prompt_template, tokenizer
-from ...tokenizer import train_sentencepiece
+from ...data import audio, manifest, prompt_template, tokenizer
+from ...data.tokenizer import train_sentencepiece
+from ...models import encoders
 from .. import tables
 from .data import second_utterance  # noqa: F401  (this package's names, as other modules and tests import them)
 from .llama import (SECOND_SPEAKER_TAG, SPAN_REPEATS, TAG_SCALE, embed_with_tags, lm_sequences,  # noqa: F401

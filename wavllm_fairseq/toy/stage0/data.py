@@ -6,8 +6,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ...audio import load_audio
-from ...manifest import ManifestRow, read_manifest
+from ...data.audio import load_audio
+from ...data.manifest import ManifestRow, read_manifest
 
 
 def rows(corpus: str, name: str) -> List[ManifestRow]:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ...prompt_template import (DEFAULT_SYSTEM_PROMPT, INST_CLOSE, INST_OPEN, SPEECH_CLOSE, SPEECH_OPEN,
+from ...data.prompt_template import (DEFAULT_SYSTEM_PROMPT, INST_CLOSE, INST_OPEN, SPEECH_CLOSE, SPEECH_OPEN,
                                 encode_example)
 from ..tables import all_sentences, is_train_sentence, prompt_pools, translate
 from .data import rows, second_utterance

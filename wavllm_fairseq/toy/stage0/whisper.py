@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ...encoders import WhisperSemanticEncoder
-from ...scoring import wer
+from ...evaluation.scoring import wer
+from ...models.encoders import WhisperSemanticEncoder
 from .data import audio, batch_wav, rows
 from .loop import Batches, log, train_steps
 

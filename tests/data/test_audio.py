@@ -1,0 +1,252 @@
+"""Audio loading (formats, rates, channels, zip slices, every error reason) and Whisper log-mel features."""
+import logging
+import os
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from wavllm_fairseq.data.audio import (SAMPLE_RATE, SILENCE_PEAK, AudioSpec, audio_num_frames, load_audio,
+                                  num_frames_16k, parse_audio_spec, resample_to_16k, whisper_log_mel)
+from wavllm_fairseq.errors import AudioError
+
+
+def sine(sr, n, freq=440.0, amp=0.5):
+    return (amp * np.sin(2 * np.pi * freq * np.arange(n) / sr)).astype(np.float32)
+
+
+def write(path, data, sr, **kw):
+    sf.write(str(path), data, sr, **kw)
+    return str(path)
+
+
+def zip_member_spec(zip_path, member):
+    """fairseq's ``file.zip:offset:length`` for a STORED member, offset read from its local header."""
+    with zipfile.ZipFile(zip_path) as z:
+        info = z.getinfo(member)
+    with open(zip_path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return f"{os.path.basename(zip_path)}:{info.header_offset + 30 + name_len + extra_len}:{info.file_size}"
+
+
+def reason_of(fn, *args, **kw):
+    with pytest.raises(AudioError) as e:
+        fn(*args, **kw)
+    return e.value
+
+
+# ------------------------------------------------------------------------------------------ specs
+def test_parse_audio_spec(tmp_path):
+    root = str(tmp_path)
+    assert parse_audio_spec("a/b.wav", root) == AudioSpec(os.path.join(root, "a", "b.wav"))
+    assert parse_audio_spec("/x/y.flac", root) == AudioSpec("/x/y.flac")
+    assert parse_audio_spec("f.zip:120:3400", root) == AudioSpec(os.path.join(root, "f.zip"), 120, 3400)
+    assert parse_audio_spec("odd:name.wav", root).offset is None  # only *.zip:<int>:<int> is a slice
+    assert reason_of(parse_audio_spec, "-", root).reason == "missing"
+
+
+# ------------------------------------------------------------------------------------------ loading
+def test_wav_16k_is_read_unchanged(tmp_path):
+    x = sine(SAMPLE_RATE, 4000)
+    write(tmp_path / "a.wav", x, SAMPLE_RATE, subtype="FLOAT")
+    y = load_audio("a.wav", str(tmp_path))
+    assert y.dtype == np.float32 and y.shape == (4000,)
+    np.testing.assert_array_equal(y, x)
+    assert audio_num_frames("a.wav", str(tmp_path)) == 4000
+
+
+def test_flac_and_ogg(tmp_path):
+    x = sine(SAMPLE_RATE, 8000)
+    pcm = np.round(x * 32767) / 32767
+    write(tmp_path / "a.flac", pcm, SAMPLE_RATE, subtype="PCM_16")
+    write(tmp_path / "a.ogg", x, SAMPLE_RATE)
+    np.testing.assert_allclose(load_audio("a.flac", str(tmp_path)), pcm, atol=1e-4)  # lossless
+    ogg = load_audio("a.ogg", str(tmp_path))  # lossy: same length, close values
+    assert len(ogg) == 8000 and np.abs(ogg - x)[1000:7000].max() < 0.05
+    for name in ("a.flac", "a.ogg"):
+        assert audio_num_frames(name, str(tmp_path)) == len(load_audio(name, str(tmp_path)))
+
+
+def test_stereo_44k_mixdown_and_resample(tmp_path):
+    n = 44100  # 1 s at 44.1 kHz -> 16000 samples (up 160, down 441)
+    left, right = sine(44100, n, amp=0.6), sine(44100, n, amp=0.2)
+    write(tmp_path / "st.wav", np.stack([left, right], 1), 44100, subtype="FLOAT")
+    y = load_audio("st.wav", str(tmp_path))
+    assert len(y) == 16000 == audio_num_frames("st.wav", str(tmp_path))
+    expected = sine(SAMPLE_RATE, 16000, amp=0.4)  # mean of the channels, 440 Hz survives resampling
+    assert np.abs(y - expected)[200:-200].max() < 2e-3
+    # mean, not sum or first channel: opposite channels cancel to silence
+    write(tmp_path / "anti.wav", np.stack([left, -left], 1), 44100, subtype="FLOAT")
+    assert np.abs(load_audio("anti.wav", str(tmp_path))).max() < SILENCE_PEAK
+
+
+@pytest.mark.parametrize("sr,n,expected", [(8000, 4000, 8000), (44100, 1000, 363), (22050, 100, 73),
+                                           (48000, 4800, 1600), (16000, 777, 777)])
+def test_resampled_length(tmp_path, sr, n, expected):
+    # ceil(n * up / down) with gcd-reduced up/down: 1000*160/441 = 362.8 -> 363; 100*320/441 = 72.6 -> 73
+    assert num_frames_16k(n, sr) == expected
+    write(tmp_path / "r.wav", sine(sr, n, freq=300.0), sr, subtype="FLOAT")
+    assert len(load_audio("r.wav", str(tmp_path))) == expected == audio_num_frames("r.wav", str(tmp_path))
+
+
+def test_8k_upsampling_keeps_the_tone(tmp_path):
+    write(tmp_path / "n.wav", sine(8000, 4000, freq=300.0), 8000, subtype="FLOAT")
+    y = load_audio("n.wav", str(tmp_path))
+    assert np.abs(y - sine(SAMPLE_RATE, 8000, freq=300.0))[200:-200].max() < 2e-3
+
+
+def test_resample_to_16k_arrays():
+    stereo = np.stack([np.full(100, 0.2), np.full(100, 0.4)], 1)  # (T, C)
+    np.testing.assert_allclose(resample_to_16k(stereo, SAMPLE_RATE), np.full(100, 0.3), rtol=1e-6)
+    assert len(resample_to_16k(np.zeros(4410), 44100)) == 1600
+
+
+def test_zip_slice_equals_direct_file(tmp_path):
+    write(tmp_path / "a.wav", sine(SAMPLE_RATE, 3000), SAMPLE_RATE, subtype="PCM_16")
+    write(tmp_path / "b.flac", sine(8000, 2000, freq=200.0), 8000)
+    zpath = str(tmp_path / "clips.zip")
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_STORED) as z:
+        z.write(tmp_path / "a.wav", "a.wav")
+        z.write(tmp_path / "b.flac", "sub/b.flac")
+    root = str(tmp_path)
+    for member, direct in (("a.wav", "a.wav"), ("sub/b.flac", "b.flac")):
+        spec = zip_member_spec(zpath, member)
+        np.testing.assert_array_equal(load_audio(spec, root), load_audio(direct, root))
+        assert audio_num_frames(spec, root) == len(load_audio(direct, root))
+    name, offset, length = zip_member_spec(zpath, "a.wav").split(":")
+    assert reason_of(load_audio, f"{name}:{int(offset) + 7}:{length}", root).reason == "corrupt"  # misaligned
+    err = reason_of(load_audio, f"{name}:{offset}:{10 ** 9}", root)
+    assert err.reason == "corrupt" and "ends at byte" in str(err)
+    assert reason_of(load_audio, f"{name}:{offset}:0", root).reason == "empty"
+    assert reason_of(load_audio, "clips.zip", root).reason == "unsupported"  # zip without offset:length
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_error_reasons_and_messages(tmp_path, caplog):
+    root = str(tmp_path)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "random.wav").write_bytes(np.random.default_rng(0).bytes(3000))
+    (tmp_path / "song.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))  # MP4 container magic
+    (tmp_path / "noext.bin").write_bytes(b"\x00\x00\x00\x20ftypisom" + bytes(200))
+    write(tmp_path / "zero.wav", np.zeros(0, np.float32), SAMPLE_RATE)
+    write(tmp_path / "hush.wav", np.full(1600, SILENCE_PEAK / 2, np.float32), SAMPLE_RATE, subtype="FLOAT")
+    write(tmp_path / "quiet.wav", np.full(1600, SILENCE_PEAK * 2, np.float32), SAMPLE_RATE, subtype="FLOAT")
+    write(tmp_path / "long.wav", sine(SAMPLE_RATE, 3 * SAMPLE_RATE), SAMPLE_RATE)
+    cases = {"missing.wav": "missing", "empty.wav": "empty", "random.wav": "corrupt", "song.m4a": "unsupported",
+             "noext.bin": "unsupported", "zero.wav": "zero_length"}
+    for name, reason in cases.items():
+        err = reason_of(load_audio, name, root, where=("data/train_asr.tsv", 7))
+        assert err.reason == reason, (name, str(err))
+        assert str(err).startswith("data/train_asr.tsv:7: audio ") and os.path.join(root, name) in str(err)
+        assert (err.file, err.row) == ("data/train_asr.tsv", 7)
+    assert len(load_audio("quiet.wav", root)) == 1600  # just above the silence threshold
+    # silence is valid audio ("Is anyone speaking?"): returned, with a warning naming file and row
+    with caplog.at_level(logging.WARNING):
+        assert len(load_audio("hush.wav", root, where=("data/train_asr.tsv", 7))) == 1600
+    assert "data/train_asr.tsv:7: audio" in caplog.text and "hush.wav is silent" in caplog.text
+    err = reason_of(load_audio, "long.wav", root, max_seconds=2.5)
+    assert err.reason == "too_long" and "3.00 s" in str(err) and "2.5 s" in str(err)
+    assert reason_of(audio_num_frames, "long.wav", root, max_seconds=2.5).reason == "too_long"
+    assert len(load_audio("long.wav", root, max_seconds=3.0)) == 3 * SAMPLE_RATE
+    err = reason_of(load_audio, "missing.wav", root)  # no manifest location: the message starts with the audio
+    assert str(err).startswith("audio " + os.path.join(root, "missing.wav"))
+
+
+def test_truncated_files_are_corrupt(tmp_path):
+    root = str(tmp_path)
+    data = open(write(tmp_path / "full.wav", sine(SAMPLE_RATE, 8000), SAMPLE_RATE, subtype="PCM_16"), "rb").read()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])  # header still promises 8000 samples
+    for fn in (load_audio, audio_num_frames):
+        err = reason_of(fn, "cut.wav", root)
+        assert err.reason == "corrupt" and "truncated" in str(err) and "16000 bytes" in str(err)
+    (tmp_path / "head.wav").write_bytes(data[:30])
+    assert reason_of(load_audio, "head.wav", root).reason == "corrupt"
+    # a streamed WAV (data size 0xFFFFFFFF placeholder) is not truncated
+    streamed = data[:40] + struct.pack("<I", 0xFFFFFFFF) + data[44:]
+    (tmp_path / "stream.wav").write_bytes(streamed)
+    assert len(load_audio("stream.wav", root)) == 8000 == audio_num_frames("stream.wav", root)
+    flac = open(write(tmp_path / "f.flac", sine(SAMPLE_RATE, 16000), SAMPLE_RATE), "rb").read()
+    (tmp_path / "cut.flac").write_bytes(flac[: len(flac) // 2])
+    assert reason_of(load_audio, "cut.flac", root).reason == "corrupt"  # found when decoding
+
+
+# ------------------------------------------------------------------------------------------ log-mel
+def _clip(n, seed=0):
+    """A tone over faint noise: more than 80 dB of range, so Whisper's (max - 8) floor is active."""
+    rng = np.random.default_rng(seed)
+    return (sine(SAMPLE_RATE, n, freq=330.0, amp=0.3) + 1e-5 * rng.standard_normal(n)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=80)
+
+
+def test_log_mel_matches_whisper_feature_extractor(extractor):
+    n = 20800  # 1.3 s: 130 valid frames
+    x = _clip(n)
+    out = extractor(x, sampling_rate=SAMPLE_RATE, return_tensors="np", return_attention_mask=True)
+    ref = out["input_features"][0]  # (80, 3000), 30 s pad
+    mel, frames = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]))
+    assert mel.shape == (1, 80, 130) and frames.tolist() == [130] == [int(out["attention_mask"].sum())]
+    assert abs(float(mel.max() - mel.min()) - 2.0) < 1e-5  # the (max - 8) floor is exercised
+    np.testing.assert_allclose(mel[0].numpy(), ref[:, :130], atol=1e-5)  # measured max diff: 0.0
+    window, _ = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]), window_frames=3000)
+    assert window.shape == (1, 80, 3000)
+    np.testing.assert_allclose(window[0].numpy(), ref, atol=1e-5)  # padding frames too
+
+
+@pytest.mark.parametrize("n", [480000, 480160, 600001, 960000])
+def test_log_mel_windows_are_the_extractor_on_each_30s_chunk(extractor, n):
+    """A clip over 30 s, as the reference feeds it (speechllm_dataset.py process_audio_source: 30 s
+    chunks, each through the feature extractor alone): every window has its own peak and reflect
+    padding at its own edges; the valid frames are the masks' sum, ceil(n / 160)."""
+    x = _clip(n, seed=3) * np.linspace(0.2, 1.0, n, dtype=np.float32)  # louder later: per-window peaks differ
+    chunks = [x[i: i + 480000] for i in range(0, n, 480000)]
+    outs = [extractor(c, sampling_rate=SAMPLE_RATE, return_tensors="np", return_attention_mask=True) for c in chunks]
+    ref = np.concatenate([o["input_features"][0] for o in outs], axis=1)
+    mel, frames = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]), window_frames=3000)
+    assert mel.shape == (1, 80, 3000 * len(chunks))
+    assert int(frames[0]) == sum(int(o["attention_mask"].sum()) for o in outs) == -(-n // 160)
+    np.testing.assert_allclose(mel[0].numpy(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [999, 12345, 16000, 16159])
+def test_log_mel_frame_count(extractor, n):
+    # ceil(T / hop) frames, the extractor's attention mask when it pads to 30 s (the reference's length)
+    x = _clip(n)
+    out = extractor(x, sampling_rate=SAMPLE_RATE, return_tensors="np", return_attention_mask=True)
+    mel, frames = whisper_log_mel(torch.from_numpy(x)[None], torch.tensor([n]))
+    assert mel.shape[-1] == int(out["attention_mask"].sum()) == -(-n // 160) == int(frames[0])
+    np.testing.assert_allclose(mel[0].numpy(), out["input_features"][0, :, : mel.shape[-1]], atol=1e-5)
+
+
+def test_log_mel_batch_invariance():
+    # 4810 samples: 30 frames, the last window reaches 30 samples past the end of the clip
+    a, b = _clip(4810, seed=1), _clip(24000, seed=2) * 3.0  # b is louder: its max must not leak into a
+    batch = torch.zeros(2, 24000)
+    batch[0, :4810] = torch.from_numpy(a)
+    batch[1] = torch.from_numpy(b)
+    batch_dirty = batch.clone()
+    batch_dirty[0, 4810:] = 0.9  # garbage past the length is ignored
+    lengths = torch.tensor([4810, 24000])
+    alone, _ = whisper_log_mel(torch.from_numpy(a)[None], torch.tensor([4810]))
+    assert alone.shape == (1, 80, 31)
+    for wav in (batch, batch_dirty):
+        mel, frames = whisper_log_mel(wav, lengths)
+        assert mel.shape == (2, 80, 150) and frames.tolist() == [31, 150]
+        torch.testing.assert_close(mel[0, :, :31], alone[0], atol=1e-5, rtol=0)
+        windowed, _ = whisper_log_mel(wav, lengths, window_frames=100)
+        alone_w, _ = whisper_log_mel(torch.from_numpy(a)[None], torch.tensor([4810]), window_frames=100)
+        torch.testing.assert_close(windowed[0, :, :100], alone_w[0], atol=1e-5, rtol=0)
+    # per-utterance floor at the utterance's own max - 8 (2.0 after the / 4), and it is reached
+    mel, _ = whisper_log_mel(batch, lengths)
+    assert abs(float(mel[0, :, :30].max() - mel[0, :, :30].min()) - 2.0) < 1e-5
+    assert float(mel[1].max() - mel[0, :, :30].max()) > 0.1

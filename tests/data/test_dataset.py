@@ -1,0 +1,178 @@
+"""Dataset, collater and task on a tiny corpus: batch layout, answer-only mask, speech + text-only rows."""
+import os
+
+import pytest
+import torch
+
+from helpers import make_corpus
+from wavllm_fairseq.criterions.cross_entropy import WavLLMCrossEntropy
+from wavllm_fairseq.data.dataset import TEXT_TOKEN_COST, InstructionDataset, collate
+from wavllm_fairseq.errors import AudioError, ManifestError
+from wavllm_fairseq.data.manifest import read_manifest
+from wavllm_fairseq.models.wavllm import WavLLMModel, expected_speech_frames
+from wavllm_fairseq.tasks.instruction import WavLLMInstructionConfig, WavLLMInstructionTask
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.fixture(scope="module")
+def task(corpus):
+    return WavLLMInstructionTask.setup_task(WavLLMInstructionConfig(data=os.path.dirname(corpus["train_asr"]),
+                                                                   tokenizer_dir=corpus["tok"]))
+
+
+def mixed_batch(task):
+    asr = task.load_corpus("train_asr", shuffle=False)
+    it = task.load_corpus("train_it", shuffle=False)
+    return collate([asr[0], it[1], asr[2]], task.tokenizer.pad_id), asr, it
+
+
+def test_batch_layout_with_speech_and_text_only_rows(task):
+    batch, asr, it = mixed_batch(task)
+    tok = task.tokenizer
+    net = batch["net_input"]
+    assert net["audio"].shape[0] == 3 and net["audio"].dtype == torch.float32
+    assert net["audio_lengths"][1] == 0 and bool((net["audio"][1] == 0).all())
+    assert net["audio_lengths"][0] == asr.rows[0].n_frames
+    for b, (row, ds) in enumerate([(asr.rows[0], asr), (it.rows[1], it), (asr.rows[2], asr)]):
+        post = net["post_tokens"][b, : net["post_lengths"][b]].tolist()
+        mask = net["post_target_mask"][b, : net["post_lengths"][b]].tolist()
+        # only the answer and its </s> are loss positions
+        assert [t for t, m in zip(post, mask) if m] == tok.encode(row.tgt_text) + [tok.eos_id]
+        assert not net["post_target_mask"][b, net["post_lengths"][b]:].any()  # padding never counts
+        gen = int(net["prompt_post_lengths"][b])
+        assert not any(mask[:gen]) and all(mask[gen:])
+        tgt = batch["target"][b, : batch["target_lengths"][b]].tolist()
+        assert tgt == post[gen:] and tgt[-1] == tok.eos_id
+        pre = tok.decode(net["pre_tokens"][b, : net["pre_lengths"][b]])
+        assert pre.endswith("<SPEECH>")  # the reference's strings on every row; text rows have no speech
+        ins = net["instruction_tokens"][b, : net["instruction_lengths"][b]].tolist()
+        assert ins == tok.encode('"' + row.prompt + '"')  # the reference's prompt-adapter input, no <s>
+        legacy = net["legacy_instruction_tokens"][b, : net["legacy_instruction_lengths"][b]].tolist()
+        assert legacy == [tok.bos_id] + tok.encode(row.prompt)
+    assert batch["ntokens"] == int(net["post_target_mask"].sum())
+    assert batch["task_names"] == ["asr", "it", "asr"]
+    # duration cost: audio samples, or 1280 samples per token on text-only rows
+    assert it.num_tokens(1) == TEXT_TOKEN_COST * (len(it.encoded[1][0].pre) + len(it.encoded[1][0].post))
+
+
+def test_model_and_criterion_on_a_real_batch(task):
+    batch, _, _ = mixed_batch(task)
+    torch.manual_seed(0)
+    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=len(task.target_dictionary))
+    loss, sample_size, log = WavLLMCrossEntropy(task)(model, batch)
+    assert torch.isfinite(loss) and sample_size == batch["ntokens"] == log["ntokens"]
+    assert set(k for k in log if k.startswith("task_ntok:")) == {"task_ntok:asr", "task_ntok:it"}
+    assert log["task_ntok:asr"] + log["task_ntok:it"] == batch["ntokens"]
+    # per-task losses add up to the total nll
+    assert abs(log["task_loss:asr"] + log["task_loss:it"] - log["nll_loss"]) < 1e-3
+
+
+@pytest.mark.parametrize("n", [400, 1600, 3199, 16000, 16001, 48000, 160000])
+def test_expected_speech_frames_matches_the_model(n):
+    torch.manual_seed(0)
+    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=64)
+    assert expected_speech_frames(n) == int(model.speech_frames(torch.tensor([n]))[0])
+    assert expected_speech_frames(n, use_wavlm=False) >= expected_speech_frames(n)
+
+
+def test_too_long_row_is_an_error_naming_file_and_row_or_a_counted_skip(corpus, task):
+    path = corpus["train_asr"]
+    rows, _ = read_manifest(path)
+    with pytest.raises(ManifestError, match=r"train_asr.tsv:2: id=tr0: .* context is 60"):
+        InstructionDataset(rows, path, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames,
+                           max_positions=60)
+    ds = InstructionDataset(rows, path, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames,
+                            max_positions=60, skip_bad=True)
+    assert len(ds) == 0 and ds.skipped == {"too_long_text": len(rows)}
+
+
+def test_unreadable_audio_at_load_time_names_the_file_or_is_skipped(corpus, task, tmp_path):
+    root = os.path.dirname(corpus["train_asr"])
+    rows, _ = read_manifest(corpus["train_asr"])
+    bad = os.path.join(root, "broken_at_runtime.tsv")
+    lines = open(corpus["train_asr"]).read().splitlines()
+    with open(bad, "w") as f:
+        f.write("\n".join(lines[:3]) + "\n")
+    rows, _ = read_manifest(bad)
+    os.rename(os.path.join(root, "wav/tr1.wav"), os.path.join(root, "wav/tr1.moved"))
+    try:
+        ds = InstructionDataset(rows, bad, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames)
+        with pytest.raises(AudioError, match="broken_at_runtime.tsv:3"):
+            ds[1]
+        ds = InstructionDataset(rows, bad, task.tokenizer, corpus="asr", speech_frames=expected_speech_frames,
+                                skip_bad=True)
+        batch = collate([ds[0], ds[1]], task.tokenizer.pad_id)
+        assert batch["nsentences"] == 1 and sum(ds.skipped.values()) == 1
+    finally:
+        os.rename(os.path.join(root, "wav/tr1.moved"), os.path.join(root, "wav/tr1.wav"))
+
+
+def _write(path, wav):
+    import soundfile as sf
+
+    sf.write(path, wav, 16000, subtype="PCM_16")
+    return path
+
+
+def test_audiobench_style_manifest_decodes_every_row(tmp_path, task, caplog):
+    """The shape AudioBench's WavLLM adapter writes (AudioLLMs/AudioBench src/model_src/wavllm_fairseq.py):
+    header ``id audio n_frames prompt tgt_text with_speech``, absolute audio paths, n_frames 0 on every
+    row, a placeholder target, a first "cold start" row, prompts with newlines replaced by spaces. Clips
+    up to 100 s (it truncates longer ones); here also a silent clip and a spoken question (empty prompt).
+    Every row must load, batch and decode: none rejected for its length, n_frames or silence."""
+    import logging
+
+    import numpy as np
+
+    from helpers import tone
+    from wavllm_fairseq.decoding.generator import WavLLMGenerator
+
+    long = np.concatenate([tone(1.0, 220 + 20 * k, k) for k in range(41)])  # 41 s: two 30 s windows
+    clips = [_write(str(tmp_path / "cold.wav"), tone(0.5, 300, 0)),
+             _write(str(tmp_path / "a1.wav"), tone(1.2, 250, 1)),
+             _write(str(tmp_path / "a2.wav"), long),
+             _write(str(tmp_path / "a3.wav"), np.zeros(16000, np.float32)),
+             _write(str(tmp_path / "a4.wav"), tone(0.8, 400, 2))]
+    instruction = "Listen to the clip.\nWhat is said?".replace("\n", " ").strip()
+    prompts = ["Please transcribe.", instruction, instruction, "Is anyone speaking?", ""]
+    answers = ["Placehoder."] + ["==== No reference Answer ===="] * 4
+    path = tmp_path / "wavllm_test.tsv"
+    with open(path, "w") as f:
+        f.write("id\taudio\tn_frames\tprompt\ttgt_text\twith_speech\n")
+        for i, (c, p, a) in enumerate(zip(clips, prompts, answers)):
+            f.write(f"{i}\t{c}\t0\t{p}\t{a}\tTrue\n")
+    with caplog.at_level(logging.WARNING):
+        ds = task.load_corpus(str(path), shuffle=False)
+    assert len(ds) == 5 and ds.rows[2].n_frames == len(long)  # n_frames 0: the true length is read
+    assert "n_frames is 0" in caplog.text
+    torch.manual_seed(0)
+    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=len(task.target_dictionary)).eval()
+    gen = WavLLMGenerator([model], task.target_dictionary, beam_size=1, max_len_b=3)
+    with caplog.at_level(logging.WARNING):
+        batch = collate([ds[i] for i in range(len(ds))], task.tokenizer.pad_id)
+    assert "is silent" in caplog.text and "a3.wav" in caplog.text
+    assert batch["nsentences"] == 5 and int(batch["net_input"]["audio_lengths"][2]) == len(long)
+    hyps = gen.generate([model], batch)
+    assert len(hyps) == 5 and all(len(h) >= 1 for h in hyps)
+
+
+def test_a_row_over_the_llm_context_is_refused_naming_row_and_numbers(tmp_path, task):
+    import numpy as np
+
+    from helpers import tone
+
+    wav = _write(str(tmp_path / "long.wav"), np.concatenate([tone(1.0, 200, k) for k in range(12)]))
+    path = tmp_path / "ctx.tsv"
+    with open(path, "w") as f:
+        f.write("id\taudio\tn_frames\tprompt\ttgt_text\twith_speech\nrow7\t" + wav + "\t0\tWhat?\tx\tTrue\n")
+    rows, _ = read_manifest(str(path), check_audio=True)
+    ds = InstructionDataset(rows, str(path), task.tokenizer, corpus="c", speech_frames=expected_speech_frames,
+                            max_positions=400)  # 12 s: 150 speech
+    assert len(ds) == 1
+    with pytest.raises(ManifestError, match=r"ctx.tsv:2: id=row7: .*need \d+ positions \(speech 150.*context is 100"):
+        InstructionDataset(rows, str(path), task.tokenizer, corpus="c", speech_frames=expected_speech_frames,
+                           max_positions=100)

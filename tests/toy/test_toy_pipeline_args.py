@@ -1,0 +1,124 @@
+"""The toy pipeline's command line: what reaches which step (no training: the steps are stubbed)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_train_seed_and_overrides_reach_both_training_stages_only(tmp_path, monkeypatch):
+    from wavllm_fairseq.toy import corpus, pipeline, stage0
+
+    seen = {}
+    monkeypatch.setattr(corpus, "main", lambda argv: seen.setdefault("corpus", argv) and 0)
+    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed: seen.setdefault("stage0_seed", seed) and {})
+
+    class Stop(Exception):
+        pass
+
+    def train_stage(stage, corpus, recipe, out, updates, init, extra, echo=True, warmup=None):
+        seen[f"stage{stage}"] = extra
+        seen[f"stage{stage}_budget"] = (updates, warmup)
+        if stage == 2:
+            raise Stop  # decoding and scoring need real checkpoints; the overrides are what is checked
+        return "ckpt1"
+
+    monkeypatch.setattr(pipeline, "train_stage", train_stage)
+    with pytest.raises(Stop):
+        pipeline.main(["--work", str(tmp_path), "--seed", "1", "--train-seed", "2",
+                       "--override", "task.prompt_augment=true", "--override", "optimization.lr=[1e-4]"])
+    assert seen["corpus"][seen["corpus"].index("--seed") + 1] == "1" and seen["stage0_seed"] == 1
+    for stage in (1, 2):
+        assert seen[f"stage{stage}"] == ["common.seed=2", "task.prompt_augment=true", "optimization.lr=[1e-4]"]
+        assert seen[f"stage{stage}_budget"] == (None, None)  # the toy configs' own updates and warm-up
+
+
+def test_stage_updates_set_that_stage_and_a_tenth_of_it_as_warm_up(tmp_path, monkeypatch):
+    from wavllm_fairseq.toy import corpus, pipeline, stage0
+
+    monkeypatch.setattr(corpus, "main", lambda argv: 0)
+    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed: {})
+    calls, cmds = {}, []
+
+    class Stop(Exception):
+        pass
+
+    def train_stage(stage, corpus, recipe, out, updates, init, extra, echo=True, warmup=None):
+        calls[stage] = (updates, warmup)
+        if stage == 2:
+            raise Stop
+        return "ckpt1"
+
+    real_train_stage = pipeline.train_stage
+    monkeypatch.setattr(pipeline, "train_stage", train_stage)
+    with pytest.raises(Stop):
+        pipeline.main(["--work", str(tmp_path), "--stage2-updates", "1000"])
+    assert calls == {1: (None, None), 2: (1000, 100)}
+    with pytest.raises(Stop):
+        pipeline.main(["--work", str(tmp_path), "--size", "small", "--stage1-updates", "5"])
+    assert calls == {1: (5, 1), 2: (pipeline.SIZES["small"]["stage2_updates"], None)}
+    # the numbers reach fairseq-hydra-train's command line, before the user's overrides (which win)
+    monkeypatch.setattr(pipeline, "run", lambda cmd, log_path, env=None, echo=True: cmds.append(cmd))
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "checkpoint_last.pt").write_bytes(b"")
+    recipe = pipeline.Recipe("toy", {k: f"B/{k}" for k in ("whisper", "wavlm", "llama")})
+    real_train_stage(2, "C", recipe, str(tmp_path / "s2"), 1000, "init.pt", ["lr_scheduler.warmup_updates=7"],
+                     warmup=100)
+    cmd = cmds[-1]
+    assert cmd[0] == "fairseq-hydra-train" and "optimization.max_update=1000" in cmd
+    assert cmd.index("lr_scheduler.warmup_updates=100") < cmd.index("lr_scheduler.warmup_updates=7")
+    real_train_stage(1, "C", recipe, str(tmp_path / "s2"), None, None, [])
+    assert not any(c.startswith(("optimization.max_update=", "lr_scheduler.warmup_updates=")) for c in cmds[-1])
+
+
+def test_a_non_positive_stage_budget_is_refused(tmp_path):
+    from wavllm_fairseq.toy import pipeline
+
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--work", str(tmp_path / "w"), "--stage2-updates", "0"])
+    assert e.value.code == 2 and not (tmp_path / "w").exists()
+
+
+def test_a_malformed_override_is_refused_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "wavllm_fairseq.toy.pipeline", "--work", str(tmp_path / "w"),
+                          "--override", "task.prompt_augment"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "KEY=VALUE" in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, monkeypatch):
+    from wavllm_fairseq.tools import small_backbones
+    from wavllm_fairseq.toy import corpus, pipeline, stage0
+
+    monkeypatch.setattr(corpus, "main", lambda argv: 0)
+    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed: {})
+    monkeypatch.setattr(small_backbones, "ensure_packages", lambda *a, **k: None)
+    prepared = (str(tmp_path / "real" / "whisper-tiny.en"), str(tmp_path / "real" / "smollm2"))
+    monkeypatch.setattr(small_backbones, "prepare", lambda out: prepared)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def train_stage(stage, corpus, recipe, out, updates, init, extra, echo=True, warmup=None):
+        seen["recipe"] = recipe
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "train_stage", train_stage)
+    with pytest.raises(Stop):
+        pipeline.main(["--work", str(tmp_path), "--recipe", "small_real"])
+    recipe = seen["recipe"]
+    assert os.path.basename(recipe.config_dir) == "small_real" and recipe.config_name(1) == "small_real_stage1"
+    assert os.path.isfile(os.path.join(recipe.config_dir, recipe.config_name(2) + ".yaml"))
+    assert recipe.backbones == {"whisper": prepared[0], "llama": prepared[1],
+                                "wavlm": os.path.join(str(tmp_path), "backbones", "wavlm")}
+    assert recipe.decode_args == ["--chat-template", "tokenizer"]  # SmolLM2 was trained with its own template
+
+
+def test_decode_stages_are_checked():
+    from wavllm_fairseq.toy import pipeline
+
+    with pytest.raises(SystemExit):
+        pipeline.main(["--decode-stages", "3"])

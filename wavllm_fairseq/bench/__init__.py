@@ -1,0 +1,1 @@
+"""Benchmarks (decoding, memory, serving) and the GPU check."""

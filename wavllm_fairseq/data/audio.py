@@ -1,0 +1,291 @@
+"""Audio input: read manifest audio cells as 16 kHz mono float32, and Whisper's log-mel features.
+
+Audio cells are paths (absolute, or relative to the manifest's folder) or fairseq's
+``file.zip:offset:length`` (byte offset and length of an uncompressed member). Anything soundfile
+(libsndfile) decodes is accepted -- wav, flac, ogg/vorbis/opus, mp3, aiff, ... -- at any sample rate and
+channel count: channels are averaged, then ``scipy.signal.resample_poly`` converts to 16 kHz.
+
+Problems raise :class:`~wavllm_fairseq.errors.AudioError` whose ``reason`` is one of
+``missing, empty, corrupt, unsupported, zero_length, too_long``. Rules:
+
+* ``empty``: the file (or zip slice) has 0 bytes. ``zero_length``: it decodes but holds 0 samples.
+* ``unsupported`` vs ``corrupt``: when libsndfile cannot open the data, the first bytes (or, failing
+  that, the file extension) are compared with formats libsndfile has no decoder for (MP4/M4A/AAC,
+  WebM/Matroska, WMA, AMR, numpy ``.npy`` features, zip archives given without ``:offset:length``):
+  a match is ``unsupported``, anything else -- random bytes, a header cut short, a decoder error in
+  the middle of the stream -- is ``corrupt``.
+* A truncated WAV/AIFF (the header promises more data than the file holds) is ``corrupt``: loading
+  only what is there would pair half an utterance with its full transcript. WAVs streamed with a
+  placeholder size (0 or 0xFFFFFFFF) are accepted.
+* ``too_long``: only when the caller sets ``max_seconds`` (by default nothing is too long: the
+  Whisper branch runs 30 s windows, as the reference does).
+* Silence is valid audio ("Is anyone speaking?"): a clip whose 16 kHz peak |x| is below
+  :data:`SILENCE_PEAK` is returned, with a warning naming it.
+"""
+import functools
+import io
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import soundfile as sf
+import torch
+from scipy.signal import resample_poly
+from transformers.audio_utils import mel_filter_bank
+
+from ..errors import AudioError
+
+logger = logging.getLogger(__name__)
+SAMPLE_RATE = 16000
+SILENCE_PEAK = 1e-4  # a clip whose 16 kHz peak |x| is below this is silent (a warning, not an error)
+
+_ZIP_SPEC = re.compile(r"^(?P<path>.+\.zip):(?P<offset>\d+):(?P<length>\d+)$", re.IGNORECASE)
+# first bytes of formats libsndfile cannot decode -> (offset of the magic, magic, name)
+_UNSUPPORTED_MAGIC = (
+    (4, b"ftyp", "MP4/M4A/AAC"),
+    (0, b"\x1a\x45\xdf\xa3", "WebM/Matroska"),
+    (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "WMA/ASF"),
+    (0, b"#!AMR", "AMR"),
+    (0, b"\x93NUMPY", "numpy .npy (features, not a waveform)"),
+    (0, b"PK\x03\x04", "zip archive (use file.zip:offset:length for a member)"),
+)
+_UNSUPPORTED_EXT = {".m4a", ".mp4", ".aac", ".webm", ".mkv", ".wma", ".amr", ".npy", ".zip"}
+# "data : 32000 (should be 15978)" in libsndfile's header log = the data chunk is cut short
+_SHORT_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_STREAMING_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFFF - 8}
+_INEXACT_LENGTH = {"MP3"}  # formats whose header frame count can be an estimate: decode to count
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """A resolved audio cell: a file path, plus the byte slice for ``file.zip:offset:length``."""
+
+    path: str
+    offset: Optional[int] = None
+    length: Optional[int] = None
+
+    def __str__(self) -> str:
+        return self.path if self.offset is None else f"{self.path}:{self.offset}:{self.length}"
+
+
+def parse_audio_spec(spec: str, root: str = "") -> AudioSpec:
+    """Resolve an audio cell against ``root`` (the manifest's folder): plain path or ``file.zip:offset:length``."""
+    spec = spec.strip()
+    if spec in ("", "-"):
+        raise AudioError("no audio given (the audio cell is empty or '-')", reason="missing")
+    m = _ZIP_SPEC.match(spec)
+    path, offset, length = (m["path"], int(m["offset"]), int(m["length"])) if m else (spec, None, None)
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path):
+        path = os.path.join(root, path)
+    return AudioSpec(os.path.normpath(path), offset, length)
+
+
+def _fail(spec: AudioSpec, problem: str, reason: str, where) -> AudioError:
+    file, row = where if where is not None else (None, None)
+    return AudioError(f"audio {spec}: {problem}", file=file, row=row, reason=reason)
+
+
+def _read_source(spec: AudioSpec, where):
+    """Check existence/size and return what soundfile should open (a path or a BytesIO) + the first bytes."""
+    if not os.path.isfile(spec.path):
+        what = "is a directory" if os.path.isdir(spec.path) else "not found"
+        raise _fail(spec, f"file {what}; paths are absolute or relative to the manifest's folder", "missing", where)
+    size = os.path.getsize(spec.path)
+    if spec.offset is None:
+        if size == 0:
+            raise _fail(spec, "file is empty (0 bytes)", "empty", where)
+        with open(spec.path, "rb") as f:
+            return spec.path, f.read(16)
+    if spec.length == 0:
+        raise _fail(spec, "zip slice is empty (length 0)", "empty", where)
+    if spec.offset + spec.length > size:
+        raise _fail(spec, f"zip slice ends at byte {spec.offset + spec.length} but the file has {size} bytes; "
+                          "the offset:length is wrong or the zip is truncated", "corrupt", where)
+    with open(spec.path, "rb") as f:
+        f.seek(spec.offset)
+        data = f.read(spec.length)
+    return io.BytesIO(data), data[:16]
+
+
+def _classify_open_error(spec: AudioSpec, head: bytes, err: Exception, where) -> AudioError:
+    for off, magic, name in _UNSUPPORTED_MAGIC:
+        if head[off: off + len(magic)] == magic:
+            return _fail(spec, f"{name} data cannot be decoded (supported: {_supported()}); convert it to wav/flac",
+                         "unsupported", where)
+    ext = os.path.splitext(spec.path)[1].lower() if spec.offset is None else ""
+    if ext in _UNSUPPORTED_EXT:
+        return _fail(spec, f"'{ext}' files cannot be decoded (supported: {_supported()}); convert it to wav/flac",
+                     "unsupported", where)
+    detail = re.sub(r"^Error opening .*?: ", "", str(err))
+    return _fail(spec, f"cannot be decoded ({detail}); the file is damaged or not audio", "corrupt", where)
+
+
+@functools.lru_cache(maxsize=1)
+def _supported() -> str:
+    return ", ".join(sorted(k.lower() for k in ("WAV", "FLAC", "OGG", "MP3", "AIFF") if k in sf.available_formats()))
+
+
+def _check_header(spec: AudioSpec, f: sf.SoundFile, where) -> None:
+    for declared, actual in _SHORT_CHUNK.findall(f.extra_info):
+        if int(declared) > int(actual) and int(declared) not in _STREAMING_SIZES:
+            raise _fail(spec, f"truncated: the header declares {declared} bytes of audio data but the file holds "
+                              f"{actual}; re-export or remove the file", "corrupt", where)
+    if f.samplerate <= 0 or f.channels <= 0:
+        raise _fail(spec, f"invalid header (sample rate {f.samplerate}, channels {f.channels})", "corrupt", where)
+    if f.frames == 0:
+        raise _fail(spec, "holds 0 samples", "zero_length", where)
+
+
+def _ratio(sr: int) -> Tuple[int, int]:
+    g = math.gcd(SAMPLE_RATE, sr)
+    return SAMPLE_RATE // g, sr // g
+
+
+def num_frames_16k(n: int, sr: int) -> int:
+    """Length after ``resample_poly`` from ``sr`` to 16 kHz: ceil(n * up / down) with gcd-reduced up/down."""
+    up, down = _ratio(sr)
+    return -(-n * up // down)
+
+
+def resample_to_16k(wav: np.ndarray, sr: int) -> np.ndarray:
+    """Mix a (T,) or (T, C) waveform at ``sr`` Hz down to mono (channel mean) and resample it to 16 kHz, float32."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim == 2:
+        wav = wav.mean(axis=1)  # (T, C) -> (T,)
+    if wav.ndim != 1:
+        raise ValueError(f"audio array must be (T,) or (T, channels), got shape {wav.shape}")
+    if sr != SAMPLE_RATE and len(wav):
+        up, down = _ratio(int(sr))
+        wav = resample_poly(wav, up, down)
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _too_long(spec, n16: int, max_seconds, where) -> None:
+    if max_seconds is not None and n16 > max_seconds * SAMPLE_RATE:
+        raise _fail(spec, f"is {n16 / SAMPLE_RATE:.2f} s long, over the maximum of {max_seconds:g} s "
+                          "(task.max_audio_seconds); trim it or raise the limit", "too_long", where)
+
+
+def _open(spec: str, root: str, where) -> Tuple[AudioSpec, sf.SoundFile]:
+    """Resolve, check and open an audio cell; the header is validated (truncation, 0 samples)."""
+    s = parse_audio_spec(spec, root)
+    src, head = _read_source(s, where)
+    try:
+        f = sf.SoundFile(src)
+    except (sf.SoundFileError, RuntimeError) as e:
+        raise _classify_open_error(s, head, e, where) from None
+    try:
+        _check_header(s, f, where)
+    except AudioError:
+        f.close()
+        raise
+    return s, f
+
+
+def audio_num_frames(spec: str, root: str = "", *, max_seconds: Optional[float] = None,
+                     where: Optional[Tuple[str, int]] = None) -> int:
+    """Number of 16 kHz samples ``load_audio`` returns, from the header only (no decoding).
+
+    Raises AudioError for missing/empty/unsupported/corrupt-header/zero-length/too-long audio; damage
+    in the middle of a compressed stream and silence are only found by ``load_audio``. MP3 headers
+    can carry an estimated length, so MP3s are decoded to count.
+    """
+    s, f = _open(spec, root, where)
+    with f:
+        n16, inexact = num_frames_16k(f.frames, f.samplerate), f.format in _INEXACT_LENGTH
+    _too_long(s, n16, max_seconds, where)
+    if inexact:
+        return len(load_audio(spec, root, max_seconds=max_seconds, where=where))
+    return n16
+
+
+def load_audio(spec: str, root: str = "", *, max_seconds: Optional[float] = None,
+               where: Optional[Tuple[str, int]] = None) -> np.ndarray:
+    """Decode an audio cell to a 16 kHz mono float32 array (T,), or raise AudioError (see module doc).
+
+    ``root`` is the folder relative paths start from (the manifest's folder); ``where=(manifest_file,
+    line)`` puts that location in front of the error message.
+    """
+    s, f = _open(spec, root, where)
+    with f:
+        sr, declared, exact = f.samplerate, f.frames, f.format not in _INEXACT_LENGTH
+        _too_long(s, num_frames_16k(declared, sr), max_seconds, where)
+        try:
+            wav = f.read(dtype="float32", always_2d=True)  # (T, C)
+        except (sf.SoundFileError, RuntimeError) as e:
+            raise _fail(s, f"decoding failed after the header ({e}); the file is damaged", "corrupt", where) from None
+    if len(wav) != declared and exact:
+        raise _fail(s, f"the header declares {declared} samples but {len(wav)} decode; the file is damaged",
+                    "corrupt", where)
+    if len(wav) == 0:
+        raise _fail(s, "holds 0 samples", "zero_length", where)
+    if not np.isfinite(wav).all():
+        raise _fail(s, "contains NaN or infinite samples", "corrupt", where)
+    wav = resample_to_16k(wav, sr)  # (T, C) -> (T16,)
+    _too_long(s, len(wav), max_seconds, where)
+    peak = float(np.abs(wav).max())
+    if peak < SILENCE_PEAK:
+        loc = f"{where[0]}:{where[1]}: " if where is not None else ""
+        logger.warning(f"{loc}audio {s} is silent (peak |x| = {peak:.1e} < {SILENCE_PEAK:g}); decoding it as it is")
+    return wav
+
+
+# ------------------------------------------------------------------------------------------------
+# Whisper log-mel
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _mel_filters(n_mels: int, n_fft: int) -> np.ndarray:
+    return mel_filter_bank(num_frequency_bins=1 + n_fft // 2, num_mel_filters=n_mels, min_frequency=0.0,
+                           max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney",
+                           mel_scale="slaney").astype(np.float32)  # (n_fft/2+1, n_mels)
+
+
+def whisper_log_mel(wav, lengths, n_mels: int = 80, n_fft: int = 400, hop: int = 160,
+                    window_frames: Optional[int] = None):
+    """Whisper's log-mel spectrogram for a right-padded batch, as ``WhisperFeatureExtractor`` makes it.
+
+    ``wav`` (B, T) float, ``lengths`` (B,) long. Returns ``mel`` (B, n_mels, F) and the valid frame
+    counts ``ceil(lengths / hop)`` (B,): the extractor's attention mask (one entry per ``hop`` samples of
+    the clip, as the reference reads it). Each frame: periodic hann window, centred STFT, power, slaney
+    mel filters, ``log10(max(x, 1e-10))``, floor at (peak - 8), ``(x + 4) / 4``. Samples at and beyond
+    ``lengths[b]`` are taken as zeros (the extractor zero-pads), so a clip's features do not depend on the
+    batch it is in.
+
+    * ``window_frames`` given (3000 = Whisper's 30 s): the clip is cut into consecutive windows of
+      ``window_frames * hop`` samples, zero-padded to whole windows, and each window is what the
+      extractor makes of that window alone -- as the reference feeds a clip over 30 s, one 30 s chunk
+      at a time: its own peak, reflect padding at both edges of the window (real audio at the edge of a
+      full window, zeros after a clip that ends inside it). ``F = n_windows * window_frames``.
+    * ``window_frames=None``: one span; the peak is the utterance's own, the left edge is reflect-padded
+      and the right edge sees zeros (what the extractor gives when it pads the clip to 30 s).
+      ``F = ceil(T / hop)``.
+    """
+    wav = wav.float()
+    B, T = wav.shape
+    lengths = lengths.to(device=wav.device, dtype=torch.long)
+    half = n_fft // 2
+    if window_frames:
+        W = window_frames * hop  # samples per window
+        n_win = max(1, -(-T // W))
+        keep = window_frames
+    else:
+        keep = max(1, -(-T // hop))
+        W, n_win = keep * hop + half, 1  # zeros past the end: the right reflect only sees zeros
+    wav = torch.nn.functional.pad(wav, (0, n_win * W - T)) if n_win * W > T else wav[:, : n_win * W]
+    valid = torch.arange(n_win * W, device=wav.device)[None, :] < lengths[:, None]  # (B, n*W)
+    x = torch.where(valid, wav, torch.zeros((), device=wav.device)).reshape(B * n_win, W)
+    window = torch.hann_window(n_fft, device=wav.device)
+    spec = torch.stft(x, n_fft, hop, window=window, center=True, pad_mode="reflect",
+                      return_complex=True)  # (B*n, n_fft/2+1, 1 + W // hop)
+    power = spec[..., :-1].abs() ** 2  # the extractor drops the last frame
+    filters = torch.from_numpy(_mel_filters(n_mels, n_fft)).to(wav.device)
+    log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()  # (B*n, n_mels, W // hop)
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # per window (per utterance without windows)
+    log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+    mel = log_spec[:, :, :keep].reshape(B, n_win, n_mels, keep).permute(0, 2, 1, 3).reshape(B, n_mels, n_win * keep)
+    return mel, torch.div(lengths + hop - 1, hop, rounding_mode="floor")

@@ -1,0 +1,208 @@
+"""``WavLLMConfig``: the model's options (``model.*`` in the yaml configs), and completing old saved configs.
+
+Free-string choices are fairseq ``ChoiceEnum`` fields, so Hydra rejects a typo when the config is
+composed; ``check_choices`` does the same for a config built in Python (``WavLLMConfig(...)``) or read
+back from a checkpoint. Sizes left ``None`` come from the named architecture (architectures.py).
+"""
+import contextlib
+import logging
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Dict, Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import DictConfig, open_dict
+
+from ..errors import WavLLMInputError
+
+logger = logging.getLogger(__name__)
+
+# the dtypes backbones, decoding and converters take, by name
+DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = tuple(DTYPES)
+
+CHOICES: Dict[str, tuple] = {
+    "backbone_dtype": DTYPE_NAMES,
+    "bottleneck_norm": ("post", "pre"),
+    "lora_a_init": ("reference", "fan_in_features"),
+    "lora_scale_layout": ("hf", "meta"),
+    "prompt_adapter_init": ("stage1_scale", "random"),
+    "prompt_adapter_input": ("reference", "bos_instruction"),
+}
+DTYPE_CHOICES = ChoiceEnum(CHOICES["backbone_dtype"])
+BOTTLENECK_NORM_CHOICES = ChoiceEnum(CHOICES["bottleneck_norm"])
+LORA_A_INIT_CHOICES = ChoiceEnum(CHOICES["lora_a_init"])
+LORA_SCALE_LAYOUT_CHOICES = ChoiceEnum(CHOICES["lora_scale_layout"])
+PROMPT_ADAPTER_INIT_CHOICES = ChoiceEnum(CHOICES["prompt_adapter_init"])
+PROMPT_ADAPTER_INPUT_CHOICES = ChoiceEnum(CHOICES["prompt_adapter_input"])
+
+
+@dataclass
+class WavLLMConfig(FairseqDataclass):
+    # ---- local backbone directories (Hugging Face format); empty = random init from the arch sizes
+    whisper_path: str = field(
+        default="",
+        metadata={"help": "local dir of a Whisper model (e.g. whisper-large-v2); its encoder is used"})
+    wavlm_path: str = field(default="", metadata={"help": "local dir of a WavLM model (e.g. wavlm-base)"})
+    llama_path: str = field(
+        default="",
+        metadata={"help": "local dir of a LLaMA causal LM (e.g. Llama-2-7b-chat-hf), also holding tokenizer.model"})
+    backbone_dtype: DTYPE_CHOICES = field(
+        default="float32",
+        metadata={"help": "dtype the frozen backbones are loaded in: float32, bfloat16 or float16"})
+    use_wavlm: bool = field(
+        default=True,
+        metadata={"help": "use the WavLM acoustic branch (False: Whisper only, through the 2048->D projection)"})
+    keep_reference_unused_projector: Optional[bool] = field(
+        default=None,
+        metadata={"help": "hold the reference's Linear(adapter_out -> D) that is unused when WavLM is on (checkpoint "
+                          "compatibility; counts in the paper's 76.6M)"})
+    # ---- sizes (None = taken from the named architecture; a loaded backbone's config wins for its own sizes)
+    whisper_d_model: Optional[int] = field(default=None, metadata={"help": "Whisper encoder width"})
+    whisper_layers: Optional[int] = field(default=None, metadata={"help": "Whisper encoder layers"})
+    whisper_heads: Optional[int] = field(default=None, metadata={"help": "Whisper encoder attention heads"})
+    whisper_ffn_dim: Optional[int] = field(default=None, metadata={"help": "Whisper encoder FFN width"})
+    whisper_num_mel_bins: Optional[int] = field(default=None, metadata={"help": "log-mel bins"})
+    whisper_max_source_positions: Optional[int] = field(
+        default=None,
+        metadata={"help": "Whisper window in 20 ms frames (1500 = 30 s)"})
+    wavlm_hidden: Optional[int] = field(default=None, metadata={"help": "WavLM width"})
+    wavlm_layers: Optional[int] = field(default=None, metadata={"help": "WavLM transformer layers"})
+    wavlm_heads: Optional[int] = field(default=None, metadata={"help": "WavLM attention heads"})
+    wavlm_ffn_dim: Optional[int] = field(default=None, metadata={"help": "WavLM FFN width"})
+    wavlm_conv_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "channels of WavLM's 7 conv feature-extractor layers"})
+    wavlm_conv_pos_kernel: Optional[int] = field(default=None, metadata={"help": "WavLM positional conv kernel"})
+    wavlm_conv_pos_groups: Optional[int] = field(default=None, metadata={"help": "WavLM positional conv groups"})
+    wavlm_num_buckets: Optional[int] = field(default=None, metadata={"help": "WavLM relative position buckets"})
+    wavlm_max_bucket_distance: Optional[int] = field(default=None, metadata={"help": "WavLM max bucket distance"})
+    llama_dim: Optional[int] = field(default=None, metadata={"help": "LLM width"})
+    llama_layers: Optional[int] = field(default=None, metadata={"help": "LLM layers"})
+    llama_heads: Optional[int] = field(default=None, metadata={"help": "LLM attention heads"})
+    llama_kv_heads: Optional[int] = field(default=None, metadata={"help": "LLM key/value heads"})
+    llama_ffn_dim: Optional[int] = field(default=None, metadata={"help": "LLM FFN width"})
+    llama_vocab_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "LLM vocabulary (-1: the task's dictionary size)"})
+    llama_max_positions: Optional[int] = field(default=None, metadata={"help": "LLM context length"})
+    llama_rms_norm_eps: Optional[float] = field(
+        default=None,
+        metadata={"help": "LLM RMSNorm epsilon (random init; a loaded LLM keeps its config's)"})
+    llama_rms_norm_eps_override: float = field(
+        default=0.0,
+        metadata={"help": "> 0: the LLM's RMSNorm epsilon, also for a loaded LLM (the reference's LLaMA code runs with "
+                          "1e-6 where Llama-2's config.json says 1e-5; wavllm-convert-reference-checkpoint sets 1e-6)"})
+    semantic_conv_mid_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "semantic adapter conv 1 channels (before GLU)"})
+    semantic_conv_out_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "semantic adapter conv output (after GLU)"})
+    acoustic_conv_mid_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "acoustic adapter conv 1 channels (before GLU)"})
+    acoustic_conv_out_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "acoustic adapter conv output (after GLU)"})
+    bottleneck_dim: Optional[int] = field(default=None, metadata={"help": "bottleneck width of both adapters"})
+    bottleneck_norm: BOTTLENECK_NORM_CHOICES = field(
+        default="post",
+        metadata={"help": "LayerNorm placement in the bottleneck adapters: post (x + LN(up(gelu(down(x)))), the "
+                          "reference's) or pre (x + up(gelu(down(LN(x)))))"})
+    adapter_out_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "each adapter's output width (2048 in the paper)"})
+    # ---- LoRA and the prompt-aware adapter
+    lora_rank: Optional[int] = field(default=None, metadata={"help": "LoRA rank R"})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (stage-1 scale alpha/R)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA input (the reference's 0.1)"})
+    lora_a_init: LORA_A_INIT_CHOICES = field(
+        default="reference",
+        metadata={"help": "LoRA A init: reference (uniform +-1/sqrt(R), kaiming-uniform with fan-in R as the reference "
+                          "stores A) or fan_in_features (kaiming-uniform with fan-in = input width, PEFT's; about "
+                          "sqrt(in/R) smaller)"})
+    prompt_adapter: bool = field(
+        default=False,
+        metadata={"help": "stage 2: build and train the prompt-aware LoRA weight adapter"})
+    prompt_adapter_dim: Optional[int] = field(default=None, metadata={"help": "prompt adapter bottleneck K"})
+    lora_scale_layout: LORA_SCALE_LAYOUT_CHOICES = field(
+        default="hf",
+        metadata={"help": "feature order of the stage-2 scale r for q/k LoRA: hf (this plugin) or meta (checkpoints "
+                          "converted from the reference, whose r follows Meta's rotary layout)"})
+    prompt_adapter_init: PROMPT_ADAPTER_INIT_CHOICES = field(
+        default="stage1_scale",
+        metadata={"help": "stage1_scale: P_u starts at weight 0, bias alpha/R, so r = alpha/R for every prompt and "
+                          "stage 2 starts where stage 1 ended; random: PyTorch's default Linear init"})
+    prompt_adapter_input: PROMPT_ADAPTER_INPUT_CHOICES = field(
+        default="reference",
+        metadata={"help": "what the prompt adapter reads: reference ('\"' + instruction + '\"' without <s>, every "
+                          "position pooled: the reference's, and the default for training too) or bos_instruction (<s> "
+                          "+ instruction: what checkpoints of older versions of this plugin read; <s> pooled per "
+                          "prompt_adapter_pool_bos)"})
+    prompt_adapter_pool_bos: bool = field(
+        default=False,
+        metadata={"help": "prompt_adapter_input=bos_instruction only: include the <s> position in the pooling (its "
+                          "state is the same for every prompt; default: pooled only when the instruction is empty)"})
+    decode_bos_after_speech: bool = field(
+        default=False,
+        metadata={"help": "decoding only: feed <s> in place of the first token after the speech span (the lone space "
+                          "piece that ' </SPEECH>' starts with), as the reference's generator does (its token buffer "
+                          "starts with <s> and the forced prompt continues from the second token); on in checkpoints "
+                          "made by wavllm-convert-reference-checkpoint so a converted release decodes as the reference "
+                          "decodes it"})
+    prompt_adapter_clamp: float = field(
+        default=3.0,
+        metadata={"help": "r = clamp(relu(r), max=this) as the reference does; <= 0 disables"})
+    # ---- training
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute the frozen LLM layers' activations in backward (saves memory)"})
+    freeze_lora: bool = field(
+        default=False,
+        metadata={"help": "keep LoRA frozen (e.g. train only the prompt adapter in stage 2)"})
+
+
+def check_choices(cfg) -> None:
+    """A clear error for a choice field outside its choices (Hydra checks composed configs itself)."""
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name, None)
+        if value is not None and str(value) not in allowed:
+            raise WavLLMInputError(f"model.{name} must be one of {', '.join(allowed)}; got {str(value)!r}")
+
+
+# Fields added after checkpoints were already written, with the behaviour those checkpoints were trained
+# with (their code had no choice): a checkpoint whose saved config lacks one of them gets this value,
+# and the log says so. Fields not listed take the dataclass default.
+LEGACY_WHEN_MISSING = {
+    "bottleneck_norm": "pre",  # adapters were pre-norm before the reference's post-norm became the default
+    "prompt_adapter_pool_bos": True,  # the prompt adapter pooled <s> too
+    "prompt_adapter_input": "bos_instruction",  # it read <s> + instruction, not the reference's quoted prompt
+}
+
+
+def complete_model_cfg(cfg):
+    """Add the WavLLMConfig fields a saved config (dict or DictConfig) lacks; returns ``cfg``."""
+    names = [f for f in fields(WavLLMConfig) if f.name not in cfg]
+    if not names:
+        return cfg
+    legacy = {}
+    ctx = open_dict(cfg) if isinstance(cfg, DictConfig) else contextlib.nullcontext()
+    with ctx:
+        for f in names:
+            if f.name in LEGACY_WHEN_MISSING:
+                value = legacy[f.name] = LEGACY_WHEN_MISSING[f.name]
+            else:
+                value = f.default if f.default is not MISSING else f.default_factory()
+            cfg[f.name] = value
+    if legacy:
+        logger.warning("checkpoint config written by an older version: " +
+                       ", ".join(f"{k}={v}" for k, v in legacy.items()) + " (what that version did)")
+    return cfg
+
+
+def torch_dtype(name) -> torch.dtype:
+    try:
+        return DTYPES[str(name)]
+    except KeyError:
+        raise WavLLMInputError(f"model.backbone_dtype must be float32, bfloat16 or float16, got {name!r}")

@@ -1,0 +1,337 @@
+"""``@register_task("wavllm_instruction")``: instruction manifests -> WavLLM batches, training and decoding.
+
+Splits: every split name is a manifest ``<data>/<split>.tsv`` (``valid_asr``, ``test_st_unseen``, ...),
+except the training split (``dataset.train_subset``, default ``train``), which is the curriculum: several
+manifests mixed by weights / temperature with phases that switch the mix at given update numbers
+(``task.curriculum`` YAML, or ``task.train_manifests`` + ``task.train_weights``). See curriculum.py.
+
+Batching is by duration: ``dataset.max_tokens`` counts 16 kHz audio samples (480000 = 30 s, the
+paper's per-GPU batch); text-only rows cost 1280 samples per token.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from ..data.chat_template import prompt_encoder
+from ..data.curriculum import (CurriculumBatchSampler, CurriculumEpochBatchIterator, curriculum_from_subsets,
+                              load_curriculum)
+from ..data.dataset import InstructionDataset, MultiCorpusDataset
+from ..data.manifest import read_manifest
+from ..data.prompt_augment import PromptAugmenter, prompt_pools
+from ..data.prompt_template import DEFAULT_SYSTEM_PROMPT
+from ..data.tokenizer import LlamaDictionary, LlamaTokenizer, SentencePieceDecoder, config_vocab_size
+from ..decoding.generator import DECODE_PATHS, WavLLMGenerator, static_for
+from ..errors import WavLLMInputError
+from ..models.wavllm import expected_speech_frames
+from . import fairseq_fixes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WavLLMInstructionConfig(FairseqDataclass):
+    data: str = field(
+        default="",
+        metadata={"help": "folder of instruction manifests (<split>.tsv); audio paths in them are relative to it"})
+    tokenizer_dir: str = field(
+        default="",
+        metadata={"help": "folder holding the LLaMA tokenizer.model; empty = model.llama_path"})
+    train_manifests: str = field(
+        default="",
+        metadata={"help": "comma-separated training manifests (names under data/, without .tsv) when no curriculum YAML"
+                          " is given"})
+    train_weights: str = field(
+        default="",
+        metadata={"help": "comma-separated sampling weights for train_manifests (empty = temperature sampling)"})
+    sampling_temperature: float = field(
+        default=1.0,
+        metadata={"help": "temperature over corpus sizes when no weights are given (1 = proportional, "
+                          "large = uniform)"})
+    curriculum: str = field(
+        default="",
+        metadata={"help": "YAML with corpora and phases (weights or temperature from a start_update); relative paths "
+                          "resolve against data/"})
+    updates_per_epoch: int = field(
+        default=1000,
+        metadata={"help": "length of a virtual training epoch (the curriculum draws batches forever)"})
+    max_audio_seconds: float = field(
+        default=0.0,
+        metadata={"help": "longest clip accepted in seconds (longer: error, or skip with skip_bad_rows); 0 = no limit "
+                          "(default): clips over Whisper's 30 s run window by window, as the reference does, and only a"
+                          " row whose prompt + speech + answer exceed the LLM context is refused"})
+    max_text_positions: int = field(
+        default=0,
+        metadata={"help": "context limit for prompt + speech + answer (0 = the LLM's max_position_embeddings)"})
+    skip_bad_rows: bool = field(
+        default=False,
+        metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping "
+                          "with an error"})
+    check_audio_on_load: bool = field(
+        default=True,
+        metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before "
+                          "training)"})
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        metadata={"help": "the system prompt of the chat template"})
+    chat_template: ChoiceEnum(["reference", "tokenizer"]) = field(
+        default="reference",
+        metadata={"help": "reference: the reference implementation's LLaMA-2 template (token-exact with the released "
+                          "model); tokenizer: the LLM tokenizer's own chat template (tokenizer_config.json), the speech"
+                          " span inside the first user turn, for another chat-tuned LLM (chat_template.py)"})
+    prompt_augment: bool = field(
+        default=False,
+        metadata={"help": "instruction augmentation on the training split: single-task speech prompts get words dropped"
+                          " (one word only that task's prompts use always stays) and words shared by 3+ tasks inserted,"
+                          " so the model keys on task words (prompt_augment.py; not in the paper; mixed on the toy, see"
+                          " the README)"})
+    max_len_per_task: str = field(
+        default="",
+        metadata={"help": "decoding length caps per task, e.g. 'sv:20,er:20,asr:120' (tokens)"})
+    loop_guard_ngram: int = field(
+        default=4,
+        metadata={"help": "decoding: stop a hypothesis whose tail repeats an n-gram (n <= this) 3 times; 0 = off"})
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
+    decode_path: ChoiceEnum(list(DECODE_PATHS)) = field(
+        default="auto",
+        metadata={"help": "decoding: auto = static cache + CUDA graphs on a GPU, dynamic cache on a CPU (the faster "
+                          "on each); static / dynamic force one (both give the same tokens in float32)"})
+    compile_decode_step: bool = field(
+        default=False,
+        metadata={"help": "decoding: torch.compile the static path's layer step (captured as a CUDA graph on a "
+                          "GPU; fused kernels; compiling takes seconds per process and slot-count shape)"})
+    seed: int = II("common.seed")
+    update_freq: List[int] = II("optimization.update_freq")
+
+
+def parse_task_lengths(text: str) -> Dict[str, int]:
+    """``task.max_len_per_task`` ("sv:20,er:20,asr:120") -> {task: max new tokens}; a clear error otherwise."""
+    caps: Dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, n = item.partition(":")
+        if not sep or not name.strip() or not n.strip().isdigit() or int(n) < 1:
+            raise WavLLMInputError(f"task.max_len_per_task={text!r}: {item!r} is not TASK:TOKENS with TOKENS a "
+                                   "positive integer (e.g. 'sv:20,er:20,asr:120')")
+        caps[name.strip()] = int(n)
+    return caps
+
+
+class _PendingDictionary:
+    """The target dictionary before the tokenizer is known (it comes with the model's ``llama_path``).
+
+    ``pad/eos/unk/bos`` answer the LLaMA convention (unk = pad = 0, bos = 1, eos = 2) that this plugin's
+    dictionary always follows; everything else is taken from the real dictionary once the model is
+    loaded, and is a clear error before that.
+    """
+
+    _SPECIALS = {"pad": 0, "unk": 0, "bos": 1, "eos": 2}
+
+    def __init__(self, task):
+        self._task = task
+
+    def _resolve(self):
+        if self._task.tokenizer is None:
+            raise WavLLMInputError("the tokenizer is not known yet: pass --tokenizer-dir (task.tokenizer_dir), the "
+                                   "folder with the LLaMA tokenizer.model, or load a model whose llama_path holds it")
+        return self._task.target_dictionary
+
+    def __getattr__(self, name):
+        if name in self._SPECIALS and self._task.tokenizer is None:
+            return lambda: self._SPECIALS[name]
+        return getattr(self._resolve(), name)
+
+    def __len__(self):
+        return len(self._resolve())
+
+
+@register_task("wavllm_instruction", dataclass=WavLLMInstructionConfig)
+class WavLLMInstructionTask(FairseqTask):
+    """Speech/text instruction following with the WavLLM chat template."""
+
+    cfg: WavLLMInstructionConfig
+
+    def __init__(self, cfg: WavLLMInstructionConfig, tokenizer=None):
+        super().__init__(cfg)
+        self.tokenizer = tokenizer
+        self._dictionary = None
+        self._context_length: Optional[int] = None
+        self._use_wavlm = True
+
+    @classmethod
+    def setup_task(cls, cfg: WavLLMInstructionConfig, **kwargs):
+        fairseq_fixes.apply()  # what and why: fairseq_fixes.py
+        parse_task_lengths(cfg.max_len_per_task)  # a malformed value fails here, not at the first batch
+        tokenizer = None
+        if cfg.tokenizer_dir:
+            tokenizer = LlamaTokenizer.from_dir(cfg.tokenizer_dir)
+        return cls(cfg, tokenizer)
+
+    # ------------------------------------------------------------------ vocabulary
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise WavLLMInputError("no tokenizer: set task.tokenizer_dir or model.llama_path "
+                                   "(the folder with tokenizer.model)")
+        return self.tokenizer
+
+    @property
+    def target_dictionary(self):
+        if self._dictionary is None and self.tokenizer is not None:
+            self._dictionary = LlamaDictionary.from_tokenizer(self.tokenizer)
+        if self._dictionary is None:
+            # fairseq-generate asks for the dictionary before it loads the checkpoint, whose
+            # model.llama_path holds the tokenizer: hand out a stand-in that resolves once it is known
+            return _PendingDictionary(self)
+        return self._dictionary
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    def build_model(self, cfg, from_checkpoint=False):
+        if self.tokenizer is None and getattr(cfg, "llama_path", ""):
+            self.tokenizer = LlamaTokenizer.from_dir(cfg.llama_path)
+        self._require_tokenizer()
+        if getattr(cfg, "llama_path", "") and not getattr(self.tokenizer, "model_vocab_size", 0):
+            # a tokenizer_dir without the LLM's config.json: the dictionary is padded to the LLM's rows
+            self.tokenizer.model_vocab_size = config_vocab_size(cfg.llama_path)
+            self._dictionary = None
+        model = super().build_model(cfg, from_checkpoint)
+        self._context_length = model.context_length
+        self._use_wavlm = model.wavlm is not None
+        return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
+                                                               ignore_grad)
+        # A text-only batch leaves the speech adapters and projector without a gradient. fairseq's
+        # distributed all-reduce fills such gradients with zeros (so Adam's moments keep decaying and
+        # its momentum keeps moving those weights), a single process would skip them: fill them here so
+        # one process and N processes with the same global batch train the same weights.
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return loss, sample_size, logging_output
+
+    def max_positions(self):
+        return None  # lengths are checked by the dataset against the LLM context (see dataset.py)
+
+    # ------------------------------------------------------------------ data
+    def manifest_path(self, name: str) -> str:
+        name = name if name.endswith(".tsv") else name + ".tsv"
+        return name if os.path.isabs(name) else os.path.join(self.cfg.data, name)
+
+    def load_corpus(self, name_or_path: str, corpus: Optional[str] = None, shuffle: bool = True):
+        path = self.manifest_path(name_or_path)
+        if not os.path.isfile(path):
+            raise WavLLMInputError(f"manifest not found: {path} (task.data={self.cfg.data!r})", file=path,
+                                   reason="missing")
+        max_seconds = (self.cfg.max_audio_seconds if self.cfg.max_audio_seconds and self.cfg.max_audio_seconds > 0
+                       else None)
+        rows, report = read_manifest(path, check_audio=self.cfg.check_audio_on_load, skip_bad=self.cfg.skip_bad_rows,
+                                     max_audio_seconds=max_seconds, logger=logger)
+        context = self.cfg.max_text_positions or self._context_length
+        use_wavlm = self._use_wavlm
+        ds = InstructionDataset(rows, path, self._require_tokenizer(), corpus=corpus or os.path.basename(path)[:-4],
+                                max_positions=context, max_audio_seconds=max_seconds,
+                                skip_bad=self.cfg.skip_bad_rows, system_prompt=self.cfg.system_prompt, shuffle=shuffle,
+                                speech_frames=lambda n: expected_speech_frames(n, use_wavlm),
+                                encode=prompt_encoder(self.cfg.chat_template))
+        skipped = report.skipped + sum(ds.skipped.values())
+        logger.info(f"{path}: {len(ds)} rows" + (f", {skipped} bad rows skipped" if skipped else ""))
+        return ds
+
+    def train_curriculum(self):
+        if self.cfg.curriculum:
+            path = (self.cfg.curriculum if os.path.isabs(self.cfg.curriculum)
+                    else os.path.join(self.cfg.data, self.cfg.curriculum))
+            if not os.path.isfile(path) and os.path.isfile(self.cfg.curriculum):
+                path = self.cfg.curriculum
+            return load_curriculum(path, self.cfg.data)
+        if not self.cfg.train_manifests:
+            raise WavLLMInputError("the training split needs task.curriculum (YAML) "
+                                   "or task.train_manifests (comma list)")
+        return curriculum_from_subsets(self.cfg.train_manifests, self.cfg.train_weights,
+                                       self.cfg.sampling_temperature, self.cfg.data)
+
+    def load_dataset(self, split: str, epoch=1, combine=False, task_cfg=None, **kwargs):
+        if split == "train" and (self.cfg.curriculum or self.cfg.train_manifests):
+            cur = self.train_curriculum()
+            corpora = {name: self.load_corpus(path, corpus=name) for name, path in cur.corpora.items()}
+            if self.cfg.prompt_augment:
+                augment = PromptAugmenter(prompt_pools(r for ds in corpora.values() for r in ds.rows))
+                logger.info(f"instruction augmentation on the training split: {augment}")
+                for ds in corpora.values():
+                    ds.set_augment(augment, seed=self.cfg.seed)
+            self.datasets[split] = MultiCorpusDataset(corpora)
+            self.curriculum = cur
+        else:
+            self.datasets[split] = self.load_corpus(split, shuffle=False)
+        return self.datasets[split]
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
+                           shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
+                           skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
+        if required_batch_size_multiple != 1:
+            # fairseq would silently drop a last partial batch (and decode nothing for tiny test sets)
+            logger.info(f"required_batch_size_multiple={required_batch_size_multiple} -> 1 (no rows are dropped)")
+            required_batch_size_multiple = 1
+        if not isinstance(dataset, MultiCorpusDataset):
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=None,
+                ignore_invalid_inputs=ignore_invalid_inputs, required_batch_size_multiple=1, seed=seed,
+                num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
+                skip_remainder_batch=False, grouped_shuffling=grouped_shuffling,
+                update_epoch_batch_itr=update_epoch_batch_itr)
+        if max_tokens is None and max_sentences is None:
+            raise WavLLMInputError("set dataset.max_tokens (audio samples per batch, 480000 = 30 s) "
+                                   "or dataset.batch_size")
+        update_freq = self.cfg.update_freq
+        update_freq = int(update_freq[0] if isinstance(update_freq, (list, tuple)) or hasattr(update_freq, "__len__")
+                          else update_freq)
+        sampler = CurriculumBatchSampler(
+            costs=dataset.costs_by_corpus(), offsets=dataset.offsets_by_corpus(), phases=self.curriculum.phases,
+            max_tokens=max_tokens, max_sentences=max_sentences, seed=seed,
+            updates_per_epoch=self.cfg.updates_per_epoch, num_shards=num_shards, update_freq=update_freq)
+        dataset.set_epoch(epoch)
+        return CurriculumEpochBatchIterator(
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=sampler, seed=seed, num_shards=num_shards,
+            shard_id=shard_id, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
+            skip_remainder_batch=False, grouped_shuffling=False, reuse_dataloader=True,
+            persistent_workers=num_workers > 0)
+
+    # ------------------------------------------------------------------ decoding
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
+        caps = parse_task_lengths(self.cfg.max_len_per_task)
+        return WavLLMGenerator(
+            models, self.target_dictionary,
+            beam_size=getattr(args, "beam", 1), max_len_a=getattr(args, "max_len_a", 0.0),
+            max_len_b=getattr(args, "max_len_b", 200), min_len=getattr(args, "min_len", 1),
+            normalize_scores=not getattr(args, "unnormalized", False), len_penalty=getattr(args, "lenpen", 1.0),
+            temperature=getattr(args, "temperature", 1.0), sampling=getattr(args, "sampling", False),
+            sampling_topk=getattr(args, "sampling_topk", -1), sampling_topp=getattr(args, "sampling_topp", -1.0),
+            no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
+            repetition_penalty=self.cfg.repetition_penalty, loop_guard_ngram=self.cfg.loop_guard_ngram,
+            max_len_per_task=caps or None, nbest=getattr(args, "nbest", 1),
+            static=static_for(self.cfg.decode_path),
+            compile_step=self.cfg.compile_decode_step,
+        )
+
+    def build_bpe(self, args):
+        """fairseq-generate's detokeniser: sentencepiece pieces -> text (unless --bpe is given)."""
+        if args is not None and getattr(args, "_name", None):
+            return super().build_bpe(args)
+        return SentencePieceDecoder(self._require_tokenizer())
+
+    def build_tokenizer(self, args):
+        if args is not None and getattr(args, "_name", None):
+            return super().build_tokenizer(args)
+        return None

@@ -1,0 +1,1 @@
+"""Converters and inspectors behind the console scripts (checkpoints, manifests, backbones, parameter counts)."""
