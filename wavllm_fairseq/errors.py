@@ -7,6 +7,13 @@ class WavLLMInputError(ValueError):
 
     ``str(err)`` always starts with the location (``file:row``) when one is known, so logs and the
     validation report can be grepped by file.
+
+    Args:
+        message (str): what is wrong and what to do.
+        file (Optional[str]): the file the problem is in.
+        row (Optional[int]): its line (or row) in ``file``.
+        reason (Optional[str]): a short machine-readable reason (default ``bad_input``), counted by
+            ``skip_bad_rows``.
     """
 
     def __init__(self, message: str, file: Optional[str] = None, row: Optional[int] = None,

@@ -11,7 +11,6 @@ unpickling; ``trust_checkpoint=True`` allows full unpickling of a file you trust
 """
 import logging
 import os
-from types import SimpleNamespace
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -20,11 +19,11 @@ from omegaconf import OmegaConf
 
 from .data.audio import load_audio, resample_to_16k
 from .data.chat_template import prompt_encoder
-from .data.dataset import collate
+from .data.dataset import collate, inference_item
 from .data.tokenizer import LlamaTokenizer
-from .decoding.generator import WavLLMGenerator, static_for
+from .decoding.options import DecodingOptions, static_for
 from .models.checkpoint_io import load_checkpoint_file
-from .models.config import WavLLMConfig, complete_model_cfg
+from .models.config import WavLLMConfig
 from .models.wavllm import WavLLMModel
 from .tasks.instruction import WavLLMInstructionConfig, WavLLMInstructionTask
 
@@ -54,8 +53,7 @@ class WavLLM:
         """
         state = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
         cfg = state["cfg"]
-        model_cfg = OmegaConf.merge(OmegaConf.structured(WavLLMConfig),
-                                    complete_model_cfg(_strip(cfg["model"], WavLLMConfig)))
+        model_cfg = OmegaConf.merge(OmegaConf.structured(WavLLMConfig), _strip(cfg["model"], WavLLMConfig))
         for key, value in (("whisper_path", whisper_path), ("wavlm_path", wavlm_path), ("llama_path", llama_path)):
             if value is not None:
                 model_cfg[key] = value
@@ -87,8 +85,7 @@ class WavLLM:
         encode = prompt_encoder(getattr(self.task.cfg, "chat_template", "reference"))
         enc = encode(self.tokenizer, [(instruction, None)], with_speech=wav is not None,
                      system=self.task.cfg.system_prompt)
-        return {"id": i, "row": SimpleNamespace(id=str(i)), "audio": wav, "enc": enc, "gen_len": len(enc.post),
-                "task": task_name}
+        return inference_item(i, wav, enc, task=task_name)
 
     @torch.inference_mode()
     def generate(self, audios: Sequence[AudioInput], instructions: Sequence[str], *, beam: int = 1,
@@ -103,13 +100,14 @@ class WavLLM:
         if len(audios) != len(instructions):
             raise ValueError(f"{len(audios)} audios but {len(instructions)} instructions")
         torch.manual_seed(seed)
-        gen = WavLLMGenerator([self.model], self.task.target_dictionary, beam_size=beam, max_len_a=max_len_a,
-                              max_len_b=max_len_b, sampling=sampling, temperature=temperature, sampling_topk=top_k,
-                              sampling_topp=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
-                              repetition_penalty=repetition_penalty, loop_guard_ngram=loop_guard_ngram,
-                              static=static_for(getattr(self.task.cfg, "decode_path", "auto")),
-                              compile_step=(getattr(self.task.cfg, "compile_decode_step", False)
-                                            if compile_step is None else compile_step))
+        options = DecodingOptions(beam_size=beam, max_len_a=max_len_a, max_len_b=max_len_b, sampling=sampling,
+                                  temperature=temperature, sampling_topk=top_k, sampling_topp=top_p,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                                  loop_guard_ngram=loop_guard_ngram,
+                                  static=static_for(getattr(self.task.cfg, "decode_path", "auto")),
+                                  compile_step=(getattr(self.task.cfg, "compile_decode_step", False)
+                                                if compile_step is None else compile_step))
+        gen = options.build(self.model, self.task.target_dictionary)
         names = list(task_names) if task_names is not None else ["api"] * len(audios)
         items = [self._item(i, a, q, n) for i, (a, q, n) in enumerate(zip(audios, instructions, names))]
         answers: List[Optional[str]] = [None] * len(items)

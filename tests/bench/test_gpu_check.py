@@ -37,3 +37,35 @@ def test_gpu_check_refuses_to_run_without_a_gpu(capsys):
         pytest.skip("a GPU is present")
     assert gpu_check.main(["--out", "unused"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_gpu_check_refuses_a_config_dir_without_the_toy_yamls(tmp_path, capsys):
+    rc = gpu_check.main(["--device", "cpu", "--only", "cli", "--config-dir", str(tmp_path), "--out",
+                         str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--config-dir {tmp_path} has no toy_stage1.yaml / toy_stage2.yaml" in err
+    assert not gpu_check.missing_configs(gpu_check.TOY_CONFIGS)  # the default: the package's toy yamls
+
+
+def test_tiny_corpus_is_an_instruction_corpus_with_its_tokenizer_and_llama(tmp_path):
+    from transformers import AutoConfig
+
+    from wavllm_fairseq.bench.tiny_corpus import write_tiny_corpus
+    from wavllm_fairseq.data.manifest import read_manifest
+    from wavllm_fairseq.data.tokenizer import LlamaTokenizer
+    from wavllm_fairseq.models.architectures import ARCHITECTURES
+
+    paths = write_tiny_corpus(str(tmp_path), n_train=3, n_test=2)
+    counts = {}
+    for name in ("train_asr", "train_it", "valid_asr", "test_asr", "test_it"):
+        rows = read_manifest(paths[name], check_audio=True)[0]
+        counts[name] = (len(rows), sum(r.with_speech for r in rows))
+        assert all(r.tgt_text for r in rows)
+    assert counts == {"train_asr": (3, 3), "train_it": (3, 0), "valid_asr": (2, 2), "test_asr": (2, 2),
+                      "test_it": (2, 0)}
+    tok = LlamaTokenizer.from_dir(paths["tok"])
+    cfg = AutoConfig.from_pretrained(paths["llama"])
+    assert cfg.vocab_size == len(tok) and (tok.bos_id, tok.eos_id) == (1, 2)
+    assert (cfg.hidden_size, cfg.num_hidden_layers) == (ARCHITECTURES["wavllm_tiny"]["llama_dim"],
+                                                        ARCHITECTURES["wavllm_tiny"]["llama_layers"])

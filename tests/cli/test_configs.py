@@ -6,10 +6,17 @@ import subprocess
 import pytest
 import yaml
 
+from wavllm_fairseq.errors import WavLLMInputError
+from wavllm_fairseq.models.wavllm import WavLLMModel
+from wavllm_fairseq.tasks.instruction import parse_task_lengths
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# the training configs (decode.yaml holds fairseq-generate's settings: tests/test_decode_config.py)
-CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "examples", "wavllm", "config", "**", "*.yaml"),
-                                       recursive=True) if os.path.basename(p) != "decode.yaml")
+# the training configs: the paper's in examples/, the toy's and small_real's as package data of the toy
+# (decode.yaml holds fairseq-generate's settings: tests/test_decode_config.py)
+CONFIGS = sorted(p for folder in (os.path.join(ROOT, "examples", "wavllm", "config"),
+                                  os.path.join(ROOT, "wavllm_fairseq", "toy", "config"))
+                 for p in glob.glob(os.path.join(folder, "**", "*.yaml"), recursive=True)
+                 if os.path.basename(p) != "decode.yaml")
 OVERRIDES = ["task.data=/data", "model.whisper_path=/w", "model.wavlm_path=/l", "model.llama_path=/ll",
              "checkpoint.save_dir=/ckpt"]
 
@@ -63,24 +70,18 @@ def test_paper_settings(name, updates):
                                              ("model.lora_scale_layout=metta", "lora_scale_layout"),
                                              ("task.chat_template=tokeniser", "chat_template")])
 def test_a_typo_in_a_choice_fails_when_the_config_is_composed(override, field):
-    path = os.path.join(ROOT, "examples", "wavllm", "config", "toy", "toy_stage1.yaml")
+    path = os.path.join(ROOT, "wavllm_fairseq", "toy", "config", "toy", "toy_stage1.yaml")
     out = subprocess.run(["fairseq-hydra-train", "--config-dir", os.path.dirname(path), "--config-name", "toy_stage1",
                           "--cfg", "job", *OVERRIDES, override], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode != 0 and field in out.stderr, out.stderr[-2000:]
 
 
 def test_a_typo_in_a_python_config_is_a_named_error():
-    from wavllm_fairseq.errors import WavLLMInputError
-    from wavllm_fairseq.models.wavllm import WavLLMModel
-
     with pytest.raises(WavLLMInputError, match="bottleneck_norm must be one of post, pre"):
         WavLLMModel.from_arch("wavllm_tiny", vocab_size=100, bottleneck_norm="mid")
 
 
 def test_max_len_per_task_is_parsed_with_a_clear_error():
-    from wavllm_fairseq.errors import WavLLMInputError
-    from wavllm_fairseq.tasks.instruction import parse_task_lengths
-
     assert parse_task_lengths("sv:20, er:20,asr:120") == {"sv": 20, "er": 20, "asr": 120}
     assert parse_task_lengths("") == {}
     for bad in ("sv=20", "sv:", ":20", "sv:0", "sv:many"):

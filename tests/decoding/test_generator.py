@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from wavllm_fairseq.decoding.generator import WavLLMGenerator, loop_length
+from wavllm_fairseq.decoding.generator import WavLLMGenerator
+from wavllm_fairseq.decoding.processing import loop_length
+from wavllm_fairseq.decoding.state import DecodeState
 from wavllm_fairseq.models.wavllm import WavLLMModel
 
 VOCAB = 100
@@ -114,8 +116,8 @@ def test_beam_search_with_one_beam_equals_greedy():
     m, s = model_with_lora(), batch()
     g = gen(m)
     prefix = m.build_generation_prefix(s["net_input"])
-    caps = g._length_caps(s, prefix, 3)
-    beam1 = g._beam(prefix, caps, [0, 1, 2], 1)
+    caps, cap_is_task = g._length_caps(s, prefix)
+    beam1 = g._beam(prefix, DecodeState(caps, cap_is_task), [0, 1, 2], 1)
     greedy = g.generate([m], s)
     assert tokens(beam1) == tokens(greedy)
 

@@ -178,6 +178,7 @@ def test_task_and_python_api_pass_the_compile_option_to_the_generator(tmp_path, 
 
     from helpers import make_corpus
     from wavllm_fairseq import hub
+    from wavllm_fairseq.decoding import options
     from wavllm_fairseq.tasks.instruction import WavLLMInstructionConfig, WavLLMInstructionTask
 
     corpus = make_corpus(str(tmp_path / "corpus"), n_train=2, n_test=2)
@@ -194,12 +195,12 @@ def test_task_and_python_api_pass_the_compile_option_to_the_generator(tmp_path, 
 
     seen = []
 
-    class Recorder(hub.WavLLMGenerator):
+    class Recorder(options.WavLLMGenerator):  # every generator is built by DecodingOptions.build
         def __init__(self, *a, **kw):
             seen.append((kw.get("static"), kw.get("compile_step")))
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(hub, "WavLLMGenerator", Recorder)
+    monkeypatch.setattr(options, "WavLLMGenerator", Recorder)
     api = hub.WavLLM(m, task)  # the last task: decode_path=dynamic, compile_decode_step=False
     for arg, want in ((None, (False, False)), (True, (False, True))):
         api.generate([], [], compile_step=arg)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import write_manifest
+from helpers import require_installed, write_manifest
 from wavllm_fairseq.data import text_norm
 from wavllm_fairseq.evaluation import scoring
 from wavllm_fairseq.errors import WavLLMInputError
@@ -206,7 +206,7 @@ def bertscore_by_definition(path, refs, hyps, layer):
 
 
 def test_bertscore_is_bert_score_s_on_a_local_model_directory(tmp_path):
-    pytest.importorskip("bert_score")
+    require_installed("bert_score")
     path = tiny_bert(str(tmp_path / "tiny_bert"))
     refs = ["the cat sat on the mat", "a dog ran home", "the big ball", "a small dog"]
     hyps = ["the cat sat on mat", "a small dog ran", "ball", ""]
@@ -220,7 +220,7 @@ def test_bertscore_is_bert_score_s_on_a_local_model_directory(tmp_path):
 
 
 def test_bertscore_through_the_scorer(files, tmp_path):
-    pytest.importorskip("bert_score")
+    require_installed("bert_score")
     path = tiny_bert(str(tmp_path / "tiny_bert"))
     m, h = files([row(0, "p", "the cat sat on the mat", "cot"), row(1, "p", "a dog ran home", "cot")],
                  ["the cat sat on mat", "a small dog ran"], extra=["task"])
@@ -240,7 +240,7 @@ def test_bertscore_takes_only_a_local_directory_and_names_the_missing_package(tm
 
 
 def test_bertscore_refuses_what_bert_score_would_misread(tmp_path):
-    pytest.importorskip("bert_score")
+    require_installed("bert_score")
     from transformers import BertTokenizer
 
     path = tiny_bert(str(tmp_path / "my_t5_copy"), layers=1)

@@ -1,19 +1,22 @@
 """Backbone folders in the layouts the real checkpoints are released in load through transformers' own
 ``from_pretrained`` and give the outputs of the model they were written from; broken folders fail with
-named errors (encoders.py)."""
+named errors (hf_folder.py, encoders.py, llm.py)."""
 import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, WavLMConfig, WavLMForCTC,
+                          WavLMModel, WhisperConfig, WhisperForConditionalGeneration)
 
-from wavllm_fairseq.models import encoders
 from wavllm_fairseq.errors import CheckpointError
+from wavllm_fairseq.models import encoders, llm
+from wavllm_fairseq.models.hf_folder import read_hf_state_dict
+from wavllm_fairseq.models.wavllm import WavLLMModel
 
 
 def _wavlm():
-    from transformers import WavLMConfig, WavLMModel
-
     torch.manual_seed(0)
     cfg = WavLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                       conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
@@ -22,8 +25,6 @@ def _wavlm():
 
 
 def _llama(vocab=300, tie=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(1)
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128, vocab_size=vocab, max_position_embeddings=256,
@@ -32,8 +33,6 @@ def _llama(vocab=300, tie=False):
 
 
 def _whisper():
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
     torch.manual_seed(2)
     cfg = WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
@@ -56,13 +55,11 @@ def test_wavlm_base_layout_weight_norm_names_in_a_pickle_bin(tmp_path):
     wav = torch.randn(2, 4000)
     assert torch.equal(src(wav).last_hidden_state, loaded(wav).last_hidden_state)
     # the raw reader (checkpoint conversion's backbone check) names the tensors as the module does
-    raw = encoders.read_hf_state_dict(str(tmp_path))
+    raw = read_hf_state_dict(str(tmp_path))
     assert set(raw) == set(src.state_dict()) and all(torch.equal(raw[k], v) for k, v in src.state_dict().items())
 
 
 def test_wavlm_from_a_head_folder_takes_the_body(tmp_path):
-    from transformers import WavLMForCTC
-
     src = _wavlm()
     src.config.vocab_size = 10
     head = WavLMForCTC(src.config).eval()
@@ -91,7 +88,7 @@ def test_llama2_era_bin_shards_with_inv_freq_buffers_and_index(tmp_path):
         torch.save(shard, tmp_path / name)
         weight_map.update({k: name for k in shard})
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    loaded = encoders.load_llama(str(tmp_path))
+    loaded = llm.load_llama(str(tmp_path))
     ids = torch.randint(0, 300, (2, 12))
     assert torch.equal(src(ids).logits, loaded(ids).logits)
 
@@ -102,10 +99,10 @@ def test_sharded_safetensors_with_index_and_the_dtype_option(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
     ids = torch.randint(0, 300, (2, 12))
-    loaded = encoders.load_llama(str(tmp_path))
+    loaded = llm.load_llama(str(tmp_path))
     assert torch.equal(src(ids).logits, loaded(ids).logits)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
-    bf16 = encoders.load_llama(str(tmp_path), torch.bfloat16)
+    bf16 = llm.load_llama(str(tmp_path), torch.bfloat16)
     assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(bf16.model.layers[0].mlp.up_proj.weight, src.model.layers[0].mlp.up_proj.weight.bfloat16())
 
@@ -127,7 +124,7 @@ def test_errors_name_the_folder_and_the_problem(tmp_path):
     good = tmp_path / "good"
     src.save_pretrained(good, max_shard_size="40KB")
     with pytest.raises(CheckpointError, match="does not exist"):
-        encoders.load_llama(str(tmp_path / "nowhere"))
+        llm.load_llama(str(tmp_path / "nowhere"))
     # missing config.json
     no_cfg = tmp_path / "no_cfg"
     no_cfg.mkdir()
@@ -135,7 +132,7 @@ def test_errors_name_the_folder_and_the_problem(tmp_path):
         if f.name != "config.json":
             (no_cfg / f.name).write_bytes(f.read_bytes())
     with pytest.raises(CheckpointError, match="missing config.json"):
-        encoders.load_llama(str(no_cfg))
+        llm.load_llama(str(no_cfg))
     # a corrupt (truncated) shard
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -144,38 +141,32 @@ def test_errors_name_the_folder_and_the_problem(tmp_path):
     shard = sorted(corrupt.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt") as err:
-        encoders.load_llama(str(corrupt))
+        llm.load_llama(str(corrupt))
     assert str(corrupt) in str(err.value)
     # a shard the index lists but the folder lacks
     os.remove(shard)
     with pytest.raises(CheckpointError, match="missing"):
-        encoders.load_llama(str(corrupt))
+        llm.load_llama(str(corrupt))
     # sizes in config.json that are not the weights'
     cfg = json.loads((good / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (good / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"do not match the sizes in config.json.*mlp"):
-        encoders.load_llama(str(good))
+        llm.load_llama(str(good))
 
 
 def test_a_weight_the_folder_lacks_is_an_error_not_a_random_init(tmp_path):
-    from safetensors.torch import save_file
-
     src = _llama()
     src.config.save_pretrained(tmp_path)
     state = {k: v.contiguous() for k, v in src.state_dict().items() if k != "model.layers.1.mlp.down_proj.weight"}
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"not in the folder.*down_proj"):
-        encoders.load_llama(str(tmp_path))
+        llm.load_llama(str(tmp_path))
 
 
 def test_a_qwen2_style_llm_with_attention_biases_takes_lora(tmp_path):
     """Qwen2's layout (q/k/v biases, grouped KV heads) is LLaMA's plus biases: it loads as itself and gets
     LoRA on q/k/v/o; with LoRA's B at zero the WavLLM's LLM gives the source model's logits."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from wavllm_fairseq.models.wavllm import WavLLMModel
-
     torch.manual_seed(3)
     src = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=128, vocab_size=320,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from helpers import require_installed
 from wavllm_fairseq.bench.serve import (ServerProcess, chat_body, post_json, presets, run_load, tiny_checkpoint,
                                         tone_clips, wav_bytes)
 from wavllm_fairseq.serve.cli import bind_notice
@@ -202,7 +203,9 @@ def test_stream_sends_tokens_one_by_one_and_ends_with_usage_and_done(env):
 
 
 def test_openai_client(env):
-    openai = pytest.importorskip("openai")
+    require_installed("openai")
+    import openai  # optional (the test extra), checked above
+
     client = openai.OpenAI(base_url=env["url"] + "/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == ["wavllm"]
     messages = [{"role": "user", "content": [

@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 
+from helpers import not_installed
 from wavllm_fairseq.bench.serve import ServerProcess, chat_body, post_json, tiny_checkpoint, tone_clips
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -81,9 +82,7 @@ class DevTools:
 @pytest.fixture
 def chromium(tmp_path):
     if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: examples/wavllm/scripts/install.sh installs it")
-        pytest.skip("chromium not installed (examples/wavllm/scripts/install.sh installs it)")
+        not_installed("chromium")
     profile = tempfile.mkdtemp(prefix="wavllm-chromium-")
     cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={profile}",

@@ -1,4 +1,4 @@
-"""Reference-release checkpoint conversion (wavllm_fairseq/tools/convert_reference.py).
+"""Reference-release checkpoint conversion (wavllm_fairseq/tools/convert_reference.py, reference_keys.py).
 
 The tests build a tiny checkpoint in the reference implementation's layout *here*, from their own
 description of it (key names, Meta's interleaved rotary layout for wq/wk, LoRA ``x @ A @ B`` with
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wavllm_fairseq.tools.convert_reference import convert_checkpoint, convert_state_dict, main
+from wavllm_fairseq.tools.convert_reference import convert_checkpoint, main
+from wavllm_fairseq.tools.reference_keys import convert_state_dict
 from wavllm_fairseq.errors import CheckpointError
 from wavllm_fairseq.models.wavllm import WavLLMModel
 
@@ -353,7 +354,7 @@ def test_converted_model_gets_the_references_decode_inputs(tmp_path):
     save_release(str(tmp_path / "release.pt"), model, stage2=True)
     convert_checkpoint(str(tmp_path / "release.pt"), str(tmp_path / "ours.pt"), arch="wavllm_tiny")
     converted = load_converted(str(tmp_path / "ours.pt"))
-    assert converted.cfg.prompt_adapter_input == "reference" and converted.cfg.decode_bos_after_speech
+    assert converted.cfg.decode_bos_after_speech
     b = dict(batch(), prompt_post_lengths=torch.tensor([3, 2]))
     emb = converted.llm.get_input_embeddings().weight
     bos = converted.llm.config.bos_token_id

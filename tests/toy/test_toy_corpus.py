@@ -175,13 +175,13 @@ def test_frame_labels_follow_the_alignment():
 
 
 # ------------------------------------------------------------------ the tables as data
-def test_the_corpus_prompt_pools_are_the_repository_prompt_files(built):
+def test_the_corpus_prompt_pools_are_the_package_prompt_files(built):
     for task in tables.SPEECH_TASKS:
         for i, pool in enumerate(("seen", "unseen")):
-            repo_file = os.path.join(tables.PROMPT_DIR, f"{task}.{pool}.txt")
-            with open(repo_file, "rb") as f, open(os.path.join(built["a"], "prompts", f"{task}.{pool}.txt"), "rb") as g:
-                assert f.read() == g.read(), repo_file
-            assert toy.PROMPTS[task][i] == tables.read_prompt_file(repo_file)
+            pool_file = os.path.join(tables.PROMPT_DIR, f"{task}.{pool}.txt")
+            with open(pool_file, "rb") as f, open(os.path.join(built["a"], "prompts", f"{task}.{pool}.txt"), "rb") as g:
+                assert f.read() == g.read(), pool_file
+            assert toy.PROMPTS[task][i] == tables.read_prompt_file(pool_file)
     train_prompts = {r.prompt for r in rows_of(built["a"], "train_sqa")}
     assert train_prompts <= set(toy.PROMPTS["sqa"][0])
 
@@ -200,7 +200,7 @@ def test_a_missing_or_empty_prompt_file_is_named(tmp_path):
     folder = tmp_path / "prompts"
     shutil.copytree(tables.PROMPT_DIR, folder)
     os.remove(folder / "st.unseen.txt")
-    with pytest.raises(FileNotFoundError, match=r"st\.unseen\.txt is missing.*manifests/prompts"):
+    with pytest.raises(FileNotFoundError, match=r"st\.unseen\.txt is missing.*wavllm_fairseq/data/prompts"):
         tables.prompt_pools(str(folder))
     (folder / "st.unseen.txt").write_text("\n  \n")
     with pytest.raises(ValueError, match=r"st\.unseen\.txt holds no prompt"):

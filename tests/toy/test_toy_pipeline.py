@@ -29,14 +29,14 @@ def pipeline(tmp_path_factory):
 
 
 def test_stage0_backbones_load_through_the_config_paths_and_are_cached(pipeline):
-    from wavllm_fairseq.models import encoders
+    from wavllm_fairseq.models import encoders, llm
     from wavllm_fairseq.data.tokenizer import LlamaTokenizer
     from wavllm_fairseq.toy.stage0 import main as stage0
 
     bb = os.path.join(pipeline["work"], "backbones")
     whisper = encoders.load_whisper_encoder(os.path.join(bb, "whisper"))
     wavlm = encoders.load_wavlm(os.path.join(bb, "wavlm"))
-    llama = encoders.load_llama(os.path.join(bb, "llama"))
+    llama = llm.load_llama(os.path.join(bb, "llama"))
     tok = LlamaTokenizer.from_dir(os.path.join(bb, "llama"))
     assert llama.config.vocab_size == len(tok)
     assert whisper.config.max_source_positions * 2 >= 200 and wavlm.config.num_hidden_layers >= 1

@@ -94,10 +94,13 @@ def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, 
 
     monkeypatch.setattr(corpus, "main", lambda argv: 0)
     monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed: {})
-    monkeypatch.setattr(small_backbones, "ensure_packages", lambda *a, **k: None)
+    monkeypatch.setattr(small_backbones, "require_packages", lambda: None)
     prepared = (str(tmp_path / "real" / "whisper-tiny.en"), str(tmp_path / "real" / "smollm2"))
     monkeypatch.setattr(small_backbones, "prepare", lambda out: prepared)
     seen = {}
+    # the converted Whisper transcribes the corpus's own test_asr rows as a check
+    monkeypatch.setattr(small_backbones, "manifest_clips", lambda manifest, n: seen.setdefault("check", (manifest, n)))
+    monkeypatch.setattr(small_backbones, "whisper_wer", lambda whisper, clips: (50.0, []))
 
     class Stop(Exception):
         pass
@@ -115,6 +118,7 @@ def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, 
     assert recipe.backbones == {"whisper": prepared[0], "llama": prepared[1],
                                 "wavlm": os.path.join(str(tmp_path), "backbones", "wavlm")}
     assert recipe.decode_args == ["--chat-template", "tokenizer"]  # SmolLM2 was trained with its own template
+    assert seen["check"] == (os.path.join(os.path.abspath("manifests"), "toy", "test_asr.tsv"), pipeline.CHECK_ROWS)
 
 
 def test_decode_stages_are_checked():

@@ -10,7 +10,7 @@ import editdistance
 import pytest
 import torch
 
-from wavllm_fairseq.evaluation import scoring
+from wavllm_fairseq.evaluation import metrics
 from wavllm_fairseq.toy import stage0, tables
 from wavllm_fairseq.toy.stage0 import whisper
 from wavllm_fairseq.toy.stage0.loop import Batches, schedule, train_steps
@@ -98,10 +98,10 @@ def test_the_cache_key_covers_the_source_of_stage_0():
     files = stage0.code_files()
     here = os.path.dirname(stage0.__file__)
     assert {os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py")} <= set(files)
-    names = {os.path.relpath(f, tables.REPO).replace(os.sep, "/") for f in files}
-    assert {"wavllm_fairseq/toy/tables.py", "wavllm_fairseq/toy/data/lexicon.json", "manifests/prompts/asr.seen.txt",
-            "wavllm_fairseq/models/encoders.py", "wavllm_fairseq/data/prompt_template.py",
-            "wavllm_fairseq/data/tokenizer.py"} <= names
+    names = {os.path.relpath(f, tables.SOURCE_ROOT).replace(os.sep, "/") for f in files}
+    assert {"wavllm_fairseq/toy/tables.py", "wavllm_fairseq/toy/data/lexicon.json",
+            "wavllm_fairseq/data/prompts/asr.seen.txt", "wavllm_fairseq/models/encoders.py",
+            "wavllm_fairseq/data/prompt_template.py", "wavllm_fairseq/data/tokenizer.py"} <= names
     assert all(os.path.isfile(f) for f in files)
 
 
@@ -109,13 +109,13 @@ def test_a_changed_source_byte_setting_seed_or_corpus_file_changes_the_cache_key
     src = tmp_path / "src"
     src.mkdir()
     files = []
-    for f in stage0.code_files():  # copies under their repository-relative names: the same key as the originals
-        copy = src / os.path.relpath(f, tables.REPO)
+    for f in stage0.code_files():  # copies under their SOURCE_ROOT-relative names: the same key as the originals
+        copy = src / os.path.relpath(f, tables.SOURCE_ROOT)
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, copy)
         files.append(str(copy))
     key = stage0.fingerprint(toy_corpus, "small", 1)
-    monkeypatch.setattr(tables, "REPO", str(src))
+    monkeypatch.setattr(tables, "SOURCE_ROOT", str(src))
     assert stage0.fingerprint(toy_corpus, "small", 1, files) == key  # the same bytes elsewhere: the same key
 
     loop = next(f for f in files if f.endswith(os.path.join("stage0", "loop.py")))
@@ -189,5 +189,5 @@ def test_the_scorer_wer_counts_the_toy_transcripts_as_lower_cased_words():
         hyps.append(" ".join(words[:k] + rng.sample(sentences, 1)[0].split()[:rng.randrange(3)] + words[k + 1:]))
     own = 100.0 * sum(editdistance.eval(r.lower().split(), h.lower().split()) for r, h in zip(refs, hyps)) / sum(
         len(r.split()) for r in refs)
-    assert scoring.wer(refs, hyps) == own > 0
-    assert whisper.wer is scoring.wer
+    assert metrics.wer(refs, hyps) == own > 0
+    assert whisper.wer is metrics.wer

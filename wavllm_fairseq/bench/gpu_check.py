@@ -1,4 +1,4 @@
-"""A GPU check anyone can run in a few minutes, nothing downloaded: ``python -m wavllm_fairseq.bench.gpu_check``
+"""A GPU check anyone can run, nothing downloaded: ``python -m wavllm_fairseq.bench.gpu_check``
 (or ``examples/wavllm/scripts/gpu_check.sh``, which installs what is missing first).
 
 Sections, each timed and reported even if a later one fails (``--only`` picks some):
@@ -7,13 +7,14 @@ Sections, each timed and reported even if a later one fails (``--only`` picks so
             audio + 64 text tokens, stage 1 and stage 2, batch 1/4/8/16, without and with activation
             checkpointing: peak memory and step time (the second of two steps).
 ``cli``     ``fairseq-hydra-train`` stage 1 then stage 2 with ``common.bf16=true`` on CUDA
-            (``wavllm_tiny`` on a small synthetic corpus, a few hundred updates), then
-            ``fairseq-generate`` on CUDA: the real command lines, return codes and wall times.
-``decode``  the decoding benchmark (bench_generate.py) on ``wavllm_7b`` bf16: batch 1 / 8 / 32,
+            (``wavllm_tiny`` on a small synthetic corpus, tiny_corpus.py, a few hundred updates, with the
+            toy yamls of ``--config-dir``), then ``fairseq-generate`` on CUDA: the real command lines,
+            return codes and wall times.
+``decode``  the decoding benchmark (generate.py) on ``wavllm_7b`` bf16: batch 1 / 8 / 32,
             ours (static + CUDA graphs, with and without a torch.compile'd step) against HF
             ``generate`` (dynamic, and static compiled), and the fraction of the bandwidth limit at
             batch 1 (``--decoders`` picks ours), and each decoder's untimed first call (graph capture,
-            compilation: seconds per shape for a per-layer compile on a CPU, not yet measured on a GPU).
+            compilation).
 ``invariance`` greedy decoding of a batch of 8 (128 tokens) against each row alone, in bf16 and in
             float32: how many rows differ and the first step where they do.
 
@@ -31,42 +32,36 @@ import traceback
 
 import torch
 
-from ..decoding.generator import WavLLMGenerator
+from ..decoding.options import DecodingOptions
+from ..models.config import DTYPES
 from . import generate as bench_generate
-from .generate import _Dict, _prefixes, build
+from .synthetic import TargetDictionary, generation_prefixes, random_model, training_net_input
+from .tiny_corpus import write_tiny_corpus
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # wavllm_fairseq: the --user-dir
+TOY_CONFIGS = os.path.join(PACKAGE_DIR, "toy", "config", "toy")  # the toy yamls, package data
 GiB = 2 ** 30
 
 
-def _net(batch: int, seconds: float, text: int, vocab: int, device: str) -> dict:
-    T = int(seconds * 16000)
-    n_target = text // 2
-    return dict(
-        audio=0.1 * torch.randn(batch, T, device=device), audio_lengths=torch.full((batch,), T, device=device),
-        pre_tokens=torch.randint(3, vocab, (batch, 40), device=device),
-        pre_lengths=torch.full((batch,), 40, device=device),
-        post_tokens=torch.randint(3, vocab, (batch, text), device=device),
-        post_lengths=torch.full((batch,), text, device=device),
-        post_target_mask=torch.cat([torch.zeros(batch, text - n_target, dtype=torch.bool),
-                                    torch.ones(batch, n_target, dtype=torch.bool)], 1).to(device),
-        instruction_tokens=torch.randint(3, vocab, (batch, 12), device=device),
-        instruction_lengths=torch.full((batch,), 12, device=device))
-
-
 def memory(args, report) -> None:
+    """The ``memory`` section: peak memory and time of training steps (see the module docstring).
+
+    Args:
+        args (argparse.Namespace): the parsed command line
+        report (dict): the results so far; this section adds its own
+    """
     cuda = args.device.startswith("cuda")
     _free()
     report["memory_baseline_gib"] = torch.cuda.memory_allocated() / GiB if cuda else 0.0  # should be ~0
     for stage in args.memory_stages:
-        model = build(args.arch, args.vocab, args.device, torch.bfloat16, stage=stage)
+        model = random_model(args.arch, args.vocab, args.device, torch.bfloat16, stage=stage)
         model.train()
         weights = torch.cuda.memory_allocated() / GiB if cuda else 0.0
         report.setdefault("memory_weights_gib", weights)
         for ckpt in (False, True):
             model.set_activation_checkpointing(ckpt)
             for batch in args.memory_batches:
-                net = _net(batch, args.seconds, 64, args.vocab, args.device)
+                net = training_net_input(batch, args.seconds, 64, args.vocab, args.device)
                 try:
                     for _ in range(2):
                         model.zero_grad(set_to_none=True)
@@ -98,25 +93,44 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _py(module: str, *argv: str, log: str, timeout: int) -> dict:
+def _py(module: str, *argv: str, log: str, timeout: int, cwd: str) -> dict:
     t = time.perf_counter()
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    out = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=cwd,
                          env=env, timeout=timeout)
     with open(log, "w") as f:
         f.write(out.stdout + out.stderr)
     return {"rc": out.returncode, "wall_s": time.perf_counter() - t, "tail": (out.stdout + out.stderr)[-1500:]}
 
 
-def cli(args, report) -> None:
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from helpers import make_corpus
+def missing_configs(config_dir: str) -> str:
+    """What the ``cli`` section lacks in a config folder.
 
+    Args:
+        config_dir (str): the ``--config-dir`` folder
+
+    Returns:
+        str: an error message naming the missing yamls, or '' when both toy yamls are there
+    """
+    missing = [n for n in ("toy_stage1.yaml", "toy_stage2.yaml") if not os.path.isfile(os.path.join(config_dir, n))]
+    if not missing:
+        return ""
+    return (f"--config-dir {config_dir} has no {' / '.join(missing)}: pass the folder of the toy training configs "
+            f"(the package's own: {TOY_CONFIGS})")
+
+
+def cli(args, report) -> None:
+    """The ``cli`` section: the real training and decoding command lines (see the module docstring).
+
+    Args:
+        args (argparse.Namespace): the parsed command line
+        report (dict): the results so far; this section adds its own
+    """
     cuda = args.device.startswith("cuda")
     work = tempfile.mkdtemp(prefix="gpu_cli_")
-    corpus = make_corpus(os.path.join(work, "corpus"), n_train=16)
-    configs = os.path.join(ROOT, "examples", "wavllm", "config", "toy")
-    user_dir = os.path.join(ROOT, "wavllm_fairseq")
+    corpus = write_tiny_corpus(os.path.join(work, "corpus"), n_train=16)
+    configs = os.path.abspath(args.config_dir)
+    user_dir = PACKAGE_DIR
 
     def overrides(save, updates, extra=()):
         return [f"common.user_dir={user_dir}", f"task.data={os.path.dirname(corpus['train_asr'])}",
@@ -134,20 +148,21 @@ def cli(args, report) -> None:
     s1, s2 = os.path.join(work, "s1"), os.path.join(work, "s2")
     device_flags = ["--bf16"] if cuda else ["--cpu"]
     res["stage1"] = _py("fairseq_cli.hydra_train", "--config-dir", configs, "--config-name", "toy_stage1",
-                        *overrides(s1, args.stage1_updates), log=os.path.join(args.out, "cli_stage1.log"), timeout=300)
+                        *overrides(s1, args.stage1_updates), log=os.path.join(args.out, "cli_stage1.log"), timeout=300,
+                        cwd=work)
     res["stage1"]["updates"] = args.stage1_updates
     print("cli stage 1", {k: v for k, v in res["stage1"].items() if k != "tail"}, flush=True)
     res["stage2"] = _py("fairseq_cli.hydra_train", "--config-dir", configs, "--config-name", "toy_stage2",
                         *overrides(s2, args.stage2_updates,
                                    [f"checkpoint.finetune_from_model={s1}/checkpoint_last.pt"]),
-                        log=os.path.join(args.out, "cli_stage2.log"), timeout=300)
+                        log=os.path.join(args.out, "cli_stage2.log"), timeout=300, cwd=work)
     res["stage2"]["updates"] = args.stage2_updates
     print("cli stage 2", {k: v for k, v in res["stage2"].items() if k != "tail"}, flush=True)
     res["generate"] = _py("fairseq_cli.generate", os.path.dirname(corpus["train_asr"]), "--user-dir", user_dir,
                           "--task", "wavllm_instruction", "--tokenizer-dir", corpus["tok"], "--gen-subset",
                           "test_asr", "--path", os.path.join(s2, "checkpoint_last.pt"), "--batch-size", "4",
                           "--required-batch-size-multiple", "1", "--max-len-b", "12", "--scoring", "wer", *device_flags,
-                          log=os.path.join(args.out, "cli_generate.log"), timeout=300)
+                          log=os.path.join(args.out, "cli_generate.log"), timeout=300, cwd=work)
     log = open(os.path.join(args.out, "cli_generate.log")).read()
     res["generate"]["hypotheses"] = log.count("\nH-") + log.startswith("H-")
     print("cli generate", {k: v for k, v in res["generate"].items() if k != "tail"}, flush=True)
@@ -155,6 +170,12 @@ def cli(args, report) -> None:
 
 
 def decode(args, report) -> None:
+    """The ``decode`` section: the decoding benchmark (generate.py), its results kept in the report.
+
+    Args:
+        args (argparse.Namespace): the parsed command line
+        report (dict): the results so far; this section adds its own
+    """
     path = os.path.join(args.out, "decode.json")
     argv = ["--arch", args.arch, "--device", args.device, "--dtype", "bfloat16", "--vocab", str(args.vocab),
             "--batch", *map(str, args.decode_batches), "--new-tokens", str(args.new_tokens), "--repeats", "2",
@@ -166,27 +187,30 @@ def decode(args, report) -> None:
 
 
 def invariance(args, report) -> None:
+    """The ``invariance`` section: greedy rows decoded in a batch against each alone, per dtype.
+
+    Args:
+        args (argparse.Namespace): the parsed command line
+        report (dict): the results so far; this section adds its own
+    """
     res = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        model = build(args.arch, args.vocab, args.device, dtype, stage=1)
+    for name in ("bfloat16", "float32"):
+        model = random_model(args.arch, args.vocab, args.device, DTYPES[name], stage=1)
         eos = model.llm.config.eos_token_id
-        prefix = _prefixes(model, 8, args.vocab, device=args.device)
+        prefix = generation_prefixes(model, 8, args.vocab, device=args.device)
         N = args.new_tokens
-        g = WavLLMGenerator([model], _Dict(eos), max_len_b=N, min_len=N)
-        g._cap_is_task = [False] * 8
+        g = DecodingOptions(max_len_b=N, min_len=N).build(model, TargetDictionary(eos))
         with torch.no_grad():
-            together = [h[0]["tokens"].tolist() for h in g._greedy(prefix, [N] * 8, list(range(8)))]
+            together = [h[0]["tokens"].tolist() for h in g.decode(prefix, [N] * 8, list(range(8)))]
             differ, first = 0, []
             for b in range(8):
                 n = int(prefix.attention_mask[b].sum())
                 one = type(prefix)(embeds=prefix.embeds[b: b + 1, -n:],
                                    attention_mask=prefix.attention_mask[b: b + 1, -n:], lora_scale=None)
-                g._cap_is_task = [False]
-                alone = g._greedy(one, [N], [b])[0][0]["tokens"].tolist()
+                alone = g.decode(one, [N], [b])[0][0]["tokens"].tolist()
                 if alone != together[b]:
                     differ += 1
                     first.append(next(i for i, (x, y) in enumerate(zip(alone, together[b])) if x != y))
-        name = str(dtype).replace("torch.", "")
         res[name] = {"rows": 8, "rows_differing": differ, "first_differing_steps": first}
         print("invariance", name, res[name], flush=True)
         del model, g
@@ -195,6 +219,14 @@ def invariance(args, report) -> None:
 
 
 def table(report) -> str:
+    """The report as markdown tables.
+
+    Args:
+        report (dict): the sections' results
+
+    Returns:
+        str: what is printed at the end and written to table.md
+    """
     lines = [f"GPU check, {report.get('gpu')}, torch {torch.__version__}, {report.get('date')}", ""]
     if report.get("memory"):
         lines += [f"Training step, {report.get('arch')} bf16 weights ({report.get('memory_weights_gib', 0):.1f} GiB), "
@@ -243,6 +275,14 @@ def table(report) -> str:
 
 
 def main(argv=None) -> int:
+    """The command line (module docstring).
+
+    Args:
+        argv (Optional[List[str]]): the arguments (default: ``sys.argv[1:]``)
+
+    Returns:
+        int: the exit status
+    """
     p = argparse.ArgumentParser(prog="wavllm-gpu-check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check_out")
@@ -255,6 +295,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage1-updates", type=int, default=300)
     p.add_argument("--stage2-updates", type=int, default=150)
     p.add_argument("--no-hf-static", action="store_true", help="skip HF's compiled static-cache generate")
+    p.add_argument("--config-dir", default=TOY_CONFIGS,
+                   help="folder of the toy training yamls (toy_stage1 / toy_stage2) the cli section trains with")
     # for a CPU smoke test of the script itself (tests/test_gpu_check.py); the check is meant for a GPU
     p.add_argument("--device", default="cuda")
     p.add_argument("--arch", default="wavllm_7b")
@@ -264,6 +306,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: this check needs a GPU (--device cpu only smoke-tests the script)", file=sys.stderr)
+        return 2
+    if "cli" in args.only and missing_configs(args.config_dir):
+        print(f"wavllm-gpu-check: {missing_configs(args.config_dir)}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     report = {"gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",

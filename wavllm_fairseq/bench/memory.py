@@ -4,8 +4,8 @@
 
 Each setting runs in a fresh subprocess (peak RSS only grows within a process): build the model with
 random weights, take the resident set size, run one forward + backward of a training batch, and
-report the peak RSS growth during the step (activations + gradients + temporaries). On a GPU the same
-script reports ``torch.cuda.max_memory_allocated`` instead (untested here: no GPU on this machine).
+report the peak RSS growth during the step (activations + gradients + temporaries). On a GPU
+(``--device cuda``) the same script reports ``torch.cuda.max_memory_allocated`` instead.
 """
 import argparse
 import json
@@ -13,6 +13,13 @@ import resource
 import subprocess
 import sys
 import time
+
+import torch
+
+from ..models.wavllm import WavLLMModel
+from .synthetic import PRE_TOKENS, training_net_input
+
+VOCAB = 32000
 
 
 def _rss_mb() -> float:
@@ -24,25 +31,12 @@ def _rss_mb() -> float:
 
 
 def _child(arch: str, batch: int, seconds: float, text: int, ckpt: bool, bf16: bool, device: str) -> dict:
-    import torch
-
-    from ..models.wavllm import WavLLMModel
-
+    """One setting, measured in this (fresh) process: the row of the table."""
     torch.manual_seed(0)
-    model = WavLLMModel.from_arch(arch, vocab_size=32000, activation_checkpointing=ckpt).to(device)
+    model = WavLLMModel.from_arch(arch, vocab_size=VOCAB, activation_checkpointing=ckpt).to(device)
     model.train()
     T = int(seconds * 16000)
-    n_target = text // 2
-    net = dict(
-        audio=0.1 * torch.randn(batch, T, device=device), audio_lengths=torch.full((batch,), T, device=device),
-        pre_tokens=torch.randint(3, 32000, (batch, 40), device=device),
-        pre_lengths=torch.full((batch,), 40, device=device),
-        post_tokens=torch.randint(3, 32000, (batch, text), device=device),
-        post_lengths=torch.full((batch,), text, device=device),
-        post_target_mask=torch.cat([torch.zeros(batch, text - n_target, dtype=torch.bool),
-                                    torch.ones(batch, n_target, dtype=torch.bool)], 1).to(device),
-        instruction_tokens=torch.randint(3, 32000, (batch, 12), device=device),
-        instruction_lengths=torch.full((batch,), 12, device=device))
+    net = training_net_input(batch, seconds, text, VOCAB, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
@@ -58,12 +52,20 @@ def _child(arch: str, batch: int, seconds: float, text: int, ckpt: bool, bf16: b
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    seq = 40 + int(model.speech_frames(torch.tensor([T]))[0]) + text
+    seq = PRE_TOKENS + int(model.speech_frames(torch.tensor([T]))[0]) + text
     return {"activation_checkpointing": ckpt, "bf16": bf16, "base_mb": round(base, 1),
             "step_peak_growth_mb": round(peak - base, 1), "step_seconds": round(step_s, 2), "llm_seq_len": seq}
 
 
 def main(argv=None) -> int:
+    """The command line (module docstring).
+
+    Args:
+        argv (Optional[List[str]]): the arguments (default: ``sys.argv[1:]``)
+
+    Returns:
+        int: the exit status
+    """
     p = argparse.ArgumentParser(prog="python -m wavllm_fairseq.bench.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="wavllm_small")

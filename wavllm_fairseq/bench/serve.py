@@ -41,7 +41,11 @@ STATIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def presets() -> List[str]:
-    """The page's instruction presets (static/presets.json)."""
+    """The page's instruction presets.
+
+    Returns:
+        List[str]: the instructions of static/presets.json
+    """
     with open(os.path.join(STATIC, "presets.json"), encoding="utf-8") as f:
         return [p["instruction"] for p in json.load(f)]
 
@@ -50,7 +54,16 @@ def presets() -> List[str]:
 def tiny_checkpoint(out_dir: str, seed: int = 0, stage: int = 1) -> str:
     """A ``wavllm_tiny`` checkpoint with random weights (trained-looking LoRA; with ``stage=2`` a random
     prompt-aware adapter, so each row gets its own LoRA scale) and its own sentencepiece tokenizer,
-    loadable by ``WavLLM.from_pretrained`` / ``wavllm-serve``: for tests and benchmarks."""
+    loadable by ``WavLLM.from_pretrained`` / ``wavllm-serve``: for tests and benchmarks.
+
+    Args:
+        out_dir (str): the folder to write (the checkpoint and ``tok/``)
+        seed (int): seed of the weights
+        stage (int): 1 or 2 (with the prompt-aware adapter)
+
+    Returns:
+        str: the checkpoint's path
+    """
     words = "the red cat runs to a big blue house and a small dog sleeps under the green tree".split()
     texts = presets() + [" ".join(words), DEFAULT_SYSTEM_PROMPT, "[INST] <<SYS>> <</SYS>> <SPEECH> </SPEECH> [/INST]"]
     tok = train_sentencepiece(texts * 5, os.path.join(out_dir, "tok"), vocab_size=360)
@@ -75,13 +88,32 @@ def tiny_checkpoint(out_dir: str, seed: int = 0, stage: int = 1) -> str:
 
 # ---------------------------------------------------------------------------------------------- clients
 def wav_bytes(wav: np.ndarray, sr: int = 16000, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    """An audio file in memory.
+
+    Args:
+        wav (np.ndarray): waveform with shape (T,) or (T, channels)
+        sr (int): its sample rate
+        subtype (str): soundfile's sample format
+        fmt (str): soundfile's container format
+
+    Returns:
+        bytes: the file's bytes
+    """
     buf = io.BytesIO()
     sf.write(buf, wav, sr, subtype=subtype, format=fmt)
     return buf.getvalue()
 
 
 def tone_clips(n: int, seed: int = 0) -> List[bytes]:
-    """``n`` wav files of 0.5-3 s: a few tones with noise, each clip different."""
+    """Clips of 0.5-3 s: a tone with noise, each clip different.
+
+    Args:
+        n (int): how many
+        seed (int): seed of the lengths, pitches and noise
+
+    Returns:
+        List[bytes]: ``n`` wav files (16 kHz, 16-bit)
+    """
     rng = np.random.default_rng(seed)
     clips = []
     for i in range(n):
@@ -93,7 +125,15 @@ def tone_clips(n: int, seed: int = 0) -> List[bytes]:
 
 
 def manifest_clips(manifest: str, n: int) -> List[Tuple[bytes, str]]:
-    """(wav bytes, prompt) of the speech rows of an instruction TSV, cycled to ``n``."""
+    """The speech rows of an instruction TSV as requests, cycled to ``n``.
+
+    Args:
+        manifest (str): the TSV
+        n (int): how many
+
+    Returns:
+        List[Tuple[bytes, str]]: (wav bytes, prompt) per request
+    """
     rows = [r for r in read_manifest(manifest)[0] if r.with_speech]
     if not rows:
         raise SystemExit(f"{manifest}: no rows with audio")
@@ -103,6 +143,18 @@ def manifest_clips(manifest: str, n: int) -> List[Tuple[bytes, str]]:
 
 
 def chat_body(audio: Optional[bytes], instruction: str, max_tokens: int, model: str = "wavllm", **extra) -> dict:
+    """A greedy ``/v1/chat/completions`` request body.
+
+    Args:
+        audio (Optional[bytes]): a wav file sent as ``input_audio``, or None for a text-only question
+        instruction (str): the question
+        max_tokens (int): the answer's cap
+        model (str): the model name
+        **extra: more body fields (they win over the defaults)
+
+    Returns:
+        dict: the JSON body
+    """
     content = [{"type": "text", "text": instruction}]
     if audio is not None:
         content.append({"type": "input_audio",
@@ -112,6 +164,16 @@ def chat_body(audio: Optional[bytes], instruction: str, max_tokens: int, model: 
 
 
 def post_json(url: str, body: dict, timeout: float = 120.0) -> Tuple[int, dict]:
+    """POST ``body`` as JSON.
+
+    Args:
+        url (str): where
+        body (dict): the JSON body
+        timeout (float): seconds
+
+    Returns:
+        Tuple[int, dict]: the HTTP status and the JSON answer (an error's too)
+    """
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -123,7 +185,16 @@ def post_json(url: str, body: dict, timeout: float = 120.0) -> Tuple[int, dict]:
 def run_load(base_url: str, bodies: List[dict], concurrency: int, timeout: float = 120.0):
     """POST every body to /v1/chat/completions from ``concurrency`` threads.
 
-    Returns ([(status, response, latency_s)] in body order, wall seconds)."""
+    Args:
+        base_url (str): the server (``http://host:port``)
+        bodies (List[dict]): the request bodies
+        concurrency (int): client threads
+        timeout (float): seconds per request
+
+    Returns:
+        Tuple[List[Tuple[int, dict, float]], float]: (status, response, latency s) in body order, and the wall
+        seconds of the whole load
+    """
     def one(body):
         t = time.perf_counter()
         status, resp = post_json(base_url + "/v1/chat/completions", body, timeout)
@@ -137,7 +208,14 @@ def run_load(base_url: str, bodies: List[dict], concurrency: int, timeout: float
 
 # ---------------------------------------------------------------------------------------------- server process
 class ServerProcess:
-    """``wavllm-serve`` in a child process on a free loopback port; a context manager."""
+    """``wavllm-serve`` in a child process on a free loopback port; a context manager (``url`` once entered).
+
+    Args:
+        checkpoint (str): the checkpoint it serves
+        *args (str): more ``wavllm-serve`` arguments
+        env (Optional[dict]): environment variables added to this process's
+        log_path (Optional[str]): where its stderr goes (default: a temporary file)
+    """
 
     def __init__(self, checkpoint: str, *args: str, env: Optional[dict] = None, log_path: Optional[str] = None):
         self.cmd = [sys.executable, "-m", "wavllm_fairseq.serve.cli", "--checkpoint", checkpoint, "--host",
@@ -173,6 +251,7 @@ class ServerProcess:
         raise RuntimeError("wavllm-serve did not answer /health within 60 s")
 
     def log(self) -> str:
+        """The server's stderr so far."""
         self._log.flush()
         self._log.seek(0)
         return self._log.read()
@@ -199,6 +278,14 @@ def _pct(xs: List[float], q: float) -> float:
 
 
 def main(argv=None) -> int:
+    """The command line (module docstring).
+
+    Args:
+        argv (Optional[List[str]]): the arguments (default: ``sys.argv[1:]``)
+
+    Returns:
+        int: the exit status
+    """
     p = argparse.ArgumentParser(prog="wavllm-bench-serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="default: a tiny random checkpoint built in a temp folder")

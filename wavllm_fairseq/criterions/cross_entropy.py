@@ -20,6 +20,8 @@ TASK_NTOK = "task_ntok:"
 
 @dataclass
 class WavLLMCrossEntropyConfig(FairseqDataclass):
+    """The ``criterion.*`` options of ``wavllm_cross_entropy``."""
+
     label_smoothing: float = field(default=0.0,
                                    metadata={"help": "epsilon for label smoothing (0 = plain cross entropy)"})
     report_per_task: bool = field(default=True, metadata={"help": "log the loss of each task separately"})
@@ -27,12 +29,31 @@ class WavLLMCrossEntropyConfig(FairseqDataclass):
 
 @register_criterion("wavllm_cross_entropy", dataclass=WavLLMCrossEntropyConfig)
 class WavLLMCrossEntropy(FairseqCriterion):
+    """Cross entropy (optionally label-smoothed) over the target tokens the model returns logits for.
+
+    Args:
+        task (FairseqTask): the task.
+        label_smoothing (float): eps; per token (1 - eps) * nll + eps * (-mean log-probability over the vocabulary).
+        report_per_task (bool): log each task's loss (``loss_<task>``) from the batch's ``task_names``.
+    """
+
     def __init__(self, task, label_smoothing=0.0, report_per_task=True):
         super().__init__(task)
         self.eps = label_smoothing
         self.report_per_task = report_per_task
 
     def forward(self, model, sample, reduce=True):
+        """The summed loss of a batch.
+
+        Args:
+            model (WavLLMModel): returns (logits (N, V), targets (N,), rows (N,)) for the N target tokens.
+            sample (dict): the collater's batch (data/dataset.py).
+            reduce (bool): fairseq's argument; the loss is always summed.
+
+        Returns:
+            Tuple[torch.Tensor, int, dict]: the loss (a scalar, summed over target tokens), the sample size
+            (target tokens) and the logging output.
+        """
         logits, target, rows = model(**sample["net_input"])  # (N, V), (N,), (N,)
         lprobs = F.log_softmax(logits.float(), dim=-1)
         nll = -lprobs.gather(1, target[:, None]).squeeze(1)  # (N,)
@@ -63,6 +84,12 @@ class WavLLMCrossEntropy(FairseqCriterion):
 
     @classmethod
     def reduce_metrics(cls, logging_outputs: List[Dict]) -> None:
+        """Log loss and nll_loss (base 2, per target token), ppl, accuracy and each task's loss.
+
+        Args:
+            logging_outputs (List[Dict]): the logging outputs of :meth:`forward`, from every worker.
+        """
+
         def total(key):
             return sum(log.get(key, 0) for log in logging_outputs)
 
@@ -80,5 +107,10 @@ class WavLLMCrossEntropy(FairseqCriterion):
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
+        """False: the logging outputs are gathered, not summed.
+
+        Returns:
+            bool: False.
+        """
         # per-task keys differ between workers, so they are gathered rather than summed as tensors
         return False

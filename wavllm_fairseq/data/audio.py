@@ -1,4 +1,4 @@
-"""Audio input: read manifest audio cells as 16 kHz mono float32, and Whisper's log-mel features.
+"""Audio input: read manifest audio cells as 16 kHz mono float32 (the rate the model's encoders take).
 
 Audio cells are paths (absolute, or relative to the manifest's folder) or fairseq's
 ``file.zip:offset:length`` (byte offset and length of an uncompressed member). Anything soundfile
@@ -33,14 +33,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 import soundfile as sf
-import torch
 from scipy.signal import resample_poly
-from transformers.audio_utils import mel_filter_bank
 
 from ..errors import AudioError
+from ..models.frontend import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
-SAMPLE_RATE = 16000
 SILENCE_PEAK = 1e-4  # a clip whose 16 kHz peak |x| is below this is silent (a warning, not an error)
 
 _ZIP_SPEC = re.compile(r"^(?P<path>.+\.zip):(?P<offset>\d+):(?P<length>\d+)$", re.IGNORECASE)
@@ -73,7 +71,18 @@ class AudioSpec:
 
 
 def parse_audio_spec(spec: str, root: str = "") -> AudioSpec:
-    """Resolve an audio cell against ``root`` (the manifest's folder): plain path or ``file.zip:offset:length``."""
+    """Resolve an audio cell against ``root`` (the manifest's folder): plain path or ``file.zip:offset:length``.
+
+    Args:
+        spec (str): the audio cell.
+        root (str): the folder relative paths start from.
+
+    Returns:
+        AudioSpec: the normalised path and, for a zip member, its byte slice.
+
+    Raises:
+        AudioError: for an empty cell (``missing``).
+    """
     spec = spec.strip()
     if spec in ("", "-"):
         raise AudioError("no audio given (the audio cell is empty or '-')", reason="missing")
@@ -147,13 +156,29 @@ def _ratio(sr: int) -> Tuple[int, int]:
 
 
 def num_frames_16k(n: int, sr: int) -> int:
-    """Length after ``resample_poly`` from ``sr`` to 16 kHz: ceil(n * up / down) with gcd-reduced up/down."""
+    """Length after ``resample_poly`` from ``sr`` to 16 kHz: ceil(n * up / down) with gcd-reduced up/down.
+
+    Args:
+        n (int): samples at ``sr``.
+        sr (int): the sample rate in Hz.
+
+    Returns:
+        int: samples at 16 kHz.
+    """
     up, down = _ratio(sr)
     return -(-n * up // down)
 
 
 def resample_to_16k(wav: np.ndarray, sr: int) -> np.ndarray:
-    """Mix a (T,) or (T, C) waveform at ``sr`` Hz down to mono (channel mean) and resample it to 16 kHz, float32."""
+    """Mix a waveform down to mono (channel mean) and resample it to 16 kHz.
+
+    Args:
+        wav (np.ndarray): samples with shape (T,) or (T, C).
+        sr (int): its sample rate in Hz.
+
+    Returns:
+        np.ndarray: float32 with shape (T16,), T16 = ``num_frames_16k(T, sr)``.
+    """
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim == 2:
         wav = wav.mean(axis=1)  # (T, C) -> (T,)
@@ -191,9 +216,20 @@ def audio_num_frames(spec: str, root: str = "", *, max_seconds: Optional[float] 
                      where: Optional[Tuple[str, int]] = None) -> int:
     """Number of 16 kHz samples ``load_audio`` returns, from the header only (no decoding).
 
-    Raises AudioError for missing/empty/unsupported/corrupt-header/zero-length/too-long audio; damage
-    in the middle of a compressed stream and silence are only found by ``load_audio``. MP3 headers
-    can carry an estimated length, so MP3s are decoded to count.
+    Damage in the middle of a compressed stream and silence are only found by ``load_audio``. MP3
+    headers can carry an estimated length, so MP3s are decoded to count.
+
+    Args:
+        spec (str): the audio cell.
+        root (str): the folder relative paths start from.
+        max_seconds (Optional[float]): longer audio is an error (``too_long``).
+        where (Optional[Tuple[str, int]]): (manifest file, line) to put in front of error messages.
+
+    Returns:
+        int: 16 kHz samples.
+
+    Raises:
+        AudioError: for missing, empty, unsupported, corrupt-header, zero-length or too-long audio.
     """
     s, f = _open(spec, root, where)
     with f:
@@ -206,10 +242,19 @@ def audio_num_frames(spec: str, root: str = "", *, max_seconds: Optional[float] 
 
 def load_audio(spec: str, root: str = "", *, max_seconds: Optional[float] = None,
                where: Optional[Tuple[str, int]] = None) -> np.ndarray:
-    """Decode an audio cell to a 16 kHz mono float32 array (T,), or raise AudioError (see module doc).
+    """Decode an audio cell to 16 kHz mono float32 (see the module docstring for every error reason).
 
-    ``root`` is the folder relative paths start from (the manifest's folder); ``where=(manifest_file,
-    line)`` puts that location in front of the error message.
+    Args:
+        spec (str): the audio cell.
+        root (str): the folder relative paths start from (the manifest's folder).
+        max_seconds (Optional[float]): longer audio is an error (``too_long``).
+        where (Optional[Tuple[str, int]]): (manifest file, line) to put in front of error messages.
+
+    Returns:
+        np.ndarray: the waveform with shape (T,).
+
+    Raises:
+        AudioError: naming the file, with its ``reason``.
     """
     s, f = _open(spec, root, where)
     with f:
@@ -234,58 +279,3 @@ def load_audio(spec: str, root: str = "", *, max_seconds: Optional[float] = None
         logger.warning(f"{loc}audio {s} is silent (peak |x| = {peak:.1e} < {SILENCE_PEAK:g}); decoding it as it is")
     return wav
 
-
-# ------------------------------------------------------------------------------------------------
-# Whisper log-mel
-# ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _mel_filters(n_mels: int, n_fft: int) -> np.ndarray:
-    return mel_filter_bank(num_frequency_bins=1 + n_fft // 2, num_mel_filters=n_mels, min_frequency=0.0,
-                           max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney",
-                           mel_scale="slaney").astype(np.float32)  # (n_fft/2+1, n_mels)
-
-
-def whisper_log_mel(wav, lengths, n_mels: int = 80, n_fft: int = 400, hop: int = 160,
-                    window_frames: Optional[int] = None):
-    """Whisper's log-mel spectrogram for a right-padded batch, as ``WhisperFeatureExtractor`` makes it.
-
-    ``wav`` (B, T) float, ``lengths`` (B,) long. Returns ``mel`` (B, n_mels, F) and the valid frame
-    counts ``ceil(lengths / hop)`` (B,): the extractor's attention mask (one entry per ``hop`` samples of
-    the clip, as the reference reads it). Each frame: periodic hann window, centred STFT, power, slaney
-    mel filters, ``log10(max(x, 1e-10))``, floor at (peak - 8), ``(x + 4) / 4``. Samples at and beyond
-    ``lengths[b]`` are taken as zeros (the extractor zero-pads), so a clip's features do not depend on the
-    batch it is in.
-
-    * ``window_frames`` given (3000 = Whisper's 30 s): the clip is cut into consecutive windows of
-      ``window_frames * hop`` samples, zero-padded to whole windows, and each window is what the
-      extractor makes of that window alone -- as the reference feeds a clip over 30 s, one 30 s chunk
-      at a time: its own peak, reflect padding at both edges of the window (real audio at the edge of a
-      full window, zeros after a clip that ends inside it). ``F = n_windows * window_frames``.
-    * ``window_frames=None``: one span; the peak is the utterance's own, the left edge is reflect-padded
-      and the right edge sees zeros (what the extractor gives when it pads the clip to 30 s).
-      ``F = ceil(T / hop)``.
-    """
-    wav = wav.float()
-    B, T = wav.shape
-    lengths = lengths.to(device=wav.device, dtype=torch.long)
-    half = n_fft // 2
-    if window_frames:
-        W = window_frames * hop  # samples per window
-        n_win = max(1, -(-T // W))
-        keep = window_frames
-    else:
-        keep = max(1, -(-T // hop))
-        W, n_win = keep * hop + half, 1  # zeros past the end: the right reflect only sees zeros
-    wav = torch.nn.functional.pad(wav, (0, n_win * W - T)) if n_win * W > T else wav[:, : n_win * W]
-    valid = torch.arange(n_win * W, device=wav.device)[None, :] < lengths[:, None]  # (B, n*W)
-    x = torch.where(valid, wav, torch.zeros((), device=wav.device)).reshape(B * n_win, W)
-    window = torch.hann_window(n_fft, device=wav.device)
-    spec = torch.stft(x, n_fft, hop, window=window, center=True, pad_mode="reflect",
-                      return_complex=True)  # (B*n, n_fft/2+1, 1 + W // hop)
-    power = spec[..., :-1].abs() ** 2  # the extractor drops the last frame
-    filters = torch.from_numpy(_mel_filters(n_mels, n_fft)).to(wav.device)
-    log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()  # (B*n, n_mels, W // hop)
-    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # per window (per utterance without windows)
-    log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
-    mel = log_spec[:, :, :keep].reshape(B, n_win, n_mels, keep).permute(0, 2, 1, 3).reshape(B, n_mels, n_win * keep)
-    return mel, torch.div(lengths + hop - 1, hop, rounding_mode="floor")

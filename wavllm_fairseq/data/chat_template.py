@@ -22,18 +22,28 @@ text the template puts after the eos (a newline) belongs to the next prompt. The
 ``EncodedPrompt`` has the same fields as the reference template's, so the dataset, the prompt-aware
 adapter (``adapter_input`` = enc('"' + instruction + '"')) and the generator are unchanged.
 """
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..errors import WavLLMInputError
 from .prompt_template import (DEFAULT_SYSTEM_PROMPT, SPEECH_CLOSE, SPEECH_OPEN, EncodedPrompt, Turn, adapter_text,
-                              encode_example)
+                              check_turns, encode_example)
 
 TEMPLATES = ("reference", "tokenizer")
 SPEECH_MARK = "\u27e6wavllm-speech\u27e7"  # stands for the speech embeddings while the template is text
 
 
 def prompt_encoder(name: str) -> Callable[..., EncodedPrompt]:
-    """``task.chat_template`` -> ``encode(tokenizer, turns, with_speech, system=...) -> EncodedPrompt``."""
+    """The encoder of a ``task.chat_template`` name.
+
+    Args:
+        name (str): one of ``TEMPLATES``.
+
+    Returns:
+        Callable[..., EncodedPrompt]: ``encode(tokenizer, turns, with_speech, system=...)``.
+
+    Raises:
+        WavLLMInputError: for another name.
+    """
     if name == "reference":
         return encode_example
     if name == "tokenizer":
@@ -55,19 +65,22 @@ def _messages(turns: Sequence[Turn], with_speech: bool, system: str, upto: int, 
 
 def encode_with_chat_template(tokenizer, turns: Sequence[Turn], with_speech: bool,
                               system: str = DEFAULT_SYSTEM_PROMPT) -> EncodedPrompt:
-    """Encode ``turns`` = [(instruction, answer), ...] with the tokenizer's chat template; the last
-    answer may be None (generation prefix). See the module docstring for the layout."""
-    hf = getattr(tokenizer, "hf", None)
-    if hf is None or not getattr(hf, "chat_template", None):
-        raise WavLLMInputError(
-            f"task.chat_template=tokenizer needs a Hugging Face tokenizer with a chat template, but "
-            f"{getattr(tokenizer, 'path', tokenizer)} has none (a sentencepiece tokenizer.model, or no chat_template "
-            "in tokenizer_config.json); use task.chat_template=reference", reason="bad_tokenizer")
-    if not turns:
-        raise ValueError("an example needs at least one (instruction, answer) turn")
-    for i, (_, answer) in enumerate(turns[:-1]):
-        if answer is None:
-            raise ValueError(f"turn {i + 1} has no answer; only the last turn may be open")
+    """Encode a conversation with the tokenizer's chat template (the layout: module docstring).
+
+    Args:
+        tokenizer (HFTokenizer): a tokenizer with a chat template.
+        turns (Sequence[Turn]): [(instruction, answer), ...]; the last answer may be None (generation prefix).
+        with_speech (bool): whether the row has speech (its span opens the first user turn).
+        system (str): the system prompt ('' for none).
+
+    Returns:
+        EncodedPrompt: the token spans around the speech and the answer-only loss mask.
+
+    Raises:
+        WavLLMInputError: for a tokenizer or template that cannot encode it token-exactly.
+    """
+    hf = _chat_tokenizer(tokenizer)
+    check_turns(turns)
 
     def render(upto: int, with_answer: bool) -> str:
         try:
@@ -92,15 +105,8 @@ def encode_with_chat_template(tokenizer, turns: Sequence[Turn], with_speech: boo
                                    "once a turn is added; it cannot be used for training", reason="bad_tokenizer")
         segment = prompt[len(done):]
         if i == 0:
-            left, mark, right = segment.partition(SPEECH_MARK)
-            if with_speech and not mark:
-                raise WavLLMInputError(f"the chat template of {tokenizer.path} dropped the user turn's text",
-                                       reason="bad_tokenizer")
-            if not with_speech:  # no speech span: it sits where the instruction starts
-                cut = segment.find(turns[0][0]) if turns[0][0] else -1
-                left, right = (segment[:cut], segment[cut:]) if cut > 0 else (segment, "")
+            left, segment = _split_at_speech(segment, turns[0][0], with_speech, tokenizer.path)
             pre = enc(left)
-            segment = right
         ids = enc(segment)
         post += ids
         mask += [False] * len(ids)
@@ -112,16 +118,43 @@ def encode_with_chat_template(tokenizer, turns: Sequence[Turn], with_speech: boo
         if not full.startswith(prompt):
             raise WavLLMInputError(f"the chat template of {tokenizer.path} does not continue its generation "
                                    "prompt with the answer; it cannot be used for training", reason="bad_tokenizer")
-        reply = full[len(prompt):]
-        cut = reply.find(eos_text, reply.find(answer) + len(answer) if answer and answer in reply else 0)
-        if cut < 0:  # the template does not end a turn with eos: the answer ends with it anyway
-            ids = enc(reply) + [eos_id]
-            done = full
-        else:
-            ids = enc(reply[: cut + len(eos_text)])
-            done = prompt + reply[: cut + len(eos_text)]  # the rest (a newline) opens the next prompt segment
+        ids, answered = _answer_ids(enc, full[len(prompt):], answer, eos_text, eos_id)
+        done = prompt + answered
         post += ids
         mask += [True] * len(ids)
     first = turns[0][0] or ""
     return EncodedPrompt(pre=pre, post=post, post_target_mask=mask, instruction=enc(first), has_speech=with_speech,
                          turn_starts=starts, adapter_input=enc(adapter_text(first)))
+
+
+def _chat_tokenizer(tokenizer):
+    """The ``transformers`` tokenizer of ``tokenizer``, or a clear error when it has no chat template."""
+    hf = getattr(tokenizer, "hf", None)
+    if hf is None or not getattr(hf, "chat_template", None):
+        raise WavLLMInputError(
+            f"task.chat_template=tokenizer needs a Hugging Face tokenizer with a chat template, but "
+            f"{getattr(tokenizer, 'path', tokenizer)} has none (a sentencepiece tokenizer.model, or no chat_template "
+            "in tokenizer_config.json); use task.chat_template=reference", reason="bad_tokenizer")
+    return hf
+
+
+def _split_at_speech(segment: str, instruction: Optional[str], with_speech: bool, path: str) -> Tuple[str, str]:
+    """The first prompt segment cut where the speech goes: (text before it, text after it). Without
+    speech the (empty) span sits where the instruction starts."""
+    left, mark, right = segment.partition(SPEECH_MARK)
+    if with_speech and not mark:
+        raise WavLLMInputError(f"the chat template of {path} dropped the user turn's text", reason="bad_tokenizer")
+    if not with_speech:
+        cut = segment.find(instruction) if instruction else -1
+        left, right = (segment[:cut], segment[cut:]) if cut > 0 else (segment, "")
+    return left, right
+
+
+def _answer_ids(enc, reply: str, answer: str, eos_text: str, eos_id: int) -> Tuple[List[int], str]:
+    """The ids of an answer's turn text up to and including the eos token, and the text they cover
+    (the rest, a newline, opens the next prompt segment). A template that does not end a turn with
+    eos gets one after the answer anyway."""
+    cut = reply.find(eos_text, reply.find(answer) + len(answer) if answer and answer in reply else 0)
+    if cut < 0:
+        return enc(reply) + [eos_id], reply
+    return enc(reply[: cut + len(eos_text)]), reply[: cut + len(eos_text)]

@@ -40,11 +40,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Phase:
+    """One phase of the mix: from ``start_update`` on, corpora are drawn by ``weights`` or, without
+    weights, by ``temperature`` over their sizes (p_k ∝ n_k^(1/T))."""
+
     start_update: int = 0
     weights: Optional[Dict[str, float]] = None
     temperature: Optional[float] = None
 
     def probabilities(self, names: Sequence[str], sizes: Sequence[int]) -> np.ndarray:
+        """The phase's sampling probabilities.
+
+        Args:
+            names (Sequence[str]): the corpora, in order.
+            sizes (Sequence[int]): their numbers of rows.
+
+        Returns:
+            np.ndarray: one probability per corpus, summing to 1.
+
+        Raises:
+            WavLLMInputError: when every corpus gets weight 0.
+        """
         if self.weights is not None:
             w = np.array([float(self.weights.get(n, 0.0)) for n in names])
         else:
@@ -58,6 +73,8 @@ class Phase:
 
 @dataclass
 class CurriculumConfig:
+    """A curriculum: corpus name -> manifest, and its phases (the module docstring's YAML)."""
+
     corpora: Dict[str, str] = field(default_factory=dict)
     phases: List[Phase] = field(default_factory=lambda: [Phase()])
 
@@ -90,6 +107,18 @@ def _check(cfg: CurriculumConfig, where: str) -> CurriculumConfig:
 
 
 def load_curriculum(path: str, root: str = "") -> CurriculumConfig:
+    """Read and check a curriculum YAML.
+
+    Args:
+        path (str): the YAML file.
+        root (str): not read (manifests resolve against ``task.data`` when loaded).
+
+    Returns:
+        CurriculumConfig: the corpora and phases.
+
+    Raises:
+        WavLLMInputError: naming the file, for an unreadable or inconsistent curriculum.
+    """
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -111,6 +140,17 @@ def load_curriculum(path: str, root: str = "") -> CurriculumConfig:
 
 def curriculum_from_subsets(manifests: str, weights: str = "", temperature: float = 1.0,
                             root: str = "") -> CurriculumConfig:
+    """The one-phase curriculum of ``task.train_manifests`` + ``task.train_weights``.
+
+    Args:
+        manifests (str): comma-separated manifest names (``.tsv`` optional); each corpus is named by its stem.
+        weights (str): comma-separated weights, one per manifest; empty: temperature sampling.
+        temperature (float): the sampling temperature without weights.
+        root (str): not read (manifests resolve against ``task.data`` when loaded).
+
+    Returns:
+        CurriculumConfig: the corpora and their phase.
+    """
     names = [m.strip() for m in manifests.split(",") if m.strip()]
     corpora = {os.path.basename(n)[:-4] if n.endswith(".tsv") else os.path.basename(n): n for n in names}
     if len(corpora) != len(names):
@@ -127,7 +167,17 @@ def curriculum_from_subsets(manifests: str, weights: str = "", temperature: floa
 
 def make_batches(order: np.ndarray, costs: np.ndarray, max_tokens: Optional[int],
                  max_sentences: Optional[int]) -> List[np.ndarray]:
-    """Consecutive items of ``order`` (already sorted by cost) -> batches within the padded budget."""
+    """Cut consecutive items into batches within the padded budget (``len(batch) * max cost``).
+
+    Args:
+        order (np.ndarray): item indices, sorted by cost.
+        costs (np.ndarray): each item's cost (audio samples), indexed by item.
+        max_tokens (Optional[int]): the padded budget of a batch (an item over it forms a batch alone).
+        max_sentences (Optional[int]): the most items in a batch.
+
+    Returns:
+        List[np.ndarray]: the batches, in order.
+    """
     batches, cur, cur_max = [], [], 0
     for i in order:
         c = int(costs[i])
@@ -171,7 +221,20 @@ class _CorpusStream:
 
 
 class CurriculumBatchSampler:
-    """fairseq ``batch_sampler`` callable: ``(dataset, epoch) -> list of batches of global indices``."""
+    """fairseq ``batch_sampler`` callable: ``(dataset, epoch) -> list of batches of global indices``.
+
+    Args:
+        costs (Dict[str, np.ndarray]): each corpus's item costs (audio samples).
+        offsets (Dict[str, int]): each corpus's first global index (MultiCorpusDataset).
+        phases (Sequence[Phase]): the curriculum's phases.
+        max_tokens (Optional[int]): padded budget of a batch.
+        max_sentences (Optional[int]): most items in a batch.
+        seed (int): with the epoch, what every draw depends on.
+        updates_per_epoch (int): updates in a virtual epoch.
+        num_shards (int): data-parallel workers.
+        update_freq (int): batches per update on each worker.
+        pool_size (int): items sorted together before they are cut into batches.
+    """
 
     def __init__(self, costs: Dict[str, np.ndarray], offsets: Dict[str, int], phases: Sequence[Phase],
                  max_tokens: Optional[int], max_sentences: Optional[int], seed: int, updates_per_epoch: int,
@@ -196,6 +259,14 @@ class CurriculumBatchSampler:
                                "each of them forms a batch alone")
 
     def phase_index(self, update: int) -> int:
+        """The phase in effect at an update.
+
+        Args:
+            update (int): the update number.
+
+        Returns:
+            int: its index in ``phases``.
+        """
         k = 0
         for i, p in enumerate(self.phases):
             if update >= p.start_update:
@@ -204,9 +275,19 @@ class CurriculumBatchSampler:
 
     @property
     def batches_per_epoch(self) -> int:
+        """``updates_per_epoch * update_freq * num_shards``."""
         return self.updates_per_epoch * self.update_freq * self.num_shards
 
     def __call__(self, dataset=None, epoch: int = 1) -> List[np.ndarray]:
+        """The batches of an epoch (module docstring).
+
+        Args:
+            dataset: fairseq's argument, not read.
+            epoch (int): the epoch (1-based).
+
+        Returns:
+            List[np.ndarray]: ``batches_per_epoch`` batches of global indices.
+        """
         rng = np.random.default_rng([self.seed, int(epoch)])
         streams = {n: _CorpusStream(self.costs[n], np.random.default_rng([self.seed, int(epoch), 1 + k]),
                                     self.max_tokens, self.max_sentences, self.pool_size)
@@ -220,6 +301,14 @@ class CurriculumBatchSampler:
         return batches
 
     def corpus_of(self, batch: np.ndarray) -> str:
+        """The corpus a batch was drawn from.
+
+        Args:
+            batch (np.ndarray): global indices.
+
+        Returns:
+            str: the corpus name.
+        """
         best = None
         for n in self.names:
             if int(batch[0]) >= self.offsets[n]:
@@ -235,11 +324,20 @@ class CurriculumEpochBatchIterator(iterators.EpochBatchIterator):
     """
 
     def ordered_batches(self, epoch, fix_batches_to_gpus, shuffle):
+        """fairseq's, never shuffled."""
         return super().ordered_batches(epoch, fix_batches_to_gpus, False)
 
 
 def mix_of(batches: Sequence[np.ndarray], sampler: CurriculumBatchSampler) -> Dict[str, float]:
-    """Share of batches drawn from each corpus (for logs and tests)."""
+    """Share of batches drawn from each corpus (for logs and tests).
+
+    Args:
+        batches (Sequence[np.ndarray]): batches of global indices.
+        sampler (CurriculumBatchSampler): the sampler that drew them.
+
+    Returns:
+        Dict[str, float]: corpus -> share.
+    """
     counts = {n: 0 for n in sampler.names}
     for b in batches:
         counts[sampler.corpus_of(b)] += 1
@@ -248,5 +346,14 @@ def mix_of(batches: Sequence[np.ndarray], sampler: CurriculumBatchSampler) -> Di
 
 
 def iterate(sampler: CurriculumBatchSampler, epochs: int) -> Iterator[np.ndarray]:
+    """Every batch of epochs 1..``epochs``.
+
+    Args:
+        sampler (CurriculumBatchSampler): the sampler.
+        epochs (int): how many epochs.
+
+    Yields:
+        np.ndarray: batches of global indices.
+    """
     for e in range(1, epochs + 1):
         yield from sampler(None, e)

@@ -21,9 +21,6 @@ The batch dict (what ``collate`` returns and ``WavLLMModel.forward`` / the gener
       instruction_tokens LongTensor (B, M)      prompt-aware adapter input: '"' + first instruction + '"'
                                                 without bos (the reference's), RIGHT-padded with pad
       instruction_lengths LongTensor (B,)
-      legacy_instruction_tokens LongTensor (B, M') bos + first instruction: what checkpoints of older
-                                                versions (model.prompt_adapter_input=bos_instruction) read
-      legacy_instruction_lengths LongTensor (B,)
     target               LongTensor (B, S)      the last answer + eos, RIGHT-padded with pad (what
                                                 fairseq-generate prints as T- and scores)
     target_lengths       LongTensor (B,)
@@ -38,6 +35,7 @@ import dataclasses
 import logging
 import os
 import random
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -55,7 +53,22 @@ TEXT_TOKEN_COST = 1280  # samples of audio that one LLM position stands for (80 
 
 
 class InstructionDataset(FairseqDataset):
-    """One instruction manifest (one corpus): tokenized at load, audio read in ``__getitem__``."""
+    """One instruction manifest (one corpus): tokenized at load, audio read in ``__getitem__``.
+
+    Args:
+        rows (Iterable[ManifestRow]): the manifest's rows (``read_manifest``).
+        manifest_path (str): its file (audio paths are relative to its folder; errors name it).
+        tokenizer (LlamaTokenizer or HFTokenizer): the LLM's tokenizer.
+        corpus (str): the corpus name in logs.
+        speech_frames (Callable[[int], int]): speech positions for a number of samples
+            (``models.speech.expected_speech_frames``).
+        max_positions (Optional[int]): the LLM context a row must fit (prompt + speech + answer).
+        max_audio_seconds (Optional[float]): longer clips are errors.
+        skip_bad (bool): skip (and count) bad rows and unreadable audio instead of raising.
+        system_prompt (str): the chat template's system prompt.
+        shuffle (bool): shuffle within length order (training) or keep the file order.
+        encode (Callable[..., EncodedPrompt]): the chat template (``chat_template.prompt_encoder``).
+    """
 
     def __init__(self, rows, manifest_path: str, tokenizer, *, corpus: str, speech_frames: Callable[[int], int],
                  max_positions: Optional[int] = None, max_audio_seconds: Optional[float] = None,
@@ -123,11 +136,17 @@ class InstructionDataset(FairseqDataset):
         return len(self.rows)
 
     def set_epoch(self, epoch):
+        """Remember the epoch (the augmented prompts depend on it)."""
         self.epoch = epoch
 
     def set_augment(self, augment, seed: int = 0) -> None:
         """Vary the prompts of augmentable rows of ``augment.tasks`` (``prompt_augment``) with
-        ``augment(prompt, rng)``; a row's variant depends on (seed, epoch, row): repeatable and resumable."""
+        ``augment(prompt, rng)``; a row's variant depends on (seed, epoch, row): repeatable and resumable.
+
+        Args:
+            augment (Optional[PromptAugmenter]): the augmenter, or None to stop varying prompts.
+            seed (int): the run's seed.
+        """
         self.augment, self.augment_seed = augment, seed
         self.augment_rows = frozenset(i for i, r in enumerate(self.rows)
                                       if augment is not None and r.task in augment.tasks and augmentable(r))
@@ -161,25 +180,34 @@ class InstructionDataset(FairseqDataset):
         return {"id": index, "row": row, "audio": audio, "enc": enc, "gen_len": gen_len, "task": row.task}
 
     def num_tokens(self, index):
+        """An item's batching cost: its audio samples, or ``TEXT_TOKEN_COST`` per token without speech."""
         return int(self.sizes[index])
 
     def size(self, index):
+        """The same as :meth:`num_tokens`."""
         return int(self.sizes[index])
 
     def ordered_indices(self):
+        """Indices by increasing cost (ties in random order with ``shuffle``, else in file order)."""
         order = np.random.permutation(len(self)) if self.shuffle else np.arange(len(self))
         return order[np.argsort(self.sizes[order], kind="mergesort")]
 
     @property
     def supports_prefetch(self):
+        """False: audio is read in ``__getitem__``."""
         return False
 
     def collater(self, samples):
+        """:func:`collate` with this corpus's padding id."""
         return collate(samples, self.pad)
 
 
 class MultiCorpusDataset(FairseqDataset):
-    """Several corpora in one index space (corpus k occupies ``[offsets[k], offsets[k] + len_k)``)."""
+    """Several corpora in one index space (corpus k occupies ``[offsets[k], offsets[k] + len_k)``).
+
+    Args:
+        corpora (Dict[str, InstructionDataset]): name -> corpus, in index order.
+    """
 
     def __init__(self, corpora: Dict[str, InstructionDataset]):
         self.names = list(corpora)
@@ -192,6 +220,7 @@ class MultiCorpusDataset(FairseqDataset):
         return int(self.offsets[-1])
 
     def locate(self, index):
+        """(corpus number, index within it) of a global index."""
         k = bisect.bisect_right(self.offsets, index) - 1
         return k, index - int(self.offsets[k])
 
@@ -203,26 +232,33 @@ class MultiCorpusDataset(FairseqDataset):
         return item
 
     def num_tokens(self, index):
+        """An item's batching cost (``InstructionDataset.num_tokens``)."""
         return int(self.sizes[index])
 
     def size(self, index):
+        """The same as :meth:`num_tokens`."""
         return int(self.sizes[index])
 
     def ordered_indices(self):
+        """Indices by increasing cost (the curriculum's sampler makes the training batches)."""
         return np.argsort(self.sizes, kind="mergesort")
 
     def set_epoch(self, epoch):
+        """Pass the epoch on to every corpus."""
         for c in self.corpora:
             c.set_epoch(epoch)
 
     def costs_by_corpus(self) -> Dict[str, np.ndarray]:
+        """Each corpus's item costs, for ``CurriculumBatchSampler``."""
         return {n: c.sizes for n, c in zip(self.names, self.corpora)}
 
     def offsets_by_corpus(self) -> Dict[str, int]:
+        """Each corpus's first global index, for ``CurriculumBatchSampler``."""
         return {n: int(o) for n, o in zip(self.names, self.offsets[:-1])}
 
     @property
     def skipped(self) -> Dict[str, int]:
+        """Bad rows skipped in all corpora, by reason."""
         out: Dict[str, int] = {}
         for c in self.corpora:
             for k, v in c.skipped.items():
@@ -230,10 +266,21 @@ class MultiCorpusDataset(FairseqDataset):
         return out
 
     def collater(self, samples):
+        """:func:`collate` with the corpora's padding id."""
         return collate(samples, self.pad)
 
 
 def pad_2d(seqs: Sequence[Sequence[int]], pad: int, dtype=torch.long) -> torch.Tensor:
+    """Right-pad sequences of ids into one tensor.
+
+    Args:
+        seqs (Sequence[Sequence[int]]): B sequences.
+        pad (int): the padding value.
+        dtype (torch.dtype): the tensor's dtype.
+
+    Returns:
+        torch.Tensor: shape (B, max length) (0 columns when every sequence is empty).
+    """
     out = torch.full((len(seqs), max([len(s) for s in seqs] + [0])), pad, dtype=dtype)
     for i, s in enumerate(seqs):
         if len(s):
@@ -241,8 +288,35 @@ def pad_2d(seqs: Sequence[Sequence[int]], pad: int, dtype=torch.long) -> torch.T
     return out
 
 
+def inference_item(index: int, audio: Optional[np.ndarray], enc, task: Optional[str] = None,
+                   utt_id: Optional[str] = None) -> dict:
+    """An item for :func:`collate` from an encoded question instead of a manifest row (the Python API, a server).
+
+    Args:
+        index (int): the item's ``id`` in the batch
+        audio (Optional[np.ndarray]): waveform with shape (T,), float32 16 kHz mono; None for a text-only question
+        enc (EncodedPrompt): the question encoded without an answer (``post`` ends with ``[/INST]``)
+        task (Optional[str]): its task name (per-task length caps), or None
+        utt_id (Optional[str]): what the batch's ``utt_ids`` says for it (default: ``str(index)``)
+
+    Returns:
+        dict: the item ``InstructionDataset`` would give (``row`` carries only its ``id``)
+    """
+    row = SimpleNamespace(id=str(index) if utt_id is None else utt_id)
+    return {"id": index, "row": row, "audio": audio, "enc": enc, "gen_len": len(enc.post), "task": task}
+
+
 def collate(samples: List[Optional[dict]], pad: int) -> dict:
-    """Items -> the batch dict documented in the module docstring (None items, skipped rows, dropped)."""
+    """Items -> the batch dict documented in the module docstring.
+
+    Args:
+        samples (List[Optional[dict]]): items of ``InstructionDataset.__getitem__`` (None: a skipped row,
+            dropped).
+        pad (int): the tokenizer's padding id.
+
+    Returns:
+        dict: the batch (``{}`` when every item was skipped).
+    """
     samples = [s for s in samples if s is not None]
     if not samples:
         return {}
@@ -255,9 +329,7 @@ def collate(samples: List[Optional[dict]], pad: int) -> dict:
     encs = [s["enc"] for s in samples]
     post = pad_2d([e.post for e in encs], pad)
     tmask = pad_2d([e.post_target_mask for e in encs], 0, dtype=torch.bool)
-    bos = samples[0]["enc"].pre[0]
     instr = [list(e.adapter_input) for e in encs]
-    legacy = [[bos] + list(e.instruction) for e in encs]
     targets = [e.post[g:] for e, g in zip(encs, (s["gen_len"] for s in samples))]
     ntokens = int(tmask.sum())
     return {
@@ -277,8 +349,6 @@ def collate(samples: List[Optional[dict]], pad: int) -> dict:
             "prompt_post_lengths": torch.tensor([s["gen_len"] for s in samples], dtype=torch.long),
             "instruction_tokens": pad_2d(instr, pad),
             "instruction_lengths": torch.tensor([len(i) for i in instr], dtype=torch.long),
-            "legacy_instruction_tokens": pad_2d(legacy, pad),
-            "legacy_instruction_lengths": torch.tensor([len(i) for i in legacy], dtype=torch.long),
         },
         "target": pad_2d(targets, pad),
         "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),

@@ -1,7 +1,7 @@
 """Instruction augmentation: vary the training prompts so that a model keys on the words naming a task.
 
-Opt-in (``task.prompt_augment=true``): off in the paper's recipe and in the toy default, where it was
-mixed (README, "Instruction augmentation"). A model fine-tuned on a dozen fixed paraphrases per task
+Opt-in (``task.prompt_augment=true``): off in the paper's recipe and in the toy default (its toy runs:
+examples/wavllm/toy/RESULTS.md, "Instruction augmentation"). A model fine-tuned on a dozen fixed paraphrases per task
 can memorise them whole; an unheard paraphrase such as "Which sentence is spoken in the recording?"
 then triggers whichever task its prompt happens to resemble. ``PromptAugmenter`` is built from the
 training prompts alone: words that occur in the prompts of one task only (``transcribe``, ``German``,
@@ -23,12 +23,26 @@ SHARED_INSERT = 0.5  # chance that one or two shared words are inserted
 
 
 def augmentable(row) -> bool:
-    """A single-turn speech row of a single task (not ``a+b``)."""
+    """Whether the prompt of ``row`` may be varied: a single-turn speech row of a single task (not ``a+b``).
+
+    Args:
+        row (ManifestRow): a manifest row.
+
+    Returns:
+        bool: whether it is augmentable.
+    """
     return bool(row.with_speech) and "+" not in row.task and len(row.turns or [None]) == 1 and bool(row.task)
 
 
 def prompt_pools(rows: Iterable) -> Dict[str, List[str]]:
-    """``{task: distinct prompts}`` of the augmentable ``rows`` (manifest rows), in first-seen order."""
+    """The distinct prompts of each task among the augmentable rows.
+
+    Args:
+        rows (Iterable[ManifestRow]): manifest rows.
+
+    Returns:
+        Dict[str, List[str]]: ``{task: distinct prompts}``, in first-seen order.
+    """
     pools: Dict[str, List[str]] = {}
     for r in rows:
         if augmentable(r) and r.prompt:
@@ -39,7 +53,13 @@ def prompt_pools(rows: Iterable) -> Dict[str, List[str]]:
 
 
 class PromptAugmenter:
-    """Drops words of a prompt (one of its task's words always stays) and inserts shared words."""
+    """Drops words of a prompt (one of its task's words always stays) and inserts shared words.
+
+    Args:
+        pools (Dict[str, Sequence[str]]): each task's training prompts (:func:`prompt_pools`).
+        drop (float): the chance that a word is dropped.
+        insert (float): the chance that one or two shared words are inserted.
+    """
 
     def __init__(self, pools: Dict[str, Sequence[str]], drop: float = WORD_DROP, insert: float = SHARED_INSERT):
         tasks_of: Dict[str, set] = {}
@@ -53,6 +73,15 @@ class PromptAugmenter:
         self.drop, self.insert = drop, insert
 
     def __call__(self, prompt: str, rng: random.Random) -> str:
+        """A variant of ``prompt``.
+
+        Args:
+            prompt (str): a training prompt.
+            rng (random.Random): the row's generator (seeded by seed, epoch and row).
+
+        Returns:
+            str: the varied prompt (its final ``?``, ``.`` or ``!`` kept).
+        """
         words = prompt.rstrip("?.!").split()
         if not words:
             return prompt

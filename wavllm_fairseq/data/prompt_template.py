@@ -36,17 +36,38 @@ INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"
 
 
 def left_text(system: str = DEFAULT_SYSTEM_PROMPT) -> str:
-    """The text encoded (after ``<s>``) before the speech span."""
+    """The text encoded (after ``<s>``) before the speech span.
+
+    Args:
+        system (str): the system prompt.
+
+    Returns:
+        str: ``[INST]<<SYS>>\\n{system}\\n<</SYS>>\\n\\n<SPEECH>``.
+    """
     return f"{INST_OPEN}<<SYS>>\n{system}\n<</SYS>>\n\n{SPEECH_OPEN}"
 
 
 def right_text(instruction: str) -> str:
-    """The text encoded after the speech span, before the first answer."""
+    """The text encoded after the speech span, before the first answer.
+
+    Args:
+        instruction (str): the first instruction (may be empty).
+
+    Returns:
+        str: `` </SPEECH> {instruction} [/INST]``.
+    """
     return f" {SPEECH_CLOSE} {instruction} {INST_CLOSE}"
 
 
 def adapter_text(instruction: str) -> str:
-    """The text the prompt-aware adapter reads (encoded without ``<s>``)."""
+    """The text the prompt-aware adapter reads (encoded without ``<s>``).
+
+    Args:
+        instruction (str): the first instruction (may be empty).
+
+    Returns:
+        str: the instruction in double quotes.
+    """
     return f'"{instruction}"'
 
 
@@ -65,24 +86,44 @@ class EncodedPrompt:
 
     @property
     def num_target_tokens(self) -> int:
+        """The loss positions: every answer token and its ``</s>``."""
         return sum(self.post_target_mask)
 
 
 Turn = Tuple[str, Optional[str]]
 
 
-def encode_example(tokenizer, turns: Sequence[Turn], with_speech: bool,
-                   system: str = DEFAULT_SYSTEM_PROMPT) -> EncodedPrompt:
-    """Encode ``turns`` = [(instruction, answer), ...]; the last answer may be None (generation prefix).
+def check_turns(turns: Sequence[Turn]) -> None:
+    """A conversation has at least one turn, and only the last may leave its answer out.
 
-    Only the last turn may leave its answer out; the first instruction may be empty on a row with
-    speech (the question is spoken).
+    Args:
+        turns (Sequence[Turn]): [(instruction, answer), ...].
+
+    Raises:
+        ValueError: otherwise.
     """
     if not turns:
         raise ValueError("an example needs at least one (instruction, answer) turn")
     for i, (_, answer) in enumerate(turns[:-1]):
         if answer is None:
             raise ValueError(f"turn {i + 1} has no answer; only the last turn may be open")
+
+
+def encode_example(tokenizer, turns: Sequence[Turn], with_speech: bool,
+                   system: str = DEFAULT_SYSTEM_PROMPT) -> EncodedPrompt:
+    """Encode a conversation with the reference's template (module docstring).
+
+    Args:
+        tokenizer (LlamaTokenizer or HFTokenizer): the LLM's tokenizer.
+        turns (Sequence[Turn]): [(instruction, answer), ...]; only the last answer may be None (generation
+            prefix); the first instruction may be empty on a row with speech (the question is spoken).
+        with_speech (bool): whether the row has speech.
+        system (str): the system prompt.
+
+    Returns:
+        EncodedPrompt: the token spans around the speech and the answer-only loss mask.
+    """
+    check_turns(turns)
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
     enc = tokenizer.encode
     pre = [bos] + enc(left_text(system))
@@ -107,8 +148,17 @@ def encode_example(tokenizer, turns: Sequence[Turn], with_speech: bool,
 
 def render_text(turns: Sequence[Turn], with_speech: bool, system: str = DEFAULT_SYSTEM_PROMPT,
                 speech: str = "{speech}") -> str:
-    """The template as a string (docs, logs, debugging); ``speech`` stands for the speech embeddings
-    (nothing on a text-only row)."""
+    """The template as a string (docs, logs, debugging).
+
+    Args:
+        turns (Sequence[Turn]): [(instruction, answer), ...]; the last answer may be None.
+        with_speech (bool): whether the row has speech.
+        system (str): the system prompt.
+        speech (str): what stands for the speech embeddings (nothing on a text-only row).
+
+    Returns:
+        str: ``<s>`` + the template text, answers followed by ``</s>``.
+    """
     out = "<s>" + left_text(system) + (speech if with_speech else "")
     for i, (instruction, answer) in enumerate(turns):
         instruction = instruction or ""

@@ -34,7 +34,14 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def config_vocab_size(directory: str) -> int:
-    """``vocab_size`` of the LLM folder's config.json (0 when there is none)."""
+    """``vocab_size`` of the LLM folder's config.json.
+
+    Args:
+        directory (str): the LLM folder.
+
+    Returns:
+        int: the LLM's embedding rows (0 when there is no readable config.json).
+    """
     cfg = os.path.join(directory, "config.json")
     if not os.path.isfile(cfg):
         return 0
@@ -48,7 +55,16 @@ def config_vocab_size(directory: str) -> int:
 def load_tokenizer(directory: str):
     """The tokenizer of an LLM folder: ``tokenizer.model`` (sentencepiece, LLaMA-2) -> ``LlamaTokenizer``;
     otherwise ``tokenizer.json`` / ``tokenizer_config.json`` -> ``HFTokenizer`` (AutoTokenizer).
-    A path ending in ``.model`` is a sentencepiece file itself."""
+
+    Args:
+        directory (str): the LLM folder, or a sentencepiece ``.model`` file.
+
+    Returns:
+        LlamaTokenizer or HFTokenizer: the tokenizer (``model_vocab_size`` from the folder's config.json).
+
+    Raises:
+        WavLLMInputError: naming the folder, when it holds no tokenizer.
+    """
     if directory.endswith(".model"):
         return LlamaTokenizer(directory)
     if os.path.isfile(os.path.join(directory, TOKENIZER_FILE)):
@@ -73,19 +89,44 @@ class _Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: str):
-        """``load_tokenizer(directory)``: a sentencepiece or a Hugging Face tokenizer, by what the folder holds."""
+        """``load_tokenizer(directory)``: a sentencepiece or a Hugging Face tokenizer, by what the folder holds.
+
+        Args:
+            directory (str): the LLM folder.
+
+        Returns:
+            LlamaTokenizer or HFTokenizer: the tokenizer.
+        """
         return load_tokenizer(directory)
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's number of ids."""
         return len(self)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        """Text -> ids, without special tokens unless asked.
+
+        Args:
+            text (str): the text ('' gives no ids).
+            bos (bool): start with bos.
+            eos (bool): end with eos.
+
+        Returns:
+            List[int]: the ids.
+        """
         ids = self._encode(text) if text else []
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text; stops at the first eos and drops bos, padding and ids outside the vocabulary."""
+        """Ids -> text; stops at the first eos and drops bos, padding and ids outside the vocabulary.
+
+        Args:
+            ids (Iterable[int]): token ids (ints or 0-d tensors).
+
+        Returns:
+            str: the text.
+        """
         out = []
         n = len(self)
         for i in ids:
@@ -99,7 +140,11 @@ class _Tokenizer:
 
 
 class LlamaTokenizer(_Tokenizer):
-    """Thin wrapper over a sentencepiece model with LLaMA's special ids."""
+    """Thin wrapper over a sentencepiece model with LLaMA's special ids.
+
+    Args:
+        model_path (str): the ``tokenizer.model`` file.
+    """
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
@@ -131,15 +176,19 @@ class LlamaTokenizer(_Tokenizer):
         return self.sp.DecodeIds(ids)
 
     def piece(self, i: int) -> str:
+        """The piece of id ``i``."""
         return self.sp.IdToPiece(int(i))
 
     def pieces(self) -> List[str]:
+        """Every piece, in id order."""
         return [self.sp.IdToPiece(i) for i in range(len(self))]
 
     def text_to_pieces(self, text: str) -> List[str]:
+        """The pieces ``text`` encodes to."""
         return list(self.sp.EncodeAsPieces(text))
 
     def pieces_to_text(self, pieces: Sequence[str]) -> str:
+        """The text of a sequence of pieces."""
         return self.sp.DecodePieces(list(pieces))
 
 
@@ -150,6 +199,9 @@ class HFTokenizer(_Tokenizer):
     its eos token, the document separator it was trained with; without a pad token, padding is the
     unk token or else eos (padding is masked, never attended to nor scored). Pieces that fairseq's
     space-joined strings cannot carry (empty, or containing whitespace) are named ``<id_N>``.
+
+    Args:
+        directory (str): the tokenizer's folder (read with ``local_files_only``).
     """
 
     def __init__(self, directory: str):
@@ -183,6 +235,7 @@ class HFTokenizer(_Tokenizer):
 
     @property
     def chat_template(self) -> Optional[str]:
+        """The tokenizer's chat template (jinja), if it has one."""
         return getattr(self.hf, "chat_template", None)
 
     def __len__(self) -> int:
@@ -196,21 +249,30 @@ class HFTokenizer(_Tokenizer):
         return self.hf.decode(ids, skip_special_tokens=True)
 
     def piece(self, i: int) -> str:
+        """The (space-free) piece of id ``i``."""
         return self._pieces[int(i)]
 
     def pieces(self) -> List[str]:
+        """Every piece, in id order."""
         return list(self._pieces)
 
     def text_to_pieces(self, text: str) -> List[str]:
+        """The pieces ``text`` encodes to."""
         return [self._pieces[i] for i in self.encode(text)]
 
     def pieces_to_text(self, pieces: Sequence[str]) -> str:
+        """The text of a sequence of pieces (unknown pieces and special tokens dropped)."""
         ids = [self._piece_ids[p] for p in pieces if p in self._piece_ids]
         return self.hf.decode(ids, skip_special_tokens=True)
 
 
 class LlamaDictionary(Dictionary):
-    """fairseq Dictionary with exactly the sentencepiece ids (no extra specials prepended)."""
+    """fairseq Dictionary with exactly the tokenizer's ids (no extra specials prepended).
+
+    Args:
+        pieces (Sequence[str]): the symbols, in id order.
+        bos, eos, unk, pad (int): the special ids.
+    """
 
     def __init__(self, pieces: Sequence[str], bos: int, eos: int, unk: int, pad: int):
         # Dictionary.__init__ would add its own <s>/<pad>/</s>/<unk> at 0..3; build the tables directly
@@ -227,30 +289,45 @@ class LlamaDictionary(Dictionary):
 
     @classmethod
     def from_tokenizer(cls, tok) -> "LlamaDictionary":
-        """The tokenizer's pieces in id order, padded with ``<unused_N>`` up to the LLM's embedding rows."""
+        """The tokenizer's pieces in id order, padded with ``<unused_N>`` up to the LLM's embedding rows.
+
+        Args:
+            tok (LlamaTokenizer or HFTokenizer): the tokenizer (``model_vocab_size``: the LLM's rows, or 0).
+
+        Returns:
+            LlamaDictionary: the dictionary.
+        """
         pieces = tok.pieces()
         extra = max(0, int(getattr(tok, "model_vocab_size", 0) or 0) - len(pieces))
         pieces += [f"<unused_{len(pieces) + i}>" for i in range(extra)]
         return cls(pieces, tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id)
 
     def unk_string(self, escape=False):
+        """fairseq's: the unk symbol (``<<unk>>`` escaped)."""
         return "<<unk>>" if escape else self.unk_word
 
 
 class SentencePieceDecoder:
-    """fairseq-generate's ``bpe``: space-joined pieces (``Dictionary.string``) -> text (either tokenizer kind)."""
+    """fairseq-generate's ``bpe``: space-joined pieces (``Dictionary.string``) -> text (either tokenizer kind).
+
+    Args:
+        tok (LlamaTokenizer or HFTokenizer): the tokenizer.
+    """
 
     def __init__(self, tok):
         self.tok = tok
 
     def encode(self, x: str) -> str:
+        """Text -> space-joined pieces."""
         return " ".join(self.tok.text_to_pieces(x))
 
     def decode(self, x: str) -> str:
+        """Space-joined pieces -> text (stripped)."""
         pieces = [p for p in x.split(" ") if p]
         return self.tok.pieces_to_text(pieces).strip()
 
     def is_beginning_of_word(self, x: str) -> bool:
+        """Whether piece ``x`` starts a word."""
         return x.startswith(("\u2581", "\u0120"))  # sentencepiece's word start, byte-level BPE's space
 
 
@@ -259,6 +336,16 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 51
     """Train a LLaMA-style sentencepiece model (unk 0, bos 1, eos 2, no pad, byte fallback) -> ``out_dir``.
 
     Used by the toy stage 0 and by tests; real runs use the LLaMA directory's own ``tokenizer.model``.
+
+    Args:
+        texts (Iterable[str]): training sentences (blank ones skipped).
+        out_dir (str): where ``tokenizer.model`` is written (atomically).
+        vocab_size (int): the target vocabulary (a soft limit).
+        seed_sentences (int): sentencepiece's ``input_sentence_size``.
+        model_type (str): ``bpe`` or ``unigram``.
+
+    Returns:
+        LlamaTokenizer: the trained tokenizer.
     """
     os.makedirs(out_dir, exist_ok=True)
     lines = [t.strip() for t in texts if t and t.strip()]
@@ -279,6 +366,14 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 51
 
 
 def describe(tok) -> str:
+    """One line naming a tokenizer (path, size, special ids) for logs.
+
+    Args:
+        tok (Optional[LlamaTokenizer or HFTokenizer]): the tokenizer.
+
+    Returns:
+        str: the description.
+    """
     if tok is None:
         return "no tokenizer"
     return f"{tok.path} ({len(tok)} pieces, bos={tok.bos_id} eos={tok.eos_id} pad={tok.pad_id})"

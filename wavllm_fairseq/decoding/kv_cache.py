@@ -1,8 +1,8 @@
 """The key/value cache of the dynamic decoding path: a ``transformers`` cache over preallocated buffers.
 
-``DynamicLayer`` concatenates the whole cache at every step (a fifth of a decoding step here);
-``GrowingLayer`` writes each step in place and doubles its buffer when it runs out of room. It also
-places a row's prefill right-aligned into a batch cache (``place``) and reorders rows for beam search.
+``DynamicLayer`` concatenates the whole cache at every step; ``GrowingLayer`` writes each step in place
+and doubles its buffer when it runs out of room. It also places a row's prefill right-aligned into a
+batch cache (``place``) and reorders rows for beam search.
 The static path for accelerators is static_decode.py.
 """
 import torch
@@ -11,7 +11,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 class GrowingLayer(DynamicLayer):
     """A key/value cache layer over a preallocated buffer: appending a step writes in place
-    (``DynamicLayer`` concatenates the whole cache every step, a fifth of a decoding step here)."""
+    (``DynamicLayer`` concatenates the whole cache every step).
+
+    Args:
+        reserve (int): columns allocated beyond the first update (the buffer doubles when full)
+    """
 
     def __init__(self, reserve: int = 64):
         super().__init__()
@@ -29,6 +33,7 @@ class GrowingLayer(DynamicLayer):
         self.device, self.is_initialized = like.device, True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        """Append a step's keys and values (B, Hkv, n, hd); returns the layer's (keys, values) so far."""
         n = key_states.shape[-2]
         if self._k is None:
             self._alloc(key_states, key_states.shape[0], n + self.reserve)
@@ -43,7 +48,15 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def place(self, row: int, batch: int, length: int, keys, values):
-        """Row ``row`` of a ``batch``-row cache of ``length`` positions gets ``keys`` right-aligned."""
+        """Place one row's prefill right-aligned (left-padded) into a ``batch``-row cache of ``length`` positions.
+
+        Args:
+            row (int): the batch row
+            batch (int): rows of the cache (allocated on the first call)
+            length (int): positions of the cache (L)
+            keys (torch.Tensor): the row's keys with shape (1, Hkv, n, hd), n <= L
+            values (torch.Tensor): its values, (1, Hkv, n, hd)
+        """
         if self._k is None:
             self._alloc(keys, batch, length + self.reserve)
             self._n = length
@@ -53,9 +66,11 @@ class GrowingLayer(DynamicLayer):
         self._views()
 
     def get_seq_length(self) -> int:
+        """Returns: int: the positions cached."""
         return self._n
 
     def reorder_cache(self, beam_idx):
+        """Keep / reorder batch rows: new row j is old row ``beam_idx[j]`` (beam_idx (N',) long)."""
         if self._k is not None:
             self._k, self._v = self._k.index_select(0, beam_idx), self._v.index_select(0, beam_idx)
             self._views()
@@ -65,7 +80,13 @@ class GrowingLayer(DynamicLayer):
 
 
 class GrowingCache(Cache):
-    """A ``Cache`` of ``GrowingLayer``s (``num_layers`` fresh ones, or the given ``layers``)."""
+    """A ``Cache`` of ``GrowingLayer``s.
+
+    Args:
+        num_layers (int): how many fresh layers (when ``layers`` is not given)
+        reserve (int): the fresh layers' ``reserve``
+        layers (Optional[List[GrowingLayer]]): the layers, already filled (a prefill placed row by row)
+    """
 
     def __init__(self, num_layers: int = 0, reserve: int = 64, layers=None):
         super().__init__(layers=layers if layers is not None

@@ -2,9 +2,9 @@
 CUDA graph, so a step costs the LLM's weight reads, not thousands of kernel launches from Python.
 
 On a GPU the dynamic path (generator.py: Hugging Face's LLaMA forward over a growing cache) spends a
-step launching kernels: about 24 ms per step for LLaMA-7B whatever the batch, where reading the weights
-once takes about 3 ms on an H200. Here, after the prefill (the same code as the dynamic path), every
-step runs one fixed sequence of kernels over fixed buffers::
+step launching kernels from Python, whatever the batch, rather than reading the weights. Here, after the
+prefill (the same code as the dynamic path), every step runs one fixed sequence of kernels over fixed
+buffers::
 
     tok (S,) -> embed -> 32 x [RMSNorm, q/k/v (+LoRA, scaled by r), RoPE at pos (S,),
                                k/v written at column c of the (S, Hkv, C, hd) cache,
@@ -38,19 +38,15 @@ rope types other than "dynamic"); :func:`supported` says why not otherwise, and 
 keeps the dynamic path. On a CPU the same step runs eagerly (no graph): the tests check it against the
 dynamic path token for token (greedy, sampling, beam, finished rows, stage-2 LoRA scale).
 
-A captured graph removes the launch cost but not the kernels. Eagerly, one LLaMA layer's step is 60
-kernels in bf16 (counted at the dispatcher on ``wavllm_tiny``, views left out): 15 matrix products (the
-seven weights and four LoRA pairs), the attention, and 44 small element-wise ones (each RMSNorm eight,
-RoPE ten, each LoRA projection's scale and add two, residual adds, key/value writes, SiLU * up). On an
-H200 the graph-captured 7B step took 8.5 ms at batch 1 against 2.8 ms of weight reads (2026-12-04);
-about 1,400 small kernels of a few microseconds each are the likely rest (an estimate, not profiled).
-``compile=True`` (``WavLLMGenerator(compile_step=True)``) runs each layer's step through
+A captured graph removes the launch cost but not the kernels: eagerly, one LLaMA layer's step is the
+matrix products (the seven weights and four LoRA pairs), the attention, and many small element-wise
+kernels (each RMSNorm, RoPE, each LoRA projection's scale and add, residual adds, key/value writes,
+SiLU * up). ``compile=True`` (``WavLLMGenerator(compile_step=True)``) runs each layer's step through
 ``torch.compile`` (:func:`layer_step`, compiled once for all layers: their weights are inputs, so
-compiling costs one layer's graph, seconds, not the whole model's), and the CUDA graph captures the
-compiled step. Inductor keeps the matrix products and fuses the rest (RMSNorm, RoPE, the LoRA scale and
-residual adds, the key/value column write, SiLU * up); with its C++ backend on a CPU a ``wavllm_tiny``
-layer is 21 calls (15 matrix products, 6 fused kernels) instead of 60 (the Triton count on a GPU is not
-measured). The first slot count compiles a static step, the next one a step with a symbolic slot count
+compiling costs one layer's graph, not the whole model's), and the CUDA graph captures the compiled
+step. Inductor keeps the matrix products and fuses the rest (RMSNorm, RoPE, the LoRA scale and residual
+adds, the key/value column write, SiLU * up); examples/wavllm/toy/RESULTS.md has the kernel counts and
+speeds measured. The first slot count compiles a static step, the next one a step with a symbolic slot count
 that serves every further one, and one slot (a size dynamo specializes) its own: three compilations per
 model. Dynamo keeps its compilations per code object, so models of different shapes in one process share
 its recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default); past it the layers run
@@ -68,7 +64,14 @@ ARCH_TYPES = ("llama", "qwen2", "mistral")
 
 
 def supported(llm) -> Optional[str]:
-    """None if the static step can run this causal LM, else the reason it cannot."""
+    """Whether the static step can run this causal LM.
+
+    Args:
+        llm: a Hugging Face causal LM (``LlamaForCausalLM``-like: ``llm.model.layers``, ``llm.config``)
+
+    Returns:
+        Optional[str]: None if it can, else the reason it cannot
+    """
     cfg = llm.config
     if getattr(cfg, "model_type", None) not in ARCH_TYPES:
         return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {ARCH_TYPES}"
@@ -118,9 +121,23 @@ class _Slots:
 
 
 def layer_step(layer, x, cos, sin, k_cache, v_cache, mask, col, groups: int) -> torch.Tensor:
-    """One decoder layer for one new token per row: x (S, 1, D) -> (S, 1, D); writes column ``col`` of
-    the layer's key/value cache (S, Hkv, C, hd) in place. The Hugging Face layer's own modules and
-    weights (LoRA wrappers included), so the same function serves every layer of every model."""
+    """One decoder layer for one new token per row, over the Hugging Face layer's own modules and weights
+    (LoRA wrappers included), so the same function serves every layer of every model.
+
+    Args:
+        layer: a LLaMA-like decoder layer
+        x (torch.Tensor): hidden states with shape (S, 1, D)
+        cos (torch.Tensor): RoPE cosines at each row's position, (S, 1, hd)
+        sin (torch.Tensor): RoPE sines, (S, 1, hd)
+        k_cache (torch.Tensor): the layer's keys (S, Hkv, C, hd); column ``col`` is written in place
+        v_cache (torch.Tensor): the layer's values (S, Hkv, C, hd); column ``col`` is written in place
+        mask (torch.Tensor): additive attention mask (S, 1, 1, C)
+        col (torch.Tensor): the cache column written, shape (1,)
+        groups (int): query heads per key/value head
+
+    Returns:
+        torch.Tensor: the layer's output with shape (S, 1, D)
+    """
     S = x.shape[0]
     attn = layer.self_attn
     h = layer.input_layernorm(x)
@@ -141,10 +158,14 @@ class StaticDecoder:
 
     ``start(layers, mask, r, capacity)`` takes over a prefilled left-padded cache; ``step(tokens)``
     returns next-token logits for the live rows (float32); ``select(index)`` keeps / reorders rows.
-    ``graphs=True`` (CUDA only) captures each slot count's step as a CUDA graph on first use.
-    ``compile=True`` runs each layer's step through ``torch.compile`` (Inductor fuses the element-wise work between
-    the matrix products: RMSNorm, RoPE, the LoRA scale and residual adds, SiLU * up); with ``graphs`` the
-    compiled step is what the CUDA graph captures (see the module docstring).
+
+    Args:
+        llm: the causal LM (:func:`supported` must accept it)
+        lora_scale_context: ``callable(r)`` -> a context manager that scales the LoRA branches by ``r``
+            (``WavLLMModel.lora_scale_context``)
+        graphs (bool): capture each slot count's step as a CUDA graph on first use (CUDA only)
+        compile (bool): run each layer's step through ``torch.compile`` (Inductor fuses the element-wise work
+            between the matrix products); with ``graphs`` the compiled step is what the CUDA graph captures
     """
 
     def __init__(self, llm, lora_scale_context, graphs: bool = False, compile: bool = False):
@@ -177,8 +198,14 @@ class StaticDecoder:
         return self.sets[S]
 
     def start(self, layers, mask: torch.Tensor, r: Optional[torch.Tensor], capacity: int) -> None:
-        """Take over a prefilled cache: ``layers`` is a list of (keys, values) (B, Hkv, L, hd), left-padded
-        with ``mask`` (B, L); room for ``capacity - L`` more tokens per row."""
+        """Take over a prefilled cache.
+
+        Args:
+            layers: per layer, its (keys, values), each with shape (B, Hkv, L, hd), left-padded
+            mask (torch.Tensor): attention mask (B, L), 0 on padding
+            r (Optional[torch.Tensor]): stage-2 LoRA scale (B, D), or None
+            capacity (int): columns needed: L + the most tokens any row may add
+        """
         B, L = mask.shape
         k0 = layers[0][0]
         # anything a captured graph has baked in: layout, and which LoRA layers run merged / disabled
@@ -204,6 +231,7 @@ class StaticDecoder:
 
     @property
     def slots(self) -> int:
+        """Returns: int: the slot count of the buffers in use (S)."""
         return self.cur.tok.shape[0]
 
     # ------------------------------------------------------------------ the step
@@ -251,7 +279,14 @@ class StaticDecoder:
             t.copy_(s)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens`` (n,) to the n live rows; next-token logits (n, V) float32."""
+        """Append one token to each live row.
+
+        Args:
+            tokens (torch.Tensor): the new tokens with shape (n,), one per live row
+
+        Returns:
+            torch.Tensor: next-token logits with shape (n, V), float32
+        """
         if self.written >= self.C:
             raise RuntimeError(f"static cache full ({self.C} columns)")
         self.written += 1
@@ -259,7 +294,11 @@ class StaticDecoder:
         return self._run().index_select(0, self.rows)
 
     def select(self, index: torch.Tensor) -> None:
-        """Keep / reorder the live rows: new row j is old row ``index[j]``."""
+        """Keep / reorder the live rows.
+
+        Args:
+            index (torch.Tensor): (n',) new row j is old row ``index[j]`` (repeats allowed: beams)
+        """
         slots = self.rows.index_select(0, index.to(self.rows.device))
         n, S = slots.numel(), self.cur.tok.shape[0]
         if n == 0:
@@ -280,7 +319,16 @@ class StaticDecoder:
 
 
 def decoder_for(model, graphs: bool, compile: bool = False) -> StaticDecoder:
-    """The static decoder of ``model`` (a WavLLMModel), created on first use and kept on the model."""
+    """The static decoder of ``model``, created on first use and kept on the model.
+
+    Args:
+        model (WavLLMModel): the model (its ``llm`` and ``lora_scale_context``)
+        graphs (bool): with CUDA graphs
+        compile (bool): with a compiled layer step
+
+    Returns:
+        StaticDecoder: one per (graphs, compile), shared by every generator on ``model``
+    """
     held = model.__dict__.setdefault("_static_decoders", {})
     key = (bool(graphs), bool(compile))
     if key not in held:
@@ -289,5 +337,9 @@ def decoder_for(model, graphs: bool, compile: bool = False) -> StaticDecoder:
 
 
 def release_decoders(model) -> None:
-    """Drop the static decoders' buffers and captured graphs held by ``model``."""
+    """Drop the static decoders' buffers and captured graphs held by a model.
+
+    Args:
+        model (WavLLMModel): the model :func:`decoder_for` kept them on
+    """
     model.__dict__.pop("_static_decoders", None)

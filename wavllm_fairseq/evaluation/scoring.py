@@ -55,207 +55,19 @@ reference is the ``T-`` line (the target tokens decoded again), here the manifes
 scores the whole subset as one set, here rows are split by task and prompt pool.
 """
 import argparse
-import functools
 import json
 import logging
-import os
 import re
 import sys
 from collections import Counter, OrderedDict, defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
-
-import editdistance
-import sacrebleu
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..data.manifest import read_manifest
-from ..data.text_norm import NORMALISER, normalise, words
+from ..data.text_norm import NORMALISER, normalise
 from ..errors import WavLLMInputError
+from .metrics import ROUGE_TYPES, bertscore, bleu, find_words, follow_multi, rouge, row_right, task_labels, wer
 
 logger = logging.getLogger(__name__)
-
-LABEL_TASKS = ("sv", "er", "gender", "sqqa", "emotion", "style")
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-
-
-# ------------------------------------------------------------------------------------- metrics
-def word_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
-    """Word edit distance (substitutions, deletions, insertions) between two word sequences."""
-    return editdistance.eval(ref, hyp)
-
-
-def word_errors(ref: str, hyp: str) -> Tuple[int, int]:
-    """(word errors, reference words) on normalised texts."""
-    r = words(ref)
-    return word_distance(r, words(hyp)), len(r)
-
-
-def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
-    errs = [word_errors(r, h) for r, h in zip(refs, hyps)]
-    return 100.0 * sum(e for e, _ in errs) / max(1, sum(n for _, n in errs))
-
-
-def bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
-    return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
-
-
-def _contains_words(haystack: str, needle: str) -> int:
-    """Word position of ``needle`` (normalised) in ``haystack`` (normalised), -1 when absent."""
-    h, n = haystack.split(), needle.split()
-    if not n:
-        return -1
-    for i in range(len(h) - len(n) + 1):
-        if h[i: i + len(n)] == n:
-            return i
-    return -1
-
-
-def first_label(hyp: str, labels: Iterable[str]) -> Optional[str]:
-    """The label named first in the normalised hypothesis (longest label wins a tie), or None."""
-    h = normalise(hyp)
-    best = None
-    for lab in labels:
-        pos = _contains_words(h, normalise(lab))
-        if pos >= 0 and (best is None or (pos, -len(lab)) < (best[0], -len(best[1]))):
-            best = (pos, lab)
-    return best[1] if best else None
-
-
-def close_answer(ref: str, hyp: str) -> bool:
-    """An ASR/ST answer close enough to count: WER <= 50% against ``ref``."""
-    e, n = word_errors(ref, hyp)
-    return n > 0 and e / n <= 0.5
-
-
-def gold_label(row) -> str:
-    """A row's gold label: its ``label`` column, else its normalised target."""
-    return row.extra.get("label") or normalise(row.tgt_text)
-
-
-def task_labels(task: str, rows) -> Optional[List[str]]:
-    """The labels a task's accuracy picks from (label tasks; SQA when every row has a ``label``), else None."""
-    if task in LABEL_TASKS or (task == "sqa" and all(r.extra.get("label") for r in rows)):
-        return sorted({gold_label(r) for r in rows})
-    return None
-
-
-def row_right(task: str, row, hyp: str, labels: Optional[Sequence[str]]) -> bool:
-    """One row as ``task``'s accuracy counts it (``labels`` from ``task_labels``): the gold label named
-    first; SQA without labels: the target contained; ASR/ST: ``close_answer``; else normalised exact match."""
-    if labels is not None:
-        return first_label(hyp, labels) == gold_label(row)
-    if task in ("asr", "st"):
-        return close_answer(row.tgt_text, hyp)
-    if task == "sqa":
-        return _contains_words(normalise(hyp), normalise(row.tgt_text)) >= 0
-    return normalise(row.tgt_text) == normalise(hyp)
-
-
-@functools.lru_cache(maxsize=1)
-def _rouge_scorer():
-    # imported on first use: rouge-score imports nltk (about a second), and only CoT rows need it
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-
-
-def rouge(ref: str, hyp: str) -> Dict[str, float]:
-    """ROUGE-1/2/L F1 (0..1) by rouge-score on the raw texts, with Porter stemming (see the module docstring)."""
-    scores = _rouge_scorer().score(ref, hyp)
-    return {k: scores[k].fmeasure for k in ROUGE_TYPES}
-
-
-def bertscore(refs: Sequence[str], hyps: Sequence[str], model_dir: str, layer: int = -1) -> float:
-    """BERTScore F1 in % by the bert-score package, with the model and tokenizer in the LOCAL directory
-    ``model_dir`` (``save_pretrained``; never a hub id). Greedy cosine matching of contextual token
-    embeddings, no idf weighting and no baseline rescaling (its defaults), the embeddings of hidden state
-    ``layer`` (-1: the last layer; k: the output of layer k, 0 the embeddings). An empty hypothesis (or
-    reference) scores 0, as bert-score scores it; it is not passed to bert-score, whose 0.3.13 cannot encode
-    an empty text with transformers 5."""
-    if not os.path.isdir(model_dir):
-        raise WavLLMInputError("not a directory: BERTScore takes a local model directory (save_pretrained), "
-                               "never a hub id", file=model_dir, reason="missing")
-    try:
-        import bert_score  # optional and heavy (pandas, matplotlib): imported only when asked for
-    except ImportError:
-        raise WavLLMInputError("BERTScore needs the bert-score package: pip install wavllm_fairseq[bertscore]",
-                               reason="missing") from None
-    from transformers import AutoConfig, AutoTokenizer  # a few seconds to import: only BERTScore needs it here
-
-    # bert-score loads model_type with from_pretrained: an absolute directory path is read from disk, and a
-    # path starting with "scibert" (relative) would be downloaded instead; a path containing "t5" is loaded
-    # as a T5 encoder whatever its model is
-    path = os.path.abspath(model_dir)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if "t5" in path and "t5" not in config.model_type:
-        raise WavLLMInputError(f"bert-score loads any path containing 't5' as a T5 model, and this is a "
-                               f"{config.model_type}: move it to a directory without 't5' in its path",
-                               file=model_dir, reason="bad_input")
-    if AutoTokenizer.from_pretrained(path, local_files_only=True).model_max_length > 1_000_000:
-        raise WavLLMInputError("the tokenizer states no model_max_length (bert-score truncates to it): add it "
-                               "to tokenizer_config.json", file=model_dir, reason="bad_input")
-    n_layers = config.num_hidden_layers
-    num_layers = layer if layer >= 0 else n_layers + 1 + layer
-    if not 0 <= num_layers <= n_layers:
-        raise WavLLMInputError(f"layer {layer} is not a hidden state of this {n_layers}-layer model",
-                               file=model_dir, reason="bad_input")
-    scored = [i for i, (r, h) in enumerate(zip(refs, hyps)) if r.strip() and h.strip()]
-    f1 = [0.0] * len(hyps)
-    if scored:
-        # transformers 5 swaps in hub kernels when loading unless told not to: nothing may be fetched
-        kernels = os.environ.get("USE_HUB_KERNELS")
-        os.environ["USE_HUB_KERNELS"] = "NO"
-        try:
-            _, _, f = bert_score.score([hyps[i] for i in scored], [refs[i] for i in scored], model_type=path,
-                                       num_layers=num_layers, idf=False)
-        finally:
-            if kernels is None:
-                del os.environ["USE_HUB_KERNELS"]
-            else:
-                os.environ["USE_HUB_KERNELS"] = kernels
-        for i, v in zip(scored, f.tolist()):
-            f1[i] = v
-    return 100.0 * sum(f1) / max(1, len(f1))
-
-
-def follow_multi(row, hyp: str) -> Tuple[bool, bool]:
-    """(instruction followed, every sub-answer right) for a multi-task row."""
-    subtasks = json.loads(row.extra.get("subtasks") or "[]") or row.task.split("+")
-    targets = json.loads(row.extra.get("sub_targets") or "[]")
-    markers = json.loads(row.extra.get("sub_markers") or "[]")
-    h = normalise(hyp)
-    if markers and len(markers) == len(subtasks):
-        spans, pos = [], 0
-        hw = h.split()
-        for m in markers:
-            at = _contains_words(" ".join(hw[pos:]), normalise(m))
-            if at < 0:
-                return False, False
-            spans.append((pos + at, len(words(m))))
-            pos = pos + at + len(words(m))
-        segments = [" ".join(hw[s + n: (spans[k + 1][0] if k + 1 < len(spans) else len(hw))])
-                    for k, (s, n) in enumerate(spans)]
-    elif targets:
-        # no markers: every sub-target must appear, in order
-        segments, rest = [], h
-        for t in targets:
-            at = _contains_words(rest, normalise(t))
-            if at < 0:
-                return False, False
-            rest_words = rest.split()
-            segments.append(" ".join(rest_words[at: at + len(words(t))]))
-            rest = " ".join(rest_words[at + len(words(t)):])
-    else:
-        raise WavLLMInputError(f"multi-task row {row.id} has neither sub_markers nor sub_targets columns; "
-                               "the instruction-following check needs one of them")
-    if not targets:
-        return True, False
-    ok = True
-    for task, target, seg in zip(subtasks, targets, segments):
-        if task in ("asr", "st"):
-            ok &= close_answer(target, seg)
-        else:
-            ok &= _contains_words(seg, normalise(target)) >= 0
-    return True, bool(ok)
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -264,7 +76,16 @@ _GUARD_LINE = re.compile(r"guard id=(\d+) reason=(\w+)")
 
 
 def read_hypotheses(path: str, rows) -> Tuple[Dict[int, str], Dict[int, List[str]]]:
-    """{row position: hypothesis} and {row position: [guard reasons]} from a generate output or an id\\ttext file."""
+    """The hypotheses of a ``fairseq-generate`` output (D-, else H- lines) or of ``<row id>\\t<text>`` lines,
+    and the generator's guard lines.
+
+    Args:
+        path (str): the hypotheses file.
+        rows (Sequence[ManifestRow]): the manifest's usable rows, in order.
+
+    Returns:
+        Tuple[Dict[int, str], Dict[int, List[str]]]: {row position: hypothesis}, {row position: [guard reasons]}.
+    """
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
@@ -298,13 +119,32 @@ def read_hypotheses(path: str, rows) -> Tuple[Dict[int, str], Dict[int, List[str
 
 
 def task_group(task: str) -> str:
+    """The task a row is scored under.
+
+    Args:
+        task (str): the row's task (``asr``, ``asr+st`` ...).
+
+    Returns:
+        str: ``multi`` for a combination of tasks, else ``task``.
+    """
     return "multi" if "+" in task else task
 
 
 # ------------------------------------------------------------------------------------- scoring
 def score(rows, hyps: Dict[int, str], guards: Optional[Dict[int, List[str]]] = None,
           bertscore_model: str = "") -> "OrderedDict[str, float]":
-    """``{"<task> <metric>": value}`` for rows (manifest order) and hypotheses by row position."""
+    """Every metric of every task of the rows, on all rows and per prompt pool.
+
+    Args:
+        rows (Sequence[ManifestRow]): the rows, in manifest order.
+        hyps (Dict[int, str]): hypotheses by row position.
+        guards (Optional[Dict[int, List[str]]]): guard reasons by row position, counted per task.
+        bertscore_model (str): a local model directory for CoT BERTScore, or "" (none).
+
+    Returns:
+        OrderedDict[str, float]: ``{"<task> <metric>[_<pool>]": value}``, with ``<task> n`` and, where there
+        are any, ``<task> missing`` and ``<task> guard_<reason>`` counts.
+    """
     groups: Dict[str, List[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         groups[task_group(r.task)].append(i)
@@ -348,7 +188,7 @@ def _task_metrics(task: str, rows, hyps: List[str], bertscore_model: str) -> Dic
         return {"accuracy": round(sum(row_right(task, r, h, labels) for r, h in zip(rows, hyps)) / len(rows), 4)}
     if task == "it":
         exact = sum(row_right(task, r, h, None) for r, h in zip(rows, hyps)) / len(rows)
-        contained = sum(_contains_words(normalise(h), normalise(r)) >= 0 for r, h in zip(refs, hyps)) / len(rows)
+        contained = sum(find_words(normalise(h), normalise(r)) >= 0 for r, h in zip(refs, hyps)) / len(rows)
         return {"accuracy": round(exact, 4), "containment": round(contained, 4)}
     # any other task: exact match and WER, both stated
     return {"exact": round(sum(normalise(r) == normalise(h) for r, h in zip(refs, hyps)) / len(rows), 4),
@@ -357,6 +197,18 @@ def _task_metrics(task: str, rows, hyps: List[str], bertscore_model: str) -> Dic
 
 def score_files(manifest: str, hypotheses: str, task: Optional[str] = None, skip_bad_rows: bool = False,
                 bertscore_model: str = "") -> "OrderedDict[str, float]":
+    """``score`` of a hypotheses file against a manifest.
+
+    Args:
+        manifest (str): the instruction manifest that was decoded.
+        hypotheses (str): its ``fairseq-generate`` output or ``<row id>\\t<text>`` lines.
+        task (Optional[str]): the task of every row (default: the ``task`` column, else the file name).
+        skip_bad_rows (bool): skip bad rows as the decode did (``task.skip_bad_rows``).
+        bertscore_model (str): a local model directory for CoT BERTScore, or "".
+
+    Returns:
+        OrderedDict[str, float]: as ``score`` returns it.
+    """
     rows, report = read_manifest(manifest, task=task, skip_bad=skip_bad_rows, require_target=True)
     if task:
         for r in rows:
@@ -371,6 +223,7 @@ def score_files(manifest: str, hypotheses: str, task: Optional[str] = None, skip
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``wavllm-score`` on ``argv`` (default: ``sys.argv[1:]``); returns the exit status (1 on an input error)."""
     p = argparse.ArgumentParser(prog="wavllm-score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="the instruction manifest that was decoded")

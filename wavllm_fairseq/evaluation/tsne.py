@@ -9,7 +9,7 @@ one D-dimensional r per prompt; t-SNE maps them to 2-D. Prompts of the same task
 import argparse
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +21,17 @@ from ..hub import WavLLM
 
 
 def prompt_scales(api, prompts: List[str], batch_size: int = 32) -> np.ndarray:
-    """(N, D) prompt-adapter outputs r for the instructions ``prompts``, from the adapter input the
-    collater builds (the reference's '"' + instruction + '"'; <s> + instruction for older checkpoints)."""
+    """The prompt adapter's outputs r for instructions, from the adapter input the collater builds (the
+    reference's '"' + instruction + '"').
+
+    Args:
+        api (WavLLM): a loaded stage-2 model.
+        prompts (List[str]): N instructions.
+        batch_size (int): instructions per forward pass.
+
+    Returns:
+        np.ndarray: r of shape (N, D).
+    """
     model, tok = api.model, api.tokenizer
     if model.prompt_scale is None:
         raise SystemExit("this checkpoint has no prompt adapter (stage 1): use a stage-2 checkpoint")
@@ -31,15 +40,13 @@ def prompt_scales(api, prompts: List[str], batch_size: int = 32) -> np.ndarray:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
             ids = [tok.encode(adapter_text(p)) for p in chunk]
-            legacy = [[tok.bos_id] + tok.encode(p) for p in chunk]
-            batch = {"legacy_instruction_tokens": pad_2d(legacy, tok.pad_id),
-                     "legacy_instruction_lengths": torch.tensor([len(x) for x in legacy])}
-            r = model.prompt_lora_scale(pad_2d(ids, tok.pad_id), torch.tensor([len(x) for x in ids]), batch)
+            r = model.prompt_lora_scale(pad_2d(ids, tok.pad_id), torch.tensor([len(x) for x in ids]))
             out.append(r.float().cpu().numpy())
     return np.concatenate(out)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``wavllm-plot-prompt-tsne`` on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     p = argparse.ArgumentParser(prog="wavllm-plot-prompt-tsne", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)

@@ -1,2 +1,3 @@
-"""The WavLLM model: its config, named architectures, encoders, adapters, LoRA, prompt adapter and what trains."""
+"""The WavLLM model: config, named architectures, front end, encoders, LLM, adapters, LoRA, prompt adapter,
+what trains and what checkpoints hold."""
 from . import wavllm  # noqa: F401  (registers the `wavllm` model and its architectures)

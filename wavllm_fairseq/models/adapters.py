@@ -32,12 +32,31 @@ ADAPTER_STRIDE = 2
 
 
 def conv_out_len(lengths, kernel: int = 3, stride: int = 2, padding: int = 1):
-    """Frames out of one Conv1d (ints or tensors): floor((L + 2p - k) / s) + 1."""
+    """Frames out of one Conv1d: floor((L + 2p - k) / s) + 1.
+
+    Args:
+        lengths (int or torch.Tensor): input frames L.
+        kernel (int): kernel size k.
+        stride (int): stride s.
+        padding (int): padding p on each side.
+
+    Returns:
+        int or torch.Tensor: output frames, of the type of ``lengths``.
+    """
     return (lengths + 2 * padding - kernel) // stride + 1
 
 
 def subsampled_frames(lengths, kernel_sizes: Sequence[int] = ADAPTER_KERNELS, stride: int = ADAPTER_STRIDE):
-    """Frames out of the adapters' conv subsampler (ints or tensors)."""
+    """Frames out of the adapters' conv subsampler (:func:`conv_out_len` per layer, padding k // 2).
+
+    Args:
+        lengths (int or torch.Tensor): input frames (20 ms).
+        kernel_sizes (Sequence[int]): one kernel per conv layer.
+        stride (int): every layer's stride.
+
+    Returns:
+        int or torch.Tensor: output frames (80 ms with the defaults), of the type of ``lengths``.
+    """
     for k in kernel_sizes:
         lengths = conv_out_len(lengths, k, stride, k // 2)
     return lengths
@@ -48,6 +67,13 @@ class GLUConvSubsampler(nn.Module):
 
     Layer i maps ``in_channels`` (first) or ``mid_channels // 2`` (later) to ``mid_channels`` (not last)
     or ``2 * out_channels`` (last); GLU halves the channels.
+
+    Args:
+        in_channels (int): input width C_enc.
+        mid_channels (int): conv output channels of the inner layers (before GLU).
+        out_channels (int): output width C_out (after the last GLU).
+        kernel_sizes (Sequence[int]): one kernel per layer.
+        stride (int): every layer's stride.
     """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int,
@@ -68,9 +94,26 @@ class GLUConvSubsampler(nn.Module):
         )
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Output frames; see :func:`subsampled_frames`.
+
+        Args:
+            lengths (torch.Tensor): input frames, shape (B,).
+
+        Returns:
+            torch.Tensor: output frames, shape (B,).
+        """
         return subsampled_frames(lengths, self.kernel_sizes, self.stride)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Subsample, zeroing the frames past each clip's length before every conv.
+
+        Args:
+            x (torch.Tensor): input with shape (B, T, C_in).
+            lengths (torch.Tensor): valid frames, shape (B,).
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: output with shape (B, T', C_out) and its lengths (B,).
+        """
         # frames past each clip's length are zeroed before every conv, so the last valid output frame
         # sees the same zero padding whether the clip is batched with longer ones or alone
         x = x.transpose(1, 2)  # (B, C, T)
@@ -89,6 +132,11 @@ class BottleneckAdapter(nn.Module):
 
     ``norm="post"`` (default, the reference implementation's): ``x + LayerNorm(Up(GELU(Down(x))))``;
     ``norm="pre"``: ``x + Up(GELU(Down(LayerNorm(x))))``. Same parameters either way.
+
+    Args:
+        dim (int): input and output width.
+        bottleneck (int): the Down / Up inner width.
+        norm (str): LayerNorm placement, one of ``NORM_PLACEMENTS``.
     """
 
     def __init__(self, dim: int, bottleneck: int, norm: str = "post"):
@@ -101,6 +149,14 @@ class BottleneckAdapter(nn.Module):
         self.up = nn.Linear(bottleneck, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual adapter of the class docstring.
+
+        Args:
+            x (torch.Tensor): input with shape (..., dim).
+
+        Returns:
+            torch.Tensor: output with the shape of ``x``.
+        """
         if self.norm == "pre":
             return x + self.up(F.gelu(self.down(self.layer_norm(x))))
         return x + self.layer_norm(self.up(F.gelu(self.down(x))))
@@ -111,6 +167,15 @@ class ModalityAdapter(nn.Module):
 
     With ``num_layer_weights > 0`` the adapter also owns the learnable softmax weights over the
     encoder's hidden states (WavLM branch) and its input is the stack of all hidden states.
+
+    Args:
+        in_dim (int): the encoder's width.
+        conv_mid_dim (int): conv 1 channels (before GLU).
+        conv_out_dim (int): conv output width (after GLU), also the bottleneck's width.
+        bottleneck_dim (int): the bottleneck's inner width.
+        out_dim (int): output width A.
+        num_layer_weights (int): hidden states to weight (L + 1), or 0 for a single input.
+        bottleneck_norm (str): LayerNorm placement in the bottleneck (``BottleneckAdapter``).
     """
 
     def __init__(self, in_dim: int, conv_mid_dim: int, conv_out_dim: int, bottleneck_dim: int, out_dim: int,
@@ -126,16 +191,41 @@ class ModalityAdapter(nn.Module):
             self.register_parameter("layer_weights", None)
 
     def combine_layers(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(L, B, T, C) stacked hidden states -> (B, T, C) softmax-weighted sum."""
+        """The softmax-weighted sum of the stacked hidden states.
+
+        Args:
+            hidden_states (torch.Tensor): stacked hidden states with shape (L, B, T, C).
+
+        Returns:
+            torch.Tensor: their weighted sum with shape (B, T, C).
+        """
         if hidden_states.shape[0] != self.layer_weights.numel():
             raise ValueError(f"expected {self.layer_weights.numel()} hidden states, got {hidden_states.shape[0]}")
         w = torch.softmax(self.layer_weights.float(), dim=0).to(hidden_states.dtype)
         return torch.einsum("l,lbtc->btc", w, hidden_states)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Output frames (80 ms) of the conv subsampler.
+
+        Args:
+            lengths (torch.Tensor): encoder frames (20 ms), shape (B,).
+
+        Returns:
+            torch.Tensor: output frames, shape (B,).
+        """
         return self.subsampler.output_lengths(lengths)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Layer weights (WavLM branch), conv subsampler, bottleneck, linear.
+
+        Args:
+            x (torch.Tensor): encoder output with shape (B, T, C_enc), or (L, B, T, C_enc) stacked
+                hidden states with ``num_layer_weights``.
+            lengths (torch.Tensor): valid frames (20 ms), shape (B,).
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: output with shape (B, T', out_dim) at 80 ms and its lengths (B,).
+        """
         if self.layer_weights is not None:
             x = self.combine_layers(x)  # (L, B, T, C) -> (B, T, C)
         x, lengths = self.subsampler(x, lengths)  # (B, T', C_mid)
@@ -150,8 +240,18 @@ class Projector(nn.Linear):
 
 def fuse_streams(sem: torch.Tensor, sem_len: torch.Tensor, ac: torch.Tensor,
                  ac_len: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Trim both adapter outputs to the shorter stream, as the reference does, and concatenate:
-    (B, N1, A), (B, N2, A) -> (B, N, 2A) with lengths (B,) <= N."""
+    """Trim both adapter outputs to the shorter stream, as the reference does, and concatenate.
+
+    Args:
+        sem (torch.Tensor): semantic adapter output with shape (B, N1, A).
+        sem_len (torch.Tensor): its lengths, shape (B,).
+        ac (torch.Tensor): acoustic adapter output with shape (B, N2, A).
+        ac_len (torch.Tensor): its lengths, shape (B,).
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: the fused stream with shape (B, N, 2A), N = min(N1, N2), and
+        its lengths (B,) <= N.
+    """
     n = min(sem.shape[1], ac.shape[1])
     x = torch.cat([sem[:, :n], ac[:, :n]], dim=-1)
     lengths = torch.minimum(torch.minimum(sem_len, ac_len), torch.full_like(sem_len, n)).clamp(min=0)

@@ -35,8 +35,18 @@ def _omegaconf_safe_globals():
 
 
 def torch_load(path: str, trust: bool) -> Dict[str, Any]:
-    """``torch.load`` of a fairseq checkpoint: weights-only with the allow-list unless ``trust``; errors name
-    the file."""
+    """``torch.load`` of a fairseq checkpoint: weights-only with the allow-list unless ``trust``.
+
+    Args:
+        path (str): the checkpoint file.
+        trust (bool): allow full unpickling (which can run code from the file).
+
+    Returns:
+        Dict[str, Any]: the loaded object.
+
+    Raises:
+        CheckpointError: naming the file, for a missing, unsafe, truncated or corrupt one.
+    """
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -58,6 +68,14 @@ def torch_load(path: str, trust: bool) -> Dict[str, Any]:
 
 
 def previous_checkpoints_hint(path: str) -> str:
+    """The other checkpoints of ``path``'s folder to resume from, as a clause for an error message.
+
+    Args:
+        path (str): a checkpoint file.
+
+    Returns:
+        str: "; other checkpoints in that folder: ..." (newest first), or "" when there are none.
+    """
     others = sorted((p for p in glob.glob(os.path.join(os.path.dirname(path) or ".", "checkpoint*.pt"))
                      if os.path.abspath(p) != os.path.abspath(path)), key=os.path.getmtime, reverse=True)
     if not others:
@@ -67,7 +85,18 @@ def previous_checkpoints_hint(path: str) -> str:
 
 
 def load_checkpoint_file(path: str, trust: bool = False) -> Dict[str, Any]:
-    """{"model": state dict, "cfg": {"model": ..., "task": ...}} from a .pt or .safetensors file."""
+    """A checkpoint from a fairseq ``.pt`` or a ``.safetensors`` export (with its ``.json``), read safely.
+
+    Args:
+        path (str): the file.
+        trust (bool): allow full unpickling of a ``.pt`` (see :func:`torch_load`).
+
+    Returns:
+        Dict[str, Any]: {"model": state dict, "cfg": {"model": ..., "task": ...}}.
+
+    Raises:
+        CheckpointError: naming the file, for a missing, unreadable or non-fairseq one.
+    """
     if path.endswith(".safetensors"):
         meta_path = path[: -len(".safetensors")] + ".json"
         if not os.path.isfile(meta_path):
@@ -88,7 +117,16 @@ def load_checkpoint_file(path: str, trust: bool = False) -> Dict[str, Any]:
 
 
 def export_safetensors(checkpoint: str, out_prefix: str = "", trust: bool = False) -> str:
-    """Write ``<prefix>.safetensors`` (model tensors) + ``<prefix>.json`` (model and task config)."""
+    """Write ``<prefix>.safetensors`` (model tensors) + ``<prefix>.json`` (model and task config).
+
+    Args:
+        checkpoint (str): a fairseq ``.pt`` checkpoint.
+        out_prefix (str): the output path without extension (default: the checkpoint's without ``.pt``).
+        trust (bool): allow full unpickling of the source (see :func:`torch_load`).
+
+    Returns:
+        str: the ``.safetensors`` path.
+    """
     state = load_checkpoint_file(checkpoint, trust=trust)
     prefix = out_prefix or os.path.splitext(checkpoint)[0]
     cfg = state["cfg"]
@@ -104,6 +142,12 @@ def export_safetensors(checkpoint: str, out_prefix: str = "", trust: bool = Fals
 
 
 def atomic_copy(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file, fsync'ed, then renamed over ``dst``.
+
+    Args:
+        src (str): the file to copy.
+        dst (str): the destination (replaced whole or not at all).
+    """
     tmp = dst + ".tmp"
     shutil.copyfile(src, tmp)
     with open(tmp, "rb") as f:
@@ -112,6 +156,14 @@ def atomic_copy(src: str, dst: str) -> None:
 
 
 def main(argv=None) -> int:
+    """``python -m wavllm_fairseq.models.checkpoint_io export CKPT``.
+
+    Args:
+        argv (Optional[Sequence[str]]): the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        int: the exit status, 0.
+    """
     p = argparse.ArgumentParser(prog="python -m wavllm_fairseq.models.checkpoint_io",
                                 description="Export a fairseq checkpoint to safetensors + JSON "
                                             "(safe to share and load).")

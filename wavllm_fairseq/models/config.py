@@ -1,21 +1,18 @@
-"""``WavLLMConfig``: the model's options (``model.*`` in the yaml configs), and completing old saved configs.
+"""``WavLLMConfig``: the model's options (``model.*`` in the yaml configs).
 
 Free-string choices are fairseq ``ChoiceEnum`` fields, so Hydra rejects a typo when the config is
 composed; ``check_choices`` does the same for a config built in Python (``WavLLMConfig(...)``) or read
 back from a checkpoint. Sizes left ``None`` come from the named architecture (architectures.py).
 """
-import contextlib
-import logging
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from omegaconf import DictConfig, open_dict
 
 from ..errors import WavLLMInputError
-
-logger = logging.getLogger(__name__)
+from .adapters import NORM_PLACEMENTS
+from .lora import A_INITS
 
 # the dtypes backbones, decoding and converters take, by name
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,22 +20,23 @@ DTYPE_NAMES = tuple(DTYPES)
 
 CHOICES: Dict[str, tuple] = {
     "backbone_dtype": DTYPE_NAMES,
-    "bottleneck_norm": ("post", "pre"),
-    "lora_a_init": ("reference", "fan_in_features"),
+    "bottleneck_norm": NORM_PLACEMENTS,
+    "lora_a_init": A_INITS,
     "lora_scale_layout": ("hf", "meta"),
     "prompt_adapter_init": ("stage1_scale", "random"),
-    "prompt_adapter_input": ("reference", "bos_instruction"),
 }
 DTYPE_CHOICES = ChoiceEnum(CHOICES["backbone_dtype"])
 BOTTLENECK_NORM_CHOICES = ChoiceEnum(CHOICES["bottleneck_norm"])
 LORA_A_INIT_CHOICES = ChoiceEnum(CHOICES["lora_a_init"])
 LORA_SCALE_LAYOUT_CHOICES = ChoiceEnum(CHOICES["lora_scale_layout"])
 PROMPT_ADAPTER_INIT_CHOICES = ChoiceEnum(CHOICES["prompt_adapter_init"])
-PROMPT_ADAPTER_INPUT_CHOICES = ChoiceEnum(CHOICES["prompt_adapter_input"])
 
 
 @dataclass
 class WavLLMConfig(FairseqDataclass):
+    """The ``model.*`` options of ``@register_model("wavllm")``: backbone folders, sizes (None = the
+    architecture's), adapters, LoRA, the prompt-aware adapter and training switches."""
+
     # ---- local backbone directories (Hugging Face format); empty = random init from the arch sizes
     whisper_path: str = field(
         default="",
@@ -134,16 +132,6 @@ class WavLLMConfig(FairseqDataclass):
         default="stage1_scale",
         metadata={"help": "stage1_scale: P_u starts at weight 0, bias alpha/R, so r = alpha/R for every prompt and "
                           "stage 2 starts where stage 1 ended; random: PyTorch's default Linear init"})
-    prompt_adapter_input: PROMPT_ADAPTER_INPUT_CHOICES = field(
-        default="reference",
-        metadata={"help": "what the prompt adapter reads: reference ('\"' + instruction + '\"' without <s>, every "
-                          "position pooled: the reference's, and the default for training too) or bos_instruction (<s> "
-                          "+ instruction: what checkpoints of older versions of this plugin read; <s> pooled per "
-                          "prompt_adapter_pool_bos)"})
-    prompt_adapter_pool_bos: bool = field(
-        default=False,
-        metadata={"help": "prompt_adapter_input=bos_instruction only: include the <s> position in the pooling (its "
-                          "state is the same for every prompt; default: pooled only when the instruction is empty)"})
     decode_bos_after_speech: bool = field(
         default=False,
         metadata={"help": "decoding only: feed <s> in place of the first token after the speech span (the lone space "
@@ -164,44 +152,29 @@ class WavLLMConfig(FairseqDataclass):
 
 
 def check_choices(cfg) -> None:
-    """A clear error for a choice field outside its choices (Hydra checks composed configs itself)."""
+    """A clear error for a choice field outside its choices (Hydra checks composed configs itself).
+
+    Args:
+        cfg (WavLLMConfig or DictConfig): the model config.
+
+    Raises:
+        WavLLMInputError: naming the field, its choices and the value given.
+    """
     for name, allowed in CHOICES.items():
         value = getattr(cfg, name, None)
         if value is not None and str(value) not in allowed:
             raise WavLLMInputError(f"model.{name} must be one of {', '.join(allowed)}; got {str(value)!r}")
 
 
-# Fields added after checkpoints were already written, with the behaviour those checkpoints were trained
-# with (their code had no choice): a checkpoint whose saved config lacks one of them gets this value,
-# and the log says so. Fields not listed take the dataclass default.
-LEGACY_WHEN_MISSING = {
-    "bottleneck_norm": "pre",  # adapters were pre-norm before the reference's post-norm became the default
-    "prompt_adapter_pool_bos": True,  # the prompt adapter pooled <s> too
-    "prompt_adapter_input": "bos_instruction",  # it read <s> + instruction, not the reference's quoted prompt
-}
-
-
-def complete_model_cfg(cfg):
-    """Add the WavLLMConfig fields a saved config (dict or DictConfig) lacks; returns ``cfg``."""
-    names = [f for f in fields(WavLLMConfig) if f.name not in cfg]
-    if not names:
-        return cfg
-    legacy = {}
-    ctx = open_dict(cfg) if isinstance(cfg, DictConfig) else contextlib.nullcontext()
-    with ctx:
-        for f in names:
-            if f.name in LEGACY_WHEN_MISSING:
-                value = legacy[f.name] = LEGACY_WHEN_MISSING[f.name]
-            else:
-                value = f.default if f.default is not MISSING else f.default_factory()
-            cfg[f.name] = value
-    if legacy:
-        logger.warning("checkpoint config written by an older version: " +
-                       ", ".join(f"{k}={v}" for k, v in legacy.items()) + " (what that version did)")
-    return cfg
-
-
 def torch_dtype(name) -> torch.dtype:
+    """The torch dtype of a ``DTYPE_NAMES`` name.
+
+    Args:
+        name (str): ``float32``, ``bfloat16`` or ``float16``.
+
+    Returns:
+        torch.dtype: the dtype.
+    """
     try:
         return DTYPES[str(name)]
     except KeyError:

@@ -41,7 +41,15 @@ A_INITS = ("reference", "fan_in_features")
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update (see module docstring)."""
+    """A frozen ``nn.Linear`` plus a trainable low-rank update (see module docstring).
+
+    Args:
+        base (nn.Linear): the frozen projection W0 (in_features -> out_features).
+        rank (int): rank R of the low-rank update.
+        alpha (float): the plain-LoRA scale is alpha / R.
+        dropout (float): dropout on the LoRA input.
+        a_init (str): one of ``A_INITS`` (see module docstring).
+    """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, a_init: str = "reference"):
         super().__init__()
@@ -63,7 +71,7 @@ class LoRALinear(nn.Module):
         # (B, out_features) per-utterance scale, set by lora_scale_context; None = alpha / rank
         self.scale_vector: Optional[torch.Tensor] = None
         # optional reordering of the scale's features (r[:, scale_rows]): a q/k projection converted from
-        # Meta's rotary layout keeps a scale learnt in that layout (see checkpoint_convert.py)
+        # Meta's rotary layout keeps a scale learnt in that layout (see tools/convert_reference.py)
         # (a buffer, not a plain attribute, so it moves with the model: a CPU index tensor on a CUDA model
         # would be copied to the device on every call, which a captured CUDA graph cannot do)
         self.register_buffer("scale_rows", None, persistent=False)
@@ -74,24 +82,33 @@ class LoRALinear(nn.Module):
 
     def share_scale_over_query_groups(self, groups: int, head_dim: int) -> None:
         """Make this grouped-query key/value projection read the (B, groups * out_features) scale as
-        the mean over the ``groups`` query heads that share each of its heads."""
+        the mean over the ``groups`` query heads that share each of its heads.
+
+        Args:
+            groups (int): query heads per key/value head.
+            head_dim (int): width of one head.
+        """
         if groups < 1 or self.out_features % head_dim:
             raise ValueError(f"cannot group a {self.out_features}-wide scale in heads of {head_dim} x {groups}")
         self.scale_groups, self.scale_head_dim = groups, head_dim
 
     @property
     def in_features(self) -> int:
+        """The base projection's input width."""
         return self.base.in_features
 
     @property
     def out_features(self) -> int:
+        """The base projection's output width."""
         return self.base.out_features
 
     @property
-    def weight(self) -> torch.Tensor:  # some HF code paths read proj.weight.dtype / .device
+    def weight(self) -> torch.Tensor:
+        """The base weight (some Hugging Face code paths read ``proj.weight.dtype`` / ``.device``)."""
         return self.base.weight
 
     def reset_lora_parameters(self) -> None:
+        """``B = 0`` and ``A`` per ``a_init`` (see module docstring); a no-op on the meta device."""
         if self.lora_A.weight.is_meta:
             return
         if self.a_init == "reference":  # kaiming-uniform(a=sqrt(5)) with fan-in = rank
@@ -102,10 +119,22 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` as an (out, in) matrix (the plain-LoRA update that merge adds)."""
+        """The plain-LoRA update that merge adds.
+
+        Returns:
+            torch.Tensor: ``scaling * B @ A`` with shape (out_features, in_features).
+        """
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W0 x + s * B(A(dropout(x)))`` with the scale of the module docstring.
+
+        Args:
+            x (torch.Tensor): input with shape (B, T, in_features).
+
+        Returns:
+            torch.Tensor: output with shape (B, T, out_features).
+        """
         out = self.base(x)  # (B, T, out)
         if not self.enabled:
             if self.merged:
@@ -130,18 +159,20 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ``scaling * B A`` into the frozen weight (plain LoRA only) for fast inference."""
+        """Add ``scaling * B A`` into the frozen weight (plain LoRA only) for fast inference; idempotent."""
         if not self.merged:
             self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Subtract what :meth:`merge` added; idempotent."""
         if self.merged:
             self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:
+        """Rank, alpha and whether merged, in the module's repr."""
         return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
@@ -150,7 +181,14 @@ def rotary_meta_to_hf_rows(n_heads: int, out_features: int) -> torch.Tensor:
 
     Meta's LLaMA rotates interleaved pairs ``(2i, 2i+1)`` of each head, Hugging Face's rotates halves
     ``(i, i + h/2)``; within each head of size ``h``, HF row ``j < h/2`` is Meta row ``2j`` and HF row
-    ``h/2 + j`` is Meta row ``2j + 1``. Returns ``idx`` with ``hf = meta[idx]``.
+    ``h/2 + j`` is Meta row ``2j + 1``.
+
+    Args:
+        n_heads (int): heads of the projection.
+        out_features (int): its output width (``n_heads * h``, ``h`` even).
+
+    Returns:
+        torch.Tensor: ``idx`` with shape (out_features,), ``hf = meta[idx]``.
     """
     if out_features % n_heads or (out_features // n_heads) % 2:
         raise ValueError(f"cannot split {out_features} q/k rows into {n_heads} heads of even size")
@@ -165,8 +203,16 @@ def inject_lora(
 ) -> List[str]:
     """Replace every ``nn.Linear`` child whose attribute name is in ``target_names`` by a LoRALinear.
 
-    Returns the qualified names of the wrapped modules. Raises if nothing matched (a wrong name list
-    would otherwise train nothing silently).
+    Args:
+        model (nn.Module): the model, changed in place.
+        target_names (Sequence[str]): attribute names of the projections to wrap (``llm.LORA_TARGETS``).
+        rank, alpha, dropout, a_init: :class:`LoRALinear`'s.
+
+    Returns:
+        List[str]: the qualified names of the wrapped modules.
+
+    Raises:
+        ValueError: if nothing matched (a wrong name list would otherwise train nothing silently).
     """
     wrapped = []
     for parent_name, parent in list(model.named_modules()):
@@ -180,18 +226,41 @@ def inject_lora(
 
 
 def lora_modules(model: nn.Module) -> Iterator[LoRALinear]:
+    """Every LoRA layer of ``model``, in module order.
+
+    Args:
+        model (nn.Module): the model.
+
+    Yields:
+        LoRALinear: each LoRA layer.
+    """
     for m in model.modules():
         if isinstance(m, LoRALinear):
             yield m
 
 
 def lora_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """The adapter parameters (every ``lora_A`` / ``lora_B`` weight), by qualified name."""
+    """The adapter parameters (every ``lora_A`` / ``lora_B`` weight), as torchtune's ``get_adapter_params``.
+
+    Args:
+        model (nn.Module): the model.
+
+    Returns:
+        Dict[str, nn.Parameter]: the parameters by qualified name.
+    """
     return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
 
 def lora_scale_context(model: nn.Module, scale: Optional[torch.Tensor]):
-    """Within the block every LoRA layer of ``model`` uses the per-utterance scale ``scale`` (B, D)."""
+    """Within the block every LoRA layer of ``model`` uses the per-utterance scale ``scale``.
+
+    Args:
+        model (nn.Module): the model.
+        scale (Optional[torch.Tensor]): r with shape (B, D), or None for alpha / R.
+
+    Returns:
+        contextlib.AbstractContextManager: the context (the previous state is restored on exit).
+    """
     mods = list(lora_modules(model))
     return _lora_state(mods, [(scale, m.enabled) for m in mods])
 
@@ -218,6 +287,12 @@ def checkpoint_context_fn(model: nn.Module):
     ``merged`` changes the weights themselves (an inference-time operation, not done between a forward
     and its backward), and dropout's random state is restored by ``checkpoint`` itself
     (``preserve_rng_state``).
+
+    Args:
+        model (nn.Module): the model whose LoRA layers are checkpointed.
+
+    Returns:
+        Callable[[], Tuple]: the ``context_fn``: (forward context, recomputation context).
     """
     mods = list(lora_modules(model))
 
@@ -229,13 +304,27 @@ def checkpoint_context_fn(model: nn.Module):
 
 
 def lora_disabled(model: nn.Module):
-    """Within the block the model is its frozen base (used for the prompt adapter's input)."""
+    """Within the block the model is its frozen base (used for the prompt adapter's input).
+
+    Args:
+        model (nn.Module): the model.
+
+    Returns:
+        contextlib.AbstractContextManager: the context (the previous state is restored on exit).
+    """
     mods = list(lora_modules(model))
     return _lora_state(mods, [(m.scale_vector, False) for m in mods])
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Merge every LoRA layer into its base weight; returns how many were merged."""
+    """Merge every LoRA layer into its base weight.
+
+    Args:
+        model (nn.Module): the model.
+
+    Returns:
+        int: how many were merged.
+    """
     mods = list(lora_modules(model))
     for m in mods:
         m.merge()
@@ -243,6 +332,14 @@ def merge_lora(model: nn.Module) -> int:
 
 
 def unmerge_lora(model: nn.Module) -> int:
+    """Undo :func:`merge_lora`.
+
+    Args:
+        model (nn.Module): the model.
+
+    Returns:
+        int: how many LoRA layers there are.
+    """
     mods = list(lora_modules(model))
     for m in mods:
         m.unmerge()

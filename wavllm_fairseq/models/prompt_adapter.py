@@ -9,9 +9,8 @@ WITHOUT LoRA (last decoder layer, before the final norm, as in the reference), t
     r = clamp(relu(r), max=clamp_max)       (optional, the reference's choice; default on)
 
 The instruction tokens are the reference's: '"' + instruction + '"' without ``<s>``, every position
-pooled (``WavLLMModel.prompt_lora_scale``; checkpoints of older versions read ``<s>`` + instruction
-and skip ``<s>`` in the pooling unless the instruction is empty, ``model.prompt_adapter_input``). One
-choice the paper leaves open (``init_scale``): P_u starts at zero with bias alpha / R.
+pooled (``WavLLMModel.prompt_lora_scale``). One choice the paper leaves open (``init_scale``): P_u
+starts at zero with bias alpha / R.
 
 and every LoRA layer computes ``h = W0 x + (B A x) * r`` for all positions of that utterance.
 """
@@ -23,7 +22,15 @@ import torch.nn.functional as F
 
 
 class PromptAwareLoRAScale(nn.Module):
-    """Maps instruction hidden states (B, M, D) + their padding mask to one LoRA scale r (B, D)."""
+    """Maps instruction hidden states (B, M, D) + their padding mask to one LoRA scale r (B, D).
+
+    Args:
+        dim (int): the LLM width D.
+        hidden_dim (int): the bottleneck K of P_d / P_u.
+        clamp_max (Optional[float]): r = clamp(relu(r), max=clamp_max); None or <= 0: no relu, no clamp.
+        init_scale (Optional[float]): start with r == init_scale for every prompt (:meth:`reset_to_constant`);
+            None: PyTorch's default Linear init.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, clamp_max: Optional[float] = 3.0,
                  init_scale: Optional[float] = None):
@@ -38,7 +45,8 @@ class PromptAwareLoRAScale(nn.Module):
     def reset_to_constant(self) -> None:
         """With ``init_scale`` set: ``P_u`` weight 0 and bias ``init_scale``, so ``r == init_scale`` for
         every prompt (stage 2 starts exactly at stage 1's LoRA scale alpha / R, inside the linear range
-        of relu/clamp where gradients flow); ``P_u`` learns first, as LoRA's B does."""
+        of relu/clamp where gradients flow); ``P_u`` learns first, as LoRA's B does. A no-op on the meta
+        device or without ``init_scale``."""
         if self.init_scale is None or self.up.weight.is_meta:
             return
         with torch.no_grad():
@@ -46,7 +54,15 @@ class PromptAwareLoRAScale(nn.Module):
             self.up.bias.fill_(float(self.init_scale))
 
     def forward(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """t: (B, M, D) instruction hidden states; mask: (B, M) True on real tokens. Returns r (B, D)."""
+        """The formula of the module docstring.
+
+        Args:
+            t (torch.Tensor): instruction hidden states with shape (B, M, D).
+            mask (torch.Tensor): bool with shape (B, M), True on real tokens (at least one per row).
+
+        Returns:
+            torch.Tensor: r with shape (B, D).
+        """
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every instruction needs at least one token for the prompt adapter")
         o = self.up(F.gelu(self.down(t.to(self.down.weight.dtype))))  # (B, M, D)

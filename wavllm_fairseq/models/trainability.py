@@ -31,7 +31,17 @@ def trainable_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter
     It goes to the group ``unused:semantic_only_projector`` and is held with ``requires_grad=False``:
     no optimizer state, no weight decay on a zero gradient, no DDP bucket waiting for it; it is saved
     in checkpoints unchanged (converted reference checkpoints round-trip). Counts report it separately
-    (``wavllm-count-params``: trainable = optimised + unused, the paper's figure)."""
+    (``wavllm-count-params``: trainable = optimised + unused, the paper's figure).
+
+    Args:
+        model (WavLLMModel): the model.
+
+    Returns:
+        Dict[str, List[Tuple[str, nn.Parameter]]]: group -> its (name, parameter) pairs; empty groups left out.
+
+    Raises:
+        RuntimeError: for a parameter in no group.
+    """
     named = dict(model.named_parameters())
     groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {
         "semantic_adapter": [], "acoustic_adapter": [], "projector": [], "lora": [], "prompt_adapter": [],
@@ -53,12 +63,26 @@ def trainable_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter
 
 
 def is_optimised(group: str) -> bool:
-    """Whether a trainable_groups group gets gradients (``frozen:`` backbones and ``unused:`` do not)."""
+    """Whether a trainable_groups group gets gradients (``frozen:`` backbones and ``unused:`` do not).
+
+    Args:
+        group (str): a group name of :func:`trainable_groups`.
+
+    Returns:
+        bool: whether its parameters are optimised.
+    """
     return not group.startswith(("frozen:", "unused:"))
 
 
 def apply_trainability(model: nn.Module) -> Dict[str, Tuple[int, int]]:
-    """Set requires_grad from trainable_groups; return {group: (n_tensors, n_params)} and log it."""
+    """Set requires_grad from :func:`trainable_groups` and log the counts.
+
+    Args:
+        model (WavLLMModel): the model, changed in place.
+
+    Returns:
+        Dict[str, Tuple[int, int]]: group -> (tensors, parameters).
+    """
     counts = {}
     for group, params in trainable_groups(model).items():
         for _, p in params:

@@ -1,4 +1,4 @@
-"""The WavLLM model (``@register_model("wavllm")``) and its named architectures.
+"""The WavLLM model (``@register_model("wavllm")``); its named architectures are architectures.py.
 
 Data flow for a batch of B utterances (paper section 3.1)::
 
@@ -7,54 +7,35 @@ Data flow for a batch of B utterances (paper section 3.1)::
                              ─> acoustic adapter (softmax layer weights) ─> (B, N, A)
     frames of both branches trimmed to the shorter (N at 80 ms), concat ─> (B, N, 2A)
     projector Linear(2A -> D) ─> speech embeddings (B, N, D)
-    LLM input per utterance: [pre tokens][speech N][post tokens]   (see prompt_template.py)
+    LLM input per utterance: [pre tokens][speech N][post tokens]   (see data/prompt_template.py)
     LLaMA (frozen) with LoRA on q, k, v, o; stage 2: LoRA scaled per utterance by the
     prompt-aware adapter's r (prompt_adapter.py).
 
-The loss (criterion.py) is computed only on target tokens: the model returns logits at exactly the
+The loss (criterions/cross_entropy.py) is computed only on target tokens: the model returns logits at exactly the
 positions that predict a target token, which also saves the (N, vocab) projection elsewhere.
 """
-import logging
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-import torch.nn as nn
 from fairseq.models import BaseFairseqModel, register_model
 
-from ..errors import CheckpointError, WavLLMInputError
+from ..errors import WavLLMInputError
 from . import encoders
-from .adapters import ModalityAdapter, Projector, fuse_streams, subsampled_frames
+from .adapters import ModalityAdapter, Projector
 from .architectures import ARCHITECTURES, fill_from_arch, register_architectures
-from .config import WavLLMConfig, check_choices, complete_model_cfg, torch_dtype
+from .checkpoint_state import CheckpointState
+from .config import WavLLMConfig, check_choices, torch_dtype
+from .llm import LORA_TARGETS, build_llm
 from .lora import (checkpoint_context_fn, inject_lora, lora_disabled, lora_scale_context, merge_lora,
                    rotary_meta_to_hf_rows, unmerge_lora)
 from .prompt_adapter import PromptAwareLoRAScale
+from .speech import SpeechBranch
 from .trainability import apply_trainability
-
-logger = logging.getLogger(__name__)
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MIN_ENCODER_SAMPLES = 400  # shortest waveform the encoders' first convolutions accept (25 ms)
-
-
-def expected_speech_frames(n_samples: int, use_wavlm: bool = True) -> int:
-    """Speech embeddings (80 ms) for ``n_samples`` of audio without building a model: the same
-    functions the modules' ``output_lengths`` use, with the released front ends' kernels (Whisper's
-    10 ms hop and conv2, WavLM's feature extractor, the adapters' two stride-2 convs). The dataset checks
-    prompt + speech + answer against the LLM context with it before any model exists (fairseq loads
-    the validation sets first); equal to ``WavLLMModel.speech_frames`` (tested)."""
-    if n_samples <= 0:
-        return 0
-    n = subsampled_frames(encoders.whisper_frames(n_samples))
-    if use_wavlm:
-        n = min(n, subsampled_frames(max(encoders.wavlm_frames(n_samples), 0)))
-    return max(n, 0)
-
 
 @dataclass
 class GenerationPrefix:
-    """What ``WavLLMModel.build_generation_prefix`` hands the generator (generator.py)."""
+    """What ``WavLLMModel.build_generation_prefix`` hands the generator (decoding/generator.py)."""
 
     embeds: torch.Tensor  # (B, L, D) left-padded
     attention_mask: torch.Tensor  # (B, L) long, 0 on padding
@@ -62,8 +43,17 @@ class GenerationPrefix:
 
 
 @register_model("wavllm", dataclass=WavLLMConfig)
-class WavLLMModel(BaseFairseqModel):
-    """WavLLM: dual speech encoders + adapters + projector feeding a LoRA-tuned frozen LLaMA."""
+class WavLLMModel(SpeechBranch, CheckpointState, BaseFairseqModel):
+    """WavLLM: dual speech encoders + adapters + projector feeding a LoRA-tuned frozen LLaMA.
+
+    The speech methods (``speech_frames``, ``encode_speech``) are speech.py's, ``state_dict`` /
+    ``load_state_dict`` checkpoint_state.py's.
+
+    Args:
+        cfg (WavLLMConfig): the model config, sizes filled (``fill_from_arch``).
+        vocab_size (int): the tokenizer's vocabulary (the LLM must have as many rows).
+        arch (str): the architecture name (``self.arch``).
+    """
 
     def __init__(self, cfg: WavLLMConfig, vocab_size: int, arch: str = "wavllm"):
         super().__init__()
@@ -76,7 +66,7 @@ class WavLLMModel(BaseFairseqModel):
         # ---- frozen backbones
         self.whisper = encoders.build_whisper(cfg, bdtype)
         self.wavlm = encoders.build_wavlm(cfg, bdtype)
-        self.llm = encoders.build_llm(cfg, vocab_size, bdtype)
+        self.llm = build_llm(cfg, vocab_size, bdtype)
         if self.llm.config.vocab_size != vocab_size:
             raise WavLLMInputError(
                 f"the LLM has {self.llm.config.vocab_size} tokens but the tokenizer has {vocab_size}: "
@@ -103,6 +93,15 @@ class WavLLMModel(BaseFairseqModel):
         self.lora_modules = inject_lora(self.llm, LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                                         cfg.lora_a_init)
         self.set_activation_checkpointing(cfg.activation_checkpointing)
+        self._lay_out_lora_scale(cfg.lora_scale_layout)
+        self.prompt_scale = _prompt_scale(cfg, d_llm) if cfg.prompt_adapter else None
+        self.trainable_counts = apply_trainability(self)
+        self.train()
+
+    def _lay_out_lora_scale(self, layout: str) -> None:
+        """Tell each LoRA layer how it reads the stage-2 scale r (B, D): a grouped-query k/v projection
+        averages r over each query group; ``layout="meta"`` reorders q/k's features (converted checkpoints)."""
+        d_llm = self.llm.config.hidden_size
         heads = self.llm.config.num_attention_heads
         kv_heads = getattr(self.llm.config, "num_key_value_heads", None) or heads
         if kv_heads != heads:  # grouped-query attention: k/v read r averaged over each query group
@@ -110,26 +109,24 @@ class WavLLMModel(BaseFairseqModel):
             for layer in self.llm.model.layers:
                 for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.share_scale_over_query_groups(heads // kv_heads, head_dim)
-        if cfg.lora_scale_layout == "meta":
+        if layout == "meta":
             for layer in self.llm.model.layers:
                 for proj, h in ((layer.self_attn.q_proj, heads), (layer.self_attn.k_proj, kv_heads)):
                     proj.scale_rows = rotary_meta_to_hf_rows(h, proj.out_features)
-        init_scale = None
-        if cfg.prompt_adapter_init == "stage1_scale":
-            init_scale = cfg.lora_alpha / cfg.lora_rank
-            if cfg.prompt_adapter_clamp and cfg.prompt_adapter_clamp > 0:
-                init_scale = min(init_scale, cfg.prompt_adapter_clamp)
-        self.prompt_scale = (PromptAwareLoRAScale(d_llm, cfg.prompt_adapter_dim, cfg.prompt_adapter_clamp, init_scale)
-                             if cfg.prompt_adapter else None)
-        self.trainable_counts = apply_trainability(self)
-        self.train()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def build_model(cls, cfg, task):
+        """fairseq's builder: sizes from the architecture ``cfg._name``, vocabulary from the task.
+
+        Args:
+            cfg (WavLLMConfig or DictConfig): the model config (``_name`` = the architecture).
+            task (Optional[FairseqTask]): whose target dictionary sets the vocabulary (None: the config's).
+
+        Returns:
+            WavLLMModel: the model.
+        """
         arch = getattr(cfg, "_name", None) or "wavllm"
-        if not isinstance(cfg, WavLLMConfig):  # a config read back from a checkpoint may predate some fields
-            complete_model_cfg(cfg)
         fill_from_arch(cfg, arch if arch in ARCHITECTURES else "wavllm")
         vocab = (len(task.target_dictionary) if task is not None and task.target_dictionary is not None
                  else cfg.llama_vocab_size)
@@ -137,7 +134,16 @@ class WavLLMModel(BaseFairseqModel):
 
     @classmethod
     def from_arch(cls, arch: str, vocab_size: Optional[int] = None, **overrides) -> "WavLLMModel":
-        """A model of a named architecture with random weights (tests, benchmarks, counting on meta)."""
+        """A model of a named architecture with random weights (tests, benchmarks, counting on meta).
+
+        Args:
+            arch (str): a name in ``ARCHITECTURES``.
+            vocab_size (Optional[int]): the vocabulary (default: the architecture's, if it has one).
+            **overrides: ``WavLLMConfig`` fields.
+
+        Returns:
+            WavLLMModel: the model, in train mode.
+        """
         cfg = WavLLMConfig(**overrides)
         fill_from_arch(cfg, arch)
         vocab = vocab_size if vocab_size is not None else cfg.llama_vocab_size
@@ -146,7 +152,11 @@ class WavLLMModel(BaseFairseqModel):
         return cls(cfg, vocab, arch)
 
     def set_activation_checkpointing(self, on: bool) -> None:
-        """Recompute the LLM layers' activations in backward (or stop doing so)."""
+        """Recompute the LLM layers' activations in backward (or stop doing so).
+
+        Args:
+            on (bool): whether to recompute.
+        """
         if on:
             # the recomputation in backward must see the LoRA scale of the forward (set by a context that
             # has exited by then): checkpoint_context_fn reinstalls it
@@ -156,6 +166,14 @@ class WavLLMModel(BaseFairseqModel):
             self.llm.gradient_checkpointing_disable()
 
     def train(self, mode: bool = True):
+        """``nn.Module.train``, except that the frozen encoders always stay in eval mode.
+
+        Args:
+            mode (bool): train (True) or eval (False).
+
+        Returns:
+            WavLLMModel: self.
+        """
         super().train(mode)
         # frozen encoders never run dropout / layer drop; the LLM has no dropout of its own, but stays
         # in train mode so LoRA dropout and activation checkpointing work
@@ -166,77 +184,37 @@ class WavLLMModel(BaseFairseqModel):
 
     @property
     def llm_dim(self) -> int:
+        """The LLM width D."""
         return self.llm.config.hidden_size
 
     @property
     def context_length(self) -> int:
+        """The LLM's context (``max_position_embeddings``)."""
         return self.llm.config.max_position_embeddings
 
     def max_positions(self):
+        """None: no fairseq-side length filter (see the comment)."""
         # fairseq compares this with dataset sizes (audio samples here) to filter rows; the dataset
         # itself checks prompt + speech + answer against context_length with a clear error instead
         return None
 
-    # ------------------------------------------------------------------ speech branch
-    def speech_frames(self, audio_lengths: torch.Tensor) -> torch.Tensor:
-        """Number of speech embeddings (80 ms frames) the model produces for each audio length."""
-        n = self.semantic_adapter.output_lengths(self.whisper.output_lengths(audio_lengths))
-        if self.wavlm is not None:
-            n = torch.minimum(n, self.acoustic_adapter.output_lengths(self.wavlm.output_lengths(audio_lengths)))
-        return torch.where(audio_lengths > 0, n, torch.zeros_like(n)).clamp(min=0)
-
-    def encode_speech(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) waveform -> speech embeddings (B, N, D) and their lengths (B,)."""
-        if audio.shape[1] < MIN_ENCODER_SAMPLES:  # WavLM's first conv needs 400 samples; lengths stay true
-            audio = nn.functional.pad(audio, (0, MIN_ENCODER_SAMPLES - audio.shape[1]))
-        with torch.no_grad():
-            sem, sem_len = self.whisper(audio, audio_lengths)  # (B, Tw, Dw) at 20 ms
-            if self.wavlm is not None:
-                ac, ac_len = self.wavlm(audio, audio_lengths)  # (L+1, B, Tl, Dl) at 20 ms
-        dtype = self.semantic_adapter.out_proj.weight.dtype
-        sem, sem_len = self._semantic_per_window(sem.to(dtype), sem_len)  # (B, N1, A)
-        if self.wavlm is None:
-            sem_len = sem_len.clamp(min=0)
-            return self.semantic_only_projector(sem)[:, : int(sem_len.max())], sem_len
-        ac, ac_len = self.acoustic_adapter(ac.to(dtype), ac_len)  # (B, N2, A)
-        x, lengths = fuse_streams(sem, sem_len, ac, ac_len)  # (B, N, 2A), N = the shorter stream
-        return self.projector(x)[:, : int(lengths.max())], lengths  # (B, N, D)
-
-    def _semantic_per_window(self, sem: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The semantic adapter over each Whisper window (30 s, ``W`` frames) alone, as the reference
-        encodes a long clip window by window: the adapter's convolutions see zeros at a window's edge,
-        not the next window's frames. (B, T, Dw) -> (B, N, A); a clip within one window is one window.
-        Lengths are those of the whole clip (``W`` is a multiple of the adapter's stride 4)."""
-        W = self.whisper.encoder.config.max_source_positions  # Whisper frames per window
-        if sem.shape[1] <= W:
-            return self.semantic_adapter(sem, lengths)
-        B, T, D = sem.shape
-        n = -(-T // W)
-        sem = nn.functional.pad(sem, (0, 0, 0, n * W - T)).reshape(B * n, W, D)
-        starts = torch.arange(n, device=lengths.device) * W
-        win_len = (lengths[:, None] - starts[None, :]).clamp(0, W).reshape(-1)  # (B*n,)
-        out, _ = self.semantic_adapter(sem, win_len)  # (B*n, W', A)
-        out = out.reshape(B, n * out.shape[1], out.shape[2])
-        total = self.semantic_adapter.output_lengths(lengths)
-        return out[:, : max(1, int(total.max()))], total
-
     # ------------------------------------------------------------------ prompt-aware LoRA scale
-    def prompt_lora_scale(self, instruction_tokens: torch.Tensor, instruction_lengths: torch.Tensor,
-                          batch: Optional[dict] = None) -> Optional[torch.Tensor]:
-        """Stage 2: r (B, D) from the instruction's frozen-LLM (no LoRA) last-layer states; else None.
+    def prompt_lora_scale(self, instruction_tokens: torch.Tensor,
+                          instruction_lengths: torch.Tensor) -> Optional[torch.Tensor]:
+        """Stage 2: the LoRA scale r from the instruction's frozen-LLM (no LoRA) last-layer states.
 
-        ``instruction_tokens`` is the reference's adapter input ('"' + instruction + '"', no <s>), pooled
-        over every position; with ``prompt_adapter_input=bos_instruction`` (older checkpoints) the
-        batch's ``legacy_instruction_tokens`` (<s> + instruction) are read instead."""
+        The instruction tokens are the reference's adapter input ('"' + instruction + '"', no <s>),
+        pooled over every position (prompt_adapter.py).
+
+        Args:
+            instruction_tokens (torch.Tensor): token ids with shape (B, M), right-padded.
+            instruction_lengths (torch.Tensor): valid tokens, shape (B,), each >= 1.
+
+        Returns:
+            Optional[torch.Tensor]: r with shape (B, D); None in stage 1 (no prompt adapter).
+        """
         if self.prompt_scale is None:
             return None
-        if self.cfg.prompt_adapter_input == "bos_instruction":
-            if batch is None or "legacy_instruction_tokens" not in batch:
-                raise WavLLMInputError("this checkpoint's prompt adapter reads <s> + instruction "
-                                       "(prompt_adapter_input=bos_instruction): the batch needs "
-                                       "legacy_instruction_tokens")
-            instruction_tokens, instruction_lengths = (batch["legacy_instruction_tokens"],
-                                                       batch["legacy_instruction_lengths"])
         mask = (torch.arange(instruction_tokens.shape[1], device=instruction_tokens.device)[None]
                 < instruction_lengths[:, None])
         captured = {}
@@ -247,25 +225,32 @@ class WavLLMModel(BaseFairseqModel):
                 self.llm.model(input_ids=instruction_tokens, attention_mask=mask.long(), use_cache=False)
         finally:
             hook.remove()
-        pool = mask
-        if self.cfg.prompt_adapter_input == "bos_instruction" and not self.cfg.prompt_adapter_pool_bos:
-            # the <s> state is identical for every prompt (and an attention sink): pool over the
-            # instruction's own tokens, keeping <s> only for an empty instruction (spoken question)
-            bos = self.llm.config.bos_token_id
-            skip = (instruction_tokens[:, 0] == bos) & (instruction_lengths > 1)
-            pool = mask.clone()
-            pool[:, 0] &= ~skip
-        return self.prompt_scale(captured["h"], pool)  # (B, D)
+        return self.prompt_scale(captured["h"], mask)  # (B, D)
 
     def lora_scale_context(self, r: Optional[torch.Tensor]):
+        """Within the block every LoRA layer of the LLM is scaled by r (see lora.lora_scale_context).
+
+        Args:
+            r (Optional[torch.Tensor]): the per-utterance scale with shape (B, D), or None for alpha / R.
+
+        Returns:
+            contextlib.AbstractContextManager: the context.
+        """
         return lora_scale_context(self.llm, r)
 
     # ------------------------------------------------------------------ sequence assembly
     def assemble(self, net_input: dict, left_pad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Build the LLM input [pre][speech][post] per utterance.
 
-        Returns inputs_embeds (B, L, D), attention_mask (B, L) long, and ``post_start`` (B,) = the
-        sequence index of each utterance's first post token (after padding is applied).
+        Args:
+            net_input (dict): the batch's ``net_input`` (data/dataset.py): ``audio``, ``audio_lengths``,
+                ``pre_tokens``, ``pre_lengths``, ``post_tokens``, ``post_lengths``.
+            left_pad (bool): pad on the left (generation prefix) or on the right (teacher forcing).
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ``inputs_embeds`` with shape (B, L, D),
+            ``attention_mask`` (B, L) long, and ``post_start`` (B,): the sequence index of each
+            utterance's first post token (after padding is applied).
         """
         pre, pre_len = net_input["pre_tokens"], net_input["pre_lengths"]
         post, post_len = net_input["post_tokens"], net_input["post_lengths"]
@@ -294,14 +279,36 @@ class WavLLMModel(BaseFairseqModel):
             mask[b, o: o + row.shape[0]] = 1
         return x, mask, offsets + pre_len + speech_len
 
-    def forward(self, audio, audio_lengths, pre_tokens, pre_lengths, post_tokens, post_lengths,
-                post_target_mask, instruction_tokens=None, instruction_lengths=None, **unused):
-        """Teacher-forced pass. Returns (logits (N, V), target (N,), row (N,)) for the N target tokens."""
+    def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, pre_tokens: torch.Tensor,
+                pre_lengths: torch.Tensor, post_tokens: torch.Tensor, post_lengths: torch.Tensor,
+                post_target_mask: torch.Tensor, instruction_tokens: Optional[torch.Tensor] = None,
+                instruction_lengths: Optional[torch.Tensor] = None,
+                prompt_post_lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass over the collater's ``net_input`` (data/dataset.py documents every key).
+
+        Args:
+            audio (torch.Tensor): 16 kHz waveforms with shape (B, T), right-padded; T = 0 without speech.
+            audio_lengths (torch.Tensor): valid samples, shape (B,); 0 on text-only rows.
+            pre_tokens (torch.Tensor): tokens before the speech span with shape (B, P), right-padded.
+            pre_lengths (torch.Tensor): shape (B,).
+            post_tokens (torch.Tensor): tokens after the speech span with shape (B, Q), right-padded.
+            post_lengths (torch.Tensor): shape (B,).
+            post_target_mask (torch.Tensor): bool with shape (B, Q), True on the N target tokens.
+            instruction_tokens (Optional[torch.Tensor]): the prompt adapter's input with shape (B, M)
+                (stage 2 only).
+            instruction_lengths (Optional[torch.Tensor]): shape (B,) (stage 2 only).
+            prompt_post_lengths (Optional[torch.Tensor]): shape (B,); the generation prefix's length,
+                not read here (build_generation_prefix reads it).
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: logits with shape (N, V) at the positions
+            that predict the N target tokens, those targets (N,), and the row of each (N,), in
+            row-major target order.
+        """
         net_input = dict(audio=audio, audio_lengths=audio_lengths, pre_tokens=pre_tokens, pre_lengths=pre_lengths,
                          post_tokens=post_tokens, post_lengths=post_lengths)
         x, mask, post_start = self.assemble(net_input, left_pad=False)  # right padding: positions 0..L-1
-        r = (self.prompt_lora_scale(instruction_tokens, instruction_lengths, unused) if self.prompt_scale is not None
-             else None)
+        r = self.prompt_lora_scale(instruction_tokens, instruction_lengths) if self.prompt_scale is not None else None
         with self.lora_scale_context(r):
             h = self.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state  # (B, L, D)
         rows, cols = post_target_mask.nonzero(as_tuple=True)  # target tokens, row-major = target order
@@ -310,8 +317,16 @@ class WavLLMModel(BaseFairseqModel):
         return logits, post_tokens[rows, cols], rows
 
     # ------------------------------------------------------------------ generation
-    def build_generation_prefix(self, net_input: dict):
-        """Left-padded speech+prompt prefix for the generator (generator.py's protocol)."""
+    def build_generation_prefix(self, net_input: dict) -> GenerationPrefix:
+        """Left-padded speech+prompt prefix for the generator (decoding/generator.py's protocol).
+
+        Args:
+            net_input (dict): the batch's ``net_input``; ``prompt_post_lengths`` (when present) cuts
+                ``post_tokens`` before the last answer.
+
+        Returns:
+            GenerationPrefix: embeddings (B, L, D), attention mask (B, L) and the stage-2 scale (B, D).
+        """
         net_input = dict(net_input)
         if "prompt_post_lengths" in net_input:  # drop the last answer: the generator writes it
             net_input["post_lengths"] = net_input["prompt_post_lengths"]
@@ -322,68 +337,54 @@ class WavLLMModel(BaseFairseqModel):
         x, mask, _ = self.assemble(net_input, left_pad=True)
         r = None
         if self.prompt_scale is not None:
-            r = self.prompt_lora_scale(net_input["instruction_tokens"], net_input["instruction_lengths"], net_input)
+            r = self.prompt_lora_scale(net_input["instruction_tokens"], net_input["instruction_lengths"])
         return GenerationPrefix(embeds=x, attention_mask=mask, lora_scale=r)
 
     def merge_lora(self) -> int:
+        """Fold plain (stage-1) LoRA into the LLM's base weights for faster decoding.
+
+        Returns:
+            int: how many LoRA layers were merged.
+
+        Raises:
+            RuntimeError: in stage 2, whose LoRA is scaled per utterance.
+        """
         if self.prompt_scale is not None:
             raise RuntimeError("stage-2 LoRA is scaled per utterance and cannot be merged")
         return merge_lora(self.llm)
 
     def unmerge_lora(self) -> int:
+        """Undo :meth:`merge_lora`.
+
+        Returns:
+            int: how many LoRA layers there are.
+        """
         return unmerge_lora(self.llm)
 
-    # ------------------------------------------------------------------ checkpoints
-    def _backbone_prefixes_from_paths(self) -> List[str]:
-        return [p for p, flag in (("whisper.", self.backbone_from_path["whisper"]),
-                                  ("wavlm.", self.backbone_from_path["wavlm"]),
-                                  ("llm.", self.backbone_from_path["llm"])) if flag]
 
-    def _is_reloadable_backbone_key(self, key: str) -> bool:
-        """A frozen backbone tensor that is reloaded from its local directory (not stored in checkpoints)."""
-        if not any(key.startswith(p) for p in self._backbone_prefixes_from_paths()):
-            return False
-        return not (key.startswith("llm.") and (".lora_A." in key or ".lora_B." in key))
-
-    def state_dict(self, *args, **kwargs):
-        """Everything except frozen backbones loaded from local directories (those reload from there)."""
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        for k in list(state.keys()):
-            if self._is_reloadable_backbone_key(k[len(prefix):]):
-                del state[k]
-        return state
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        """Strict load that tolerates exactly two known gaps, and reports them:
-        backbone tensors reloaded from their directories, and a fresh stage-2 prompt adapter when the
-        checkpoint comes from stage 1. Any other missing/unexpected key or shape mismatch is an error."""
-        own = super().state_dict()
-        missing = [k for k in own if k not in state_dict and not self._is_reloadable_backbone_key(k)]
-        unexpected = [k for k in state_dict if k not in own]
-        fresh_prompt = [k for k in missing if k.startswith("prompt_scale.")]
-        missing = [k for k in missing if not k.startswith("prompt_scale.")]
-        bad_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                     for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        if strict and (missing or unexpected or bad_shape):
-            raise CheckpointError(
-                "checkpoint does not match the model: "
-                + (f"missing {missing[:20]} ({len(missing)}) " if missing else "")
-                + (f"unexpected {unexpected[:20]} ({len(unexpected)}) " if unexpected else "")
-                + (f"shape mismatches {bad_shape[:20]}" if bad_shape else ""), reason="mismatch")
-        if fresh_prompt:
-            logger.warning(f"prompt adapter not in the checkpoint: initialised fresh ({len(fresh_prompt)} tensors: "
-                           f"{fresh_prompt}); everything else was loaded")
-        result = super(BaseFairseqModel, self).load_state_dict(
-            {k: v for k, v in state_dict.items() if k in own}, strict=False)
-        return result
+def _prompt_scale(cfg: WavLLMConfig, d_llm: int) -> PromptAwareLoRAScale:
+    """The stage-2 prompt adapter; with ``prompt_adapter_init=stage1_scale`` it starts at r = alpha / R."""
+    init_scale = None
+    if cfg.prompt_adapter_init == "stage1_scale":
+        init_scale = cfg.lora_alpha / cfg.lora_rank
+        if cfg.prompt_adapter_clamp and cfg.prompt_adapter_clamp > 0:
+            init_scale = min(init_scale, cfg.prompt_adapter_clamp)
+    return PromptAwareLoRAScale(d_llm, cfg.prompt_adapter_dim, cfg.prompt_adapter_clamp, init_scale)
 
 
-def count_parameters(arch: str, stage: int = 1, vocab_size: Optional[int] = None) -> "WavLLMModel":
-    """Build ``arch`` on the meta device (no memory, no weights) for the given stage."""
+def build_on_meta(arch: str, stage: int = 1, vocab_size: Optional[int] = None) -> WavLLMModel:
+    """Build ``arch`` on the meta device (no memory, no weights): shapes and parameter counts only.
+
+    Args:
+        arch (str): a name in ``ARCHITECTURES``.
+        stage (int): 1, or 2 with the prompt adapter.
+        vocab_size (Optional[int]): the vocabulary (default: the architecture's).
+
+    Returns:
+        WavLLMModel: the model, every tensor on the meta device.
+    """
     with torch.device("meta"):
-        model = WavLLMModel.from_arch(arch, vocab_size=vocab_size, prompt_adapter=(stage == 2))
-    return model
+        return WavLLMModel.from_arch(arch, vocab_size=vocab_size, prompt_adapter=(stage == 2))
 
 
 register_architectures("wavllm")

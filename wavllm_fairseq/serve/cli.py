@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     import torch
     import uvicorn
 
+    from ..decoding.options import static_for
     from ..errors import WavLLMInputError
-    from ..decoding.generator import static_for
     from ..hub import WavLLM
     from .app import create_app
     from .engine import BatchEngine

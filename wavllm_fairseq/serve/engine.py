@@ -31,9 +31,9 @@ from typing import Callable, Deque, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..data.dataset import collate
+from ..data.dataset import collate, inference_item
 from ..data.prompt_template import EncodedPrompt
-from ..decoding.generator import WavLLMGenerator
+from ..decoding.options import DecodingOptions
 from ..hub import batch_to
 
 logger = logging.getLogger(__name__)
@@ -174,8 +174,7 @@ class BatchEngine:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], B)
         tok = self.api.tokenizer
-        items = [{"id": i, "row": _Row(str(j.id)), "audio": j.audio, "enc": j.enc, "gen_len": len(j.enc.post),
-                  "task": None} for i, j in enumerate(jobs)]
+        items = [inference_item(i, j.audio, j.enc, utt_id=str(j.id)) for i, j in enumerate(jobs)]
         d = jobs[0].decoding
         caps = [max(1, int(j.max_tokens)) for j in jobs]
 
@@ -184,11 +183,12 @@ class BatchEngine:
                 _call(jobs[b].on_token, t)
             return [b for b in rows if jobs[b].cancelled.is_set()]  # clients that left: end their rows
 
-        gen = WavLLMGenerator(
-            [self.api.model], self.api.task.target_dictionary, max_len_b=max(caps), sampling=d.sampling,
-            temperature=d.temperature if d.sampling else 1.0, sampling_topp=d.top_p if d.top_p < 1 else -1.0,
-            sampling_topk=d.top_k, loop_guard_ngram=self.loop_guard_ngram, static=self.static,
-            compile_step=self.compile_step)
+        options = DecodingOptions(max_len_b=max(caps), sampling=d.sampling,
+                                  temperature=d.temperature if d.sampling else 1.0,
+                                  sampling_topp=d.top_p if d.top_p < 1 else -1.0, sampling_topk=d.top_k,
+                                  loop_guard_ngram=self.loop_guard_ngram, static=self.static,
+                                  compile_step=self.compile_step)
+        gen = options.build(self.api.model, self.api.task.target_dictionary)
         try:
             batch = batch_to(collate(items, tok.pad_id), self.api.device)
             batch["max_len"] = caps
@@ -215,11 +215,6 @@ class BatchEngine:
             _call(job.on_done, Answer(text=tok.decode(ids), tokens=answer, finish_reason=reason,
                                       text_tokens=len(job.enc.pre) + len(job.enc.post),
                                       speech_tokens=self.speech_tokens(n), batch_size=B))
-
-
-@dataclass
-class _Row:
-    id: str
 
 
 def _cancelled_answer(job: Job, batch_size: int) -> Answer:

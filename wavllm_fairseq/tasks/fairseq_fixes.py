@@ -110,7 +110,17 @@ FIXES: Dict[str, Callable[[], None]] = {
 
 
 def enabled(env: Optional[str] = None) -> List[str]:
-    """The fixes ``WAVLLM_FAIRSEQ_FIXES`` asks for (all when unset); an unknown name is an error."""
+    """The fixes ``WAVLLM_FAIRSEQ_FIXES`` asks for (all when unset).
+
+    Args:
+        env (Optional[str]): the variable's value (default: read from the environment).
+
+    Returns:
+        List[str]: names of ``FIXES``.
+
+    Raises:
+        ValueError: for an unknown fix name.
+    """
     value = os.environ.get(ENV) if env is None else env
     if value is None or value.strip() in ("", "1", "all"):
         return list(FIXES)
@@ -124,7 +134,14 @@ def enabled(env: Optional[str] = None) -> List[str]:
 
 
 def apply(names: Optional[Sequence[str]] = None) -> List[str]:
-    """Apply ``names`` (default: those ``WAVLLM_FAIRSEQ_FIXES`` enables); idempotent."""
+    """Apply fixes to fairseq's functions; idempotent.
+
+    Args:
+        names (Optional[Sequence[str]]): names of ``FIXES`` (default: those ``WAVLLM_FAIRSEQ_FIXES`` enables).
+
+    Returns:
+        List[str]: the names applied.
+    """
     names = enabled() if names is None else list(names)
     for name in names:
         FIXES[name]()
@@ -132,7 +149,11 @@ def apply(names: Optional[Sequence[str]] = None) -> List[str]:
 
 
 def applied() -> List[str]:
-    """The fixes in effect in this process."""
+    """The fixes in effect in this process.
+
+    Returns:
+        List[str]: their names.
+    """
     out = []
     if isinstance(checkpoint_utils.PathManager, _AtomicCopyPathManager):
         out.append("atomic_checkpoints")

@@ -11,7 +11,7 @@ paper's per-GPU batch); text-only rows cost 1280 samples per token.
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -19,16 +19,16 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..data.chat_template import prompt_encoder
-from ..data.curriculum import (CurriculumBatchSampler, CurriculumEpochBatchIterator, curriculum_from_subsets,
-                              load_curriculum)
+from ..data.curriculum import (CurriculumBatchSampler, CurriculumConfig, CurriculumEpochBatchIterator,
+                              curriculum_from_subsets, load_curriculum)
 from ..data.dataset import InstructionDataset, MultiCorpusDataset
 from ..data.manifest import read_manifest
 from ..data.prompt_augment import PromptAugmenter, prompt_pools
 from ..data.prompt_template import DEFAULT_SYSTEM_PROMPT
 from ..data.tokenizer import LlamaDictionary, LlamaTokenizer, SentencePieceDecoder, config_vocab_size
-from ..decoding.generator import DECODE_PATHS, WavLLMGenerator, static_for
+from ..decoding.options import DECODE_PATHS, DecodingOptions, parse_task_lengths
 from ..errors import WavLLMInputError
-from ..models.wavllm import expected_speech_frames
+from ..models.speech import expected_speech_frames
 from . import fairseq_fixes
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class WavLLMInstructionConfig(FairseqDataclass):
+    """The ``task.*`` options of ``wavllm_instruction``: data, curriculum, template and decoding."""
+
     data: str = field(
         default="",
         metadata={"help": "folder of instruction manifests (<split>.tsv); audio paths in them are relative to it"})
@@ -88,8 +90,8 @@ class WavLLMInstructionConfig(FairseqDataclass):
         default=False,
         metadata={"help": "instruction augmentation on the training split: single-task speech prompts get words dropped"
                           " (one word only that task's prompts use always stays) and words shared by 3+ tasks inserted,"
-                          " so the model keys on task words (prompt_augment.py; not in the paper; mixed on the toy, see"
-                          " the README)"})
+                          " so the model keys on task words (prompt_augment.py; not in the paper; toy runs in"
+                          " examples/wavllm/toy/RESULTS.md)"})
     max_len_per_task: str = field(
         default="",
         metadata={"help": "decoding length caps per task, e.g. 'sv:20,er:20,asr:120' (tokens)"})
@@ -109,18 +111,6 @@ class WavLLMInstructionConfig(FairseqDataclass):
                           "GPU; fused kernels; compiling takes seconds per process and slot-count shape)"})
     seed: int = II("common.seed")
     update_freq: List[int] = II("optimization.update_freq")
-
-
-def parse_task_lengths(text: str) -> Dict[str, int]:
-    """``task.max_len_per_task`` ("sv:20,er:20,asr:120") -> {task: max new tokens}; a clear error otherwise."""
-    caps: Dict[str, int] = {}
-    for item in filter(None, (p.strip() for p in (text or "").split(","))):
-        name, sep, n = item.partition(":")
-        if not sep or not name.strip() or not n.strip().isdigit() or int(n) < 1:
-            raise WavLLMInputError(f"task.max_len_per_task={text!r}: {item!r} is not TASK:TOKENS with TOKENS a "
-                                   "positive integer (e.g. 'sv:20,er:20,asr:120')")
-        caps[name.strip()] = int(n)
-    return caps
 
 
 class _PendingDictionary:
@@ -153,7 +143,13 @@ class _PendingDictionary:
 
 @register_task("wavllm_instruction", dataclass=WavLLMInstructionConfig)
 class WavLLMInstructionTask(FairseqTask):
-    """Speech/text instruction following with the WavLLM chat template."""
+    """Speech/text instruction following with the WavLLM chat template.
+
+    Args:
+        cfg (WavLLMInstructionConfig): the task config.
+        tokenizer (Optional[LlamaTokenizer or HFTokenizer]): the LLM's tokenizer; None until a model
+            whose ``llama_path`` holds it is built.
+    """
 
     cfg: WavLLMInstructionConfig
 
@@ -166,6 +162,15 @@ class WavLLMInstructionTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: WavLLMInstructionConfig, **kwargs):
+        """fairseq's task builder; also applies fairseq_fixes.py.
+
+        Args:
+            cfg (WavLLMInstructionConfig): the task config.
+            **kwargs: fairseq's, not read.
+
+        Returns:
+            WavLLMInstructionTask: the task (with the tokenizer of ``task.tokenizer_dir`` when set).
+        """
         fairseq_fixes.apply()  # what and why: fairseq_fixes.py
         parse_task_lengths(cfg.max_len_per_task)  # a malformed value fails here, not at the first batch
         tokenizer = None
@@ -182,6 +187,8 @@ class WavLLMInstructionTask(FairseqTask):
 
     @property
     def target_dictionary(self):
+        """The tokenizer's ids as a fairseq Dictionary (a stand-in that resolves later while the
+        tokenizer is not known yet)."""
         if self._dictionary is None and self.tokenizer is not None:
             self._dictionary = LlamaDictionary.from_tokenizer(self.tokenizer)
         if self._dictionary is None:
@@ -192,9 +199,19 @@ class WavLLMInstructionTask(FairseqTask):
 
     @property
     def source_dictionary(self):
+        """None: the source is audio."""
         return None
 
     def build_model(self, cfg, from_checkpoint=False):
+        """Build the model, taking the tokenizer from ``model.llama_path`` when the task has none.
+
+        Args:
+            cfg (WavLLMConfig or DictConfig): the model config.
+            from_checkpoint (bool): fairseq's flag.
+
+        Returns:
+            WavLLMModel: the model (its context length and WavLM use then set the dataset checks).
+        """
         if self.tokenizer is None and getattr(cfg, "llama_path", ""):
             self.tokenizer = LlamaTokenizer.from_dir(cfg.llama_path)
         self._require_tokenizer()
@@ -208,6 +225,7 @@ class WavLLMInstructionTask(FairseqTask):
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """``FairseqTask.train_step``, then zero gradients for the trainable parameters the batch did not reach."""
         loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
                                                                ignore_grad)
         # A text-only batch leaves the speech adapters and projector without a gradient. fairseq's
@@ -220,14 +238,34 @@ class WavLLMInstructionTask(FairseqTask):
         return loss, sample_size, logging_output
 
     def max_positions(self):
+        """None: no fairseq-side length filter."""
         return None  # lengths are checked by the dataset against the LLM context (see dataset.py)
 
     # ------------------------------------------------------------------ data
     def manifest_path(self, name: str) -> str:
+        """The manifest file of a split or corpus name.
+
+        Args:
+            name (str): ``valid_asr``, ``train_st.tsv`` or an absolute path.
+
+        Returns:
+            str: the ``.tsv`` path (relative names under ``task.data``).
+        """
         name = name if name.endswith(".tsv") else name + ".tsv"
         return name if os.path.isabs(name) else os.path.join(self.cfg.data, name)
 
-    def load_corpus(self, name_or_path: str, corpus: Optional[str] = None, shuffle: bool = True):
+    def load_corpus(self, name_or_path: str, corpus: Optional[str] = None,
+                    shuffle: bool = True) -> InstructionDataset:
+        """Read, check and tokenize one manifest.
+
+        Args:
+            name_or_path (str): see :meth:`manifest_path`.
+            corpus (Optional[str]): the corpus name in logs (default: the file stem).
+            shuffle (bool): shuffle within length buckets (training) or keep the file order.
+
+        Returns:
+            InstructionDataset: the corpus.
+        """
         path = self.manifest_path(name_or_path)
         if not os.path.isfile(path):
             raise WavLLMInputError(f"manifest not found: {path} (task.data={self.cfg.data!r})", file=path,
@@ -247,7 +285,12 @@ class WavLLMInstructionTask(FairseqTask):
         logger.info(f"{path}: {len(ds)} rows" + (f", {skipped} bad rows skipped" if skipped else ""))
         return ds
 
-    def train_curriculum(self):
+    def train_curriculum(self) -> CurriculumConfig:
+        """The training mix: ``task.curriculum`` (YAML) or ``task.train_manifests`` + ``task.train_weights``.
+
+        Returns:
+            CurriculumConfig: corpora and phases.
+        """
         if self.cfg.curriculum:
             path = (self.cfg.curriculum if os.path.isabs(self.cfg.curriculum)
                     else os.path.join(self.cfg.data, self.cfg.curriculum))
@@ -261,6 +304,8 @@ class WavLLMInstructionTask(FairseqTask):
                                        self.cfg.sampling_temperature, self.cfg.data)
 
     def load_dataset(self, split: str, epoch=1, combine=False, task_cfg=None, **kwargs):
+        """``FairseqTask.load_dataset``: the curriculum (a MultiCorpusDataset) for the training split, else the
+        manifest ``<split>.tsv`` (an InstructionDataset)."""
         if split == "train" and (self.cfg.curriculum or self.cfg.train_manifests):
             cur = self.train_curriculum()
             corpora = {name: self.load_corpus(path, corpus=name) for name, path in cur.corpora.items()}
@@ -279,6 +324,8 @@ class WavLLMInstructionTask(FairseqTask):
                            ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
                            shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
                            skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
+        """``FairseqTask.get_batch_iterator`` (``max_tokens`` counts audio samples), dropping no row; for the
+        curriculum, its own batch sampler and iterator (curriculum.py)."""
         if required_batch_size_multiple != 1:
             # fairseq would silently drop a last partial batch (and decode nothing for tiny test sets)
             logger.info(f"required_batch_size_multiple={required_batch_size_multiple} -> 1 (no rows are dropped)")
@@ -310,28 +357,18 @@ class WavLLMInstructionTask(FairseqTask):
 
     # ------------------------------------------------------------------ decoding
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
-        caps = parse_task_lengths(self.cfg.max_len_per_task)
-        return WavLLMGenerator(
-            models, self.target_dictionary,
-            beam_size=getattr(args, "beam", 1), max_len_a=getattr(args, "max_len_a", 0.0),
-            max_len_b=getattr(args, "max_len_b", 200), min_len=getattr(args, "min_len", 1),
-            normalize_scores=not getattr(args, "unnormalized", False), len_penalty=getattr(args, "lenpen", 1.0),
-            temperature=getattr(args, "temperature", 1.0), sampling=getattr(args, "sampling", False),
-            sampling_topk=getattr(args, "sampling_topk", -1), sampling_topp=getattr(args, "sampling_topp", -1.0),
-            no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
-            repetition_penalty=self.cfg.repetition_penalty, loop_guard_ngram=self.cfg.loop_guard_ngram,
-            max_len_per_task=caps or None, nbest=getattr(args, "nbest", 1),
-            static=static_for(self.cfg.decode_path),
-            compile_step=self.cfg.compile_decode_step,
-        )
+        """fairseq-generate's generator: its generation arguments and this task's decoding fields (options.py)."""
+        return DecodingOptions.from_fairseq_args(args, self.cfg).build(models, self.target_dictionary)
 
     def build_bpe(self, args):
-        """fairseq-generate's detokeniser: sentencepiece pieces -> text (unless --bpe is given)."""
+        """``FairseqTask.build_bpe``, fairseq-generate's detokeniser: pieces -> text (a SentencePieceDecoder)
+        unless ``--bpe`` is given."""
         if args is not None and getattr(args, "_name", None):
             return super().build_bpe(args)
         return SentencePieceDecoder(self._require_tokenizer())
 
     def build_tokenizer(self, args):
+        """``FairseqTask.build_tokenizer``: none, unless ``--tokenizer`` is given."""
         if args is not None and getattr(args, "_name", None):
             return super().build_tokenizer(args)
         return None

@@ -9,8 +9,8 @@ projection it holds but does not use with WavLM on) and ``gpt_model.model_llama.
 layout with LoRA parameters ``wq_lora_A`` (D x R) / ``wq_lora_B`` (R x D) and, in stage 2, the prompt
 adapter ``scale_fc_1`` / ``scale_fc_2`` / ``scale_weight_attention``).
 
-Every source key is mapped by one rule of ``KEY_MAP``; anything else fails the conversion with the list
-of unmatched keys. The frozen backbones (Whisper encoder, WavLM, LLaMA) are dropped from the output when
+Every source key is mapped by one rule of ``reference_keys.KEY_MAP``; anything else fails the conversion with
+the list of unmatched keys. The frozen backbones (Whisper encoder, WavLM, LLaMA) are dropped from the output when
 their local Hugging Face directory is given (the plugin reloads them from there, and the converter
 first checks that the release's tensors equal the directory's), and converted into the output otherwise.
 The converted state is then loaded *strictly* into the model built on the meta device, so a key or a
@@ -33,7 +33,7 @@ Layout changes:
 * Bottleneck adapters: the reference computes ``x + LayerNorm(Up(GELU(Down(x))))``; the converted config
   sets ``bottleneck_norm=post`` (this plugin's default) so the math is the same.
 * Inputs as the reference gave them (parity measured by ``examples/wavllm/scripts/parity_reference.py``):
-  the prompt adapter reads '"' + instruction + '"' without ``<s>`` (``prompt_adapter_input=reference``),
+  the prompt adapter reads '"' + instruction + '"' without ``<s>`` (this plugin's only adapter input),
   and decoding feeds ``<s>`` where " </SPEECH>" starts (``decode_bos_after_speech``), as the
   reference's generator does.
 
@@ -47,7 +47,7 @@ import re
 import sys
 import warnings
 from dataclasses import asdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from fairseq.dataclass.configs import FairseqConfig
@@ -57,134 +57,13 @@ from transformers import LlamaConfig, WavLMConfig, WhisperConfig
 from ..errors import CheckpointError
 from ..models.architectures import fill_from_arch
 from ..models.checkpoint_io import torch_load
-from ..models.config import WavLLMConfig
-from ..models.encoders import load_config, read_hf_state_dict
-from ..models.lora import rotary_meta_to_hf_rows
+from ..models.config import DTYPE_NAMES, WavLLMConfig
+from ..models.hf_folder import load_config, read_hf_state_dict
 from ..models.wavllm import WavLLMModel
 from ..tasks.instruction import WavLLMInstructionConfig
+from .reference_keys import convert_state_dict
 
 logger = logging.getLogger(__name__)
-
-LLAMA = "gpt_model.model_llama."
-_PROJ = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-_BOTTLENECK = {"down_layer": "down", "up_layer": "up", "layer_norm": "layer_norm"}
-_L = re.escape(LLAMA)
-
-# (source regex, target template, transform, backbone group). ``{b}`` / ``{p}`` in a template are
-# filled from the bottleneck / projection name in group 1 / 2. Backbone groups (whisper, wavlm, llm)
-# are dropped when the matching local directory is given (the model reloads them from there, and they
-# are compared with it); without a directory they are carried into the checkpoint.
-KEY_MAP: List[Tuple[str, str, str, str]] = [
-    # semantic branch (Whisper side)
-    (r"audio_encoder\.subsample\.conv_layers\.(\d+)\.(weight|bias)", r"semantic_adapter.subsampler.conv_layers.\1.\2",
-     "copy", ""),
-    (r"audio_encoder\.adapter\.(down_layer|up_layer|layer_norm)\.(weight|bias)", r"semantic_adapter.bottleneck.{b}.\2",
-     "copy", ""),
-    (r"audio_encoder\.projector\.(weight|bias)", r"semantic_adapter.out_proj.\1", "copy", ""),
-    # acoustic branch (WavLM side)
-    (r"wavlm_encoder\.output_weights", "acoustic_adapter.layer_weights", "copy", ""),
-    (r"wavlm_encoder\.subsample\.conv_layers\.(\d+)\.(weight|bias)", r"acoustic_adapter.subsampler.conv_layers.\1.\2",
-     "copy", ""),
-    (r"wavlm_encoder\.adapter\.(down_layer|up_layer|layer_norm)\.(weight|bias)", r"acoustic_adapter.bottleneck.{b}.\2",
-     "copy", ""),
-    (r"wavlm_encoder\.projector\.(weight|bias)", r"acoustic_adapter.out_proj.\1", "copy", ""),
-    # projector into the LLM, and the reference's unused Whisper-only projection
-    (r"wavlm_audio_proj\.(weight|bias)", r"projector.\1", "copy", ""),
-    (r"audio_proj\.(weight|bias)", r"semantic_only_projector.\1", "copy", ""),
-    # LoRA on q, k, v, o of every layer
-    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)_lora_A", r"llm.model.layers.\1.self_attn.{p}.lora_A.weight",
-     "lora_A", ""),
-    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)_lora_B", r"llm.model.layers.\1.self_attn.{p}.lora_B.weight",
-     "lora_B", ""),
-    # prompt-aware LoRA weight adapter (stage 2)
-    (_L + r"scale_fc_1\.(weight|bias)", r"prompt_scale.down.\1", "copy", ""),
-    (_L + r"scale_fc_2\.(weight|bias)", r"prompt_scale.up.\1", "copy", ""),
-    (_L + r"scale_weight_attention\.(weight|bias)", r"prompt_scale.attention.\1", "copy", ""),
-    # frozen backbones: Hugging Face module layouts inside both models
-    (r"audio_encoder\.model\.(.+)", r"whisper.encoder.\1", "copy", "whisper"),
-    (r"wavlm_encoder\.model\.(.+)", r"wavlm.wavlm.\1", "copy", "wavlm"),
-    (_L + r"tok_embeddings\.weight", "llm.model.embed_tokens.weight", "copy", "llm"),
-    (_L + r"norm\.weight", "llm.model.norm.weight", "copy", "llm"),
-    (_L + r"output\.weight", "llm.lm_head.weight", "copy", "llm"),
-    (_L + r"layers\.(\d+)\.attention\.(wq|wk|wv|wo)\.weight", r"llm.model.layers.\1.self_attn.{p}.base.weight",
-     "qk_rows", "llm"),
-    (_L + r"layers\.(\d+)\.feed_forward\.w1\.weight", r"llm.model.layers.\1.mlp.gate_proj.weight", "copy", "llm"),
-    (_L + r"layers\.(\d+)\.feed_forward\.w2\.weight", r"llm.model.layers.\1.mlp.down_proj.weight", "copy", "llm"),
-    (_L + r"layers\.(\d+)\.feed_forward\.w3\.weight", r"llm.model.layers.\1.mlp.up_proj.weight", "copy", "llm"),
-    (_L + r"layers\.(\d+)\.attention_norm\.weight", r"llm.model.layers.\1.input_layernorm.weight", "copy", "llm"),
-    (_L + r"layers\.(\d+)\.ffn_norm\.weight", r"llm.model.layers.\1.post_attention_layernorm.weight", "copy", "llm"),
-]
-GROUP_PATH = {"whisper": "whisper_path", "wavlm": "wavlm_path", "llm": "llama_path"}
-
-
-def meta_to_hf_rows(n_heads: int, out_features: int) -> torch.Tensor:
-    """``lora.rotary_meta_to_hf_rows`` with a CheckpointError for impossible shapes."""
-    try:
-        return rotary_meta_to_hf_rows(n_heads, out_features)
-    except ValueError as e:
-        raise CheckpointError(str(e), reason="mismatch") from e
-
-
-def _clean_key(key: str) -> str:
-    """Drop wrapper prefixes some saves leave in keys (activation checkpointing, DDP)."""
-    key = key.replace("_checkpoint_wrapped_module.", "")
-    return key[len("module."):] if key.startswith("module.") else key
-
-
-def convert_state_dict(src: Dict[str, torch.Tensor], n_heads: int, n_kv_heads: Optional[int] = None,
-                       reload_groups: Tuple[str, ...] = ()) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[str]]]:
-    """Map a reference state dict to this plugin's names and layouts.
-
-    ``reload_groups`` (subset of whisper, wavlm, llm) are backbones that will be reloaded from local
-    directories: their tensors go to ``report["dropped"]`` (still converted, into ``report``'s
-    ``backbone`` state, for the equality check). Returns ``(converted, report)``; ``report`` has
-    ``mapped``, ``dropped``, ``unmatched`` (source keys no rule covers) and ``backbone`` (name -> tensor of
-    the dropped ones, in this plugin's layout).
-    """
-    n_kv_heads = n_kv_heads or n_heads
-    out: Dict[str, torch.Tensor] = {}
-    report: Dict[str, list] = {"mapped": [], "dropped": [], "unmatched": [], "backbone": {}}
-    rules = [(re.compile(p + r"\Z"), t, f, g) for p, t, f, g in KEY_MAP]
-    for raw_key, value in src.items():
-        key = _clean_key(raw_key)
-        for rx, template, how, group in rules:
-            m = rx.match(key)
-            if not m:
-                continue
-            if "{b}" in template:
-                template = template.replace("{b}", _BOTTLENECK[m.group(1)])
-            if "{p}" in template:
-                template = template.replace("{p}", _PROJ[m.group(2)])
-            target = m.expand(template)
-            tensor = _transform(how, value, m, n_heads, n_kv_heads)
-            if group in reload_groups:
-                report["dropped"].append(f"{raw_key}: frozen {group} backbone, reloaded from model.{GROUP_PATH[group]}")
-                report["backbone"][target] = tensor
-                break
-            if target in out:
-                raise CheckpointError(f"two source keys map to {target} (second: {raw_key})", reason="mismatch")
-            out[target] = tensor
-            report["mapped"].append(f"{raw_key} -> {target}")
-            break
-        else:
-            report["unmatched"].append(raw_key)
-    return out, report
-
-
-def _transform(how: str, value: torch.Tensor, m: "re.Match", n_heads: int, n_kv_heads: int) -> torch.Tensor:
-    if how == "copy":
-        return value.clone()
-    if value.dim() != 2:
-        raise CheckpointError(f"{m.group(0)} should be 2-D, got shape {tuple(value.shape)}", reason="mismatch")
-    if how == "lora_A":  # x @ A with A: (in, R)  ->  Linear(in, R).weight: (R, in)
-        return value.t().contiguous()
-    if how == "lora_B":  # (R, out) -> Linear(R, out).weight: (out, R); output rows as the base weight's
-        value = value.t().contiguous()
-    proj = m.group(2)
-    if proj in ("wq", "wk"):  # q and k outputs are rotated: Meta -> HF row order (also their LoRA rows)
-        value = value[meta_to_hf_rows(n_heads if proj == "wq" else n_kv_heads, value.shape[0])]
-    return value.clone() if how == "qk_rows" else value
-
 
 def _local_backbone_state(group: str, path: str) -> Dict[str, torch.Tensor]:
     """The directory's tensors under this plugin's names (``whisper.encoder.*``, ``wavlm.wavlm.*``, ``llm.*``)."""
@@ -209,6 +88,16 @@ def check_backbones(dropped: Dict[str, torch.Tensor], paths: Dict[str, str], ato
 
     LoRA trained on other base weights than the ones the plugin will load decodes nonsense without any
     error, so this check is on by default whenever directories are given.
+
+    Args:
+        dropped (Dict[str, torch.Tensor]): the release's backbone tensors in this plugin's names
+            (``convert_state_dict``'s ``report["backbone"]``).
+        paths (Dict[str, str]): group (whisper, wavlm, llm) -> local directory ("" skips the group).
+        atol (float): absolute tolerance of ``torch.allclose``.
+        rtol (float): relative tolerance.
+
+    Returns:
+        Dict[str, int]: tensors compared per group.
     """
     counts: Dict[str, int] = {}
     problems: List[str] = []
@@ -263,7 +152,18 @@ def _hf_config(group: str, path: str):
 def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str, str], lora_alpha: float,
                   backbone_dtype: str = "float32"):
     """The WavLLMConfig the converted tensors belong to: sizes from ``arch``, overridden by the local
-    directories' config.json and by the tensors themselves (LoRA rank, prompt adapter, WavLM layers)."""
+    directories' config.json and by the tensors themselves (LoRA rank, prompt adapter, WavLM layers).
+
+    Args:
+        arch (str): the named architecture for sizes not read from directories.
+        converted (Dict[str, torch.Tensor]): the converted state dict.
+        paths (Dict[str, str]): group (whisper, wavlm, llm) -> local directory, for the groups given.
+        lora_alpha (float): the stage-1 LoRA alpha.
+        backbone_dtype (str): one of ``DTYPE_NAMES``.
+
+    Returns:
+        WavLLMConfig: the model config of the converted checkpoint.
+    """
     cfg = WavLLMConfig(whisper_path=paths.get("whisper", ""), wavlm_path=paths.get("wavlm", ""),
                        llama_path=paths.get("llm", ""), backbone_dtype=backbone_dtype, bottleneck_norm="post")
     fill_from_arch(cfg, arch)
@@ -290,7 +190,6 @@ def target_config(arch: str, converted: Dict[str, torch.Tensor], paths: Dict[str
     if cfg.prompt_adapter:
         cfg.prompt_adapter_dim = int(converted["prompt_scale.down.weight"].shape[0])
         cfg.lora_scale_layout = "meta"  # r was learnt against Meta-ordered q/k outputs
-        cfg.prompt_adapter_input = "reference"  # '"' + instruction + '"', no <s>, every position pooled
     cfg.decode_bos_after_speech = True  # the reference's generator puts <s> where " </SPEECH>" starts
     cfg.llama_rms_norm_eps_override = 1e-6  # the reference's LLaMA (ModelArgs.norm_eps), whatever config.json says
     cfg.keep_reference_unused_projector = "semantic_only_projector.weight" in converted
@@ -319,10 +218,25 @@ def convert_checkpoint(src_path: str, dst_path: str, *, arch: str = "wavllm_7b",
                        wavlm_path: str = "", llama_path: str = "", tokenizer_dir: str = "",
                        lora_alpha: Optional[float] = None, check: bool = True, trust: bool = False,
                        backbone_dtype: str = "float32") -> Dict[str, object]:
-    """Convert ``src_path`` and write a fairseq checkpoint to ``dst_path`` (atomically). Returns a summary.
+    """Convert ``src_path`` and write a fairseq checkpoint to ``dst_path`` (atomically).
 
     Backbones with a local directory are dropped from the checkpoint (and compared with it when
     ``check``); backbones without one are converted into the checkpoint.
+
+    Args:
+        src_path (str): the reference release (a fairseq .pt of ``speechllm_model``).
+        dst_path (str): where to write this plugin's checkpoint.
+        arch (str): the named architecture for sizes not read from directories.
+        whisper_path, wavlm_path, llama_path (str): local Hugging Face directories of the backbones, or "".
+        tokenizer_dir (str): the tokenizer's directory recorded in the checkpoint (default: ``llama_path``).
+        lora_alpha (Optional[float]): stage-1 LoRA alpha when the release does not record it.
+        check (bool): compare the release's frozen tensors with the directories.
+        trust (bool): allow full unpickling of ``src_path`` (default: weights only).
+        backbone_dtype (str): one of ``DTYPE_NAMES``.
+
+    Returns:
+        Dict[str, object]: mapped and dropped counts, LoRA rank and alpha, stage, tensors checked per
+        backbone, and the ``report`` lines (mapped, dropped).
     """
     state = torch_load(src_path, trust)
     src = state.get("model", state) if isinstance(state, dict) else None
@@ -389,7 +303,9 @@ def _fairseq_checkpoint(cfg, arch: str, model_state: Dict[str, torch.Tensor], to
             "last_optimizer_state": None}
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``wavllm-convert-reference-checkpoint`` on ``argv`` (default: ``sys.argv[1:]``);
+    returns the exit status (1 on a conversion error)."""
     p = argparse.ArgumentParser(prog="wavllm-convert-reference-checkpoint", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="the reference release (a fairseq .pt of speechllm_model)")
@@ -401,7 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-dir", default="", help="directory of tokenizer.model (default: --llama-path)")
     p.add_argument("--lora-alpha", type=float, default=None,
                    help="stage-1 LoRA alpha if the checkpoint does not record it")
-    p.add_argument("--backbone-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backbone-dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--no-check-backbones", action="store_true",
                    help="do not compare the checkpoint's frozen tensors with the local directories")
     p.add_argument("--trust", action="store_true",

@@ -1,6 +1,6 @@
 """``wavllm-convert-s2t-manifest``: a fairseq speech_to_text manifest (id, audio, n_frames, tgt_text, ...)
 -> an instruction manifest of one task, each row given a prompt drawn from a prompt pool (a file of one
-prompt per line, e.g. manifests/prompts/asr.seen.txt, or a list), deterministically per utterance id.
+prompt per line, e.g. wavllm_fairseq/data/prompts/asr.seen.txt, or a list), deterministically per utterance id.
 """
 import argparse
 import hashlib
@@ -58,24 +58,24 @@ def convert_s2t_manifest(src: str, dst: str, *, task: str, prompts: Union[str, S
     ``s2t_tgt_text``). Audio paths relative to ``root`` (default: the S2T file's folder) are rewritten
     to resolve from ``dst``'s folder. With ``check_audio`` the 16 kHz length is read from each audio
     header (S2T ``n_frames`` may count source-rate samples); unreadable audio keeps its value and is
-    counted. Returns counts: rows, prompts, measured, unreadable.
+    counted.
+
+    Args:
+        src (str): the speech_to_text TSV.
+        dst (str): the instruction manifest to write.
+        task (str): the ``task`` cell of every row.
+        prompts (Union[str, Sequence[str]]): the prompt pool: a file of one prompt per line, or a list.
+        seed (int): chooses each row's prompt (deterministic per id).
+        with_speech (bool): the ``with_speech`` cell of every row.
+        target_column (str): the S2T column that becomes ``tgt_text``.
+        root (Optional[str]): the folder the S2T audio paths are relative to (default: ``src``'s folder).
+        check_audio (bool): read ``n_frames`` from the audio headers.
+
+    Returns:
+        Dict[str, int]: ``rows``, ``prompts`` (the pool's size), ``measured`` and ``unreadable`` audio.
     """
     pool = _prompt_pool(prompts)
-    try:
-        with open(src, "rb") as f:
-            lines = f.read().split(b"\n")
-    except OSError as e:
-        raise ManifestError(f"cannot read the S2T manifest ({e.strerror})", file=src, reason="missing") from None
-    if lines and lines[-1] == b"":
-        lines.pop()
-    if not lines:
-        raise ManifestError("empty file; expected a header 'id audio n_frames tgt_text ...'", file=src, row=1,
-                            reason="header")
-    try:
-        text_lines = [decode_text(b) for b in lines]
-    except UnicodeDecodeError:
-        bad = next(i for i, b in enumerate(lines, 1) if not _is_utf8(b))
-        raise ManifestError("not UTF-8", file=src, row=bad, reason="encoding") from None
+    text_lines = _read_lines(src)
     columns = text_lines[0].lstrip("\ufeff").split("\t")
     missing = [c for c in ("id", "audio", "n_frames", target_column) if c not in columns]
     if missing:
@@ -118,6 +118,25 @@ def convert_s2t_manifest(src: str, dst: str, *, task: str, prompts: Union[str, S
     return {"rows": len(out) - 1, "prompts": len(pool), "measured": measured, "unreadable": unreadable}
 
 
+def _read_lines(src: str) -> List[str]:
+    """The S2T file's lines, decoded (header first; a last empty line dropped); errors name the file and row."""
+    try:
+        with open(src, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise ManifestError(f"cannot read the S2T manifest ({e.strerror})", file=src, reason="missing") from None
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if not lines:
+        raise ManifestError("empty file; expected a header 'id audio n_frames tgt_text ...'", file=src, row=1,
+                            reason="header")
+    try:
+        return [decode_text(b) for b in lines]
+    except UnicodeDecodeError:
+        bad = next(i for i, b in enumerate(lines, 1) if not _is_utf8(b))
+        raise ManifestError("not UTF-8", file=src, row=bad, reason="encoding") from None
+
+
 def _is_utf8(b: bytes) -> bool:
     try:
         b.decode("utf-8")
@@ -127,7 +146,8 @@ def _is_utf8(b: bytes) -> bool:
 
 
 def convert_s2t_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``wavllm-convert-s2t-manifest``: fairseq speech_to_text TSV -> instruction manifest."""
+    """``wavllm-convert-s2t-manifest`` (fairseq speech_to_text TSV -> instruction manifest) on ``argv`` (default:
+    ``sys.argv[1:]``); returns the exit status (1 on an input error)."""
     p = argparse.ArgumentParser(
         prog="wavllm-convert-s2t-manifest",
         description="Convert a fairseq speech_to_text TSV (id audio n_frames tgt_text speaker ...) into an "

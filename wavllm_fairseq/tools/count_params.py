@@ -1,19 +1,19 @@
 """``wavllm-count-params ARCH [--stage 1|2]``: parameter counts of a named architecture.
 
 The model is built on the meta device (no weights, no memory), so the full-size ``wavllm_7b``
-counts in seconds on a laptop. Prints total and trainable parameters per group, then the lines
+is counted without its weights. Prints total and trainable parameters per group, then the lines
 ``total <int>``, ``trainable <int>`` (the paper's count) and ``optimised <int>`` (what gets gradients:
 trainable less the reference's unused Whisper-only projector, see trainability.trainable_groups).
 """
 import argparse
 import logging
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ..models.architectures import ARCHITECTURES
 from ..models.lora import lora_modules
 from ..models.trainability import is_optimised
-from ..models.wavllm import count_parameters
+from ..models.wavllm import build_on_meta
 
 # the paper's stage-1 figure, and how the reference implementation's parameters add up to it
 PAPER_STAGE1_TRAINABLE = 76_636_941
@@ -24,7 +24,14 @@ def _numel(module) -> int:
 
 
 def breakdown(model) -> List[str]:
-    """Human-readable lines explaining the trainable total component by component."""
+    """Human-readable lines explaining the trainable total component by component.
+
+    Args:
+        model (WavLLMModel): the model (on the meta device is enough).
+
+    Returns:
+        List[str]: one line per component.
+    """
     lines = []
     for name, adapter in (("semantic adapter", model.semantic_adapter), ("acoustic adapter", model.acoustic_adapter)):
         if adapter is None:
@@ -57,7 +64,18 @@ def _lora(model):
 
 
 def count(arch: str, stage: int, vocab_size: Optional[int] = None) -> Dict[str, int]:
-    model = count_parameters(arch, stage=stage, vocab_size=vocab_size)
+    """The parameter counts of a named architecture, built on the meta device.
+
+    Args:
+        arch (str): the named architecture.
+        stage (int): 1 or 2 (stage 2 adds the prompt adapter).
+        vocab_size (Optional[int]): the vocabulary of archs that take it from the tokenizer.
+
+    Returns:
+        Dict[str, int]: ``model`` (the built model), ``groups`` (parameters per group), ``total``,
+        ``trainable`` (the paper's count) and ``optimised`` (what gets gradients).
+    """
+    model = build_on_meta(arch, stage=stage, vocab_size=vocab_size)
     counts = {g: n for g, (_, n) in model.trainable_counts.items()}
     return {"model": model, "groups": counts,
             "total": sum(counts.values()),
@@ -65,7 +83,9 @@ def count(arch: str, stage: int, vocab_size: Optional[int] = None) -> Dict[str, 
             "optimised": sum(n for g, n in counts.items() if is_optimised(g))}
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``wavllm-count-params`` on ``argv`` (default: ``sys.argv[1:]``);
+    returns the exit status (2 for an unknown architecture)."""
     parser = argparse.ArgumentParser(prog="wavllm-count-params", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("arch", help="named architecture: wavllm_7b, wavllm_small, wavllm_tiny")

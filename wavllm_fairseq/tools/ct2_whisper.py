@@ -18,13 +18,14 @@ import json
 import os
 import re
 import struct
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 from transformers.generation import GenerationConfig
 
 from ..errors import CheckpointError
+from ..models.config import DTYPE_NAMES, DTYPES
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h, specs/model_spec.py _dtype_to_type_id)
 _CT2_DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
@@ -33,7 +34,14 @@ _SAMPLE_RATE = 16000
 
 
 def read_ct2_model(path: str) -> Tuple[str, Dict[str, torch.Tensor], Dict[str, str]]:
-    """``model.bin`` -> (spec name, {variable: tensor}, {alias: variable}). Binary versions 5 and 6."""
+    """Read a CTranslate2 ``model.bin`` (binary versions 5 and 6).
+
+    Args:
+        path (str): the file.
+
+    Returns:
+        Tuple[str, Dict[str, torch.Tensor], Dict[str, str]]: (spec name, {variable: tensor}, {alias: variable}).
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -108,7 +116,14 @@ def _split(v, ct2: str, parts: Tuple[str, ...], hf: str, out: Dict[str, torch.Te
 
 
 def whisper_state_dict(variables: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
-    """CTranslate2 WhisperSpec variables -> WhisperForConditionalGeneration state dict and sizes."""
+    """CTranslate2 WhisperSpec variables -> a WhisperForConditionalGeneration state dict.
+
+    Args:
+        variables (Dict[str, torch.Tensor]): the spec's variables, aliases resolved.
+
+    Returns:
+        Tuple[Dict[str, torch.Tensor], Dict[str, int]]: the state dict and the ``WhisperConfig`` sizes.
+    """
     v = variables
     d = v["encoder/conv1/weight"].shape[0]
     n_enc = len({k.split("/")[1] for k in v if re.match(r"encoder/layer_\d+/", k)})
@@ -155,7 +170,16 @@ def _token_id(tokenizer, token: str) -> int:
 
 
 def convert_ct2_whisper(src: str, out: str, dtype: torch.dtype = torch.float32) -> str:
-    """Write the HF folder of the CTranslate2 Whisper model in ``src`` to ``out``; returns ``out``."""
+    """Write the Hugging Face folder of a CTranslate2 Whisper model.
+
+    Args:
+        src (str): the CTranslate2 folder (``model.bin``, ``config.json``, ``tokenizer.json``).
+        out (str): the folder to write.
+        dtype (torch.dtype): the weights' dtype in ``out``.
+
+    Returns:
+        str: ``out``.
+    """
     model_bin = os.path.join(src, "model.bin")
     spec, variables, aliases = read_ct2_model(model_bin)
     if spec != "WhisperSpec":
@@ -215,13 +239,15 @@ def convert_ct2_whisper(src: str, out: str, dtype: torch.dtype = torch.float32) 
     return out
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m wavllm_fairseq.tools.ct2_whisper CT2_DIR OUT_DIR`` on ``argv`` (default: ``sys.argv[1:]``);
+    returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json)")
     p.add_argument("out", help="output Hugging Face folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     args = p.parse_args(argv)
-    convert_ct2_whisper(args.src, args.out, getattr(torch, args.dtype))
+    convert_ct2_whisper(args.src, args.out, DTYPES[args.dtype])
     print(f"wrote {args.out}")
     return 0
 

@@ -34,7 +34,16 @@ def _flag(key: str) -> str:
 
 
 def decode_args(config: Dict[str, Dict[str, object]], source: str = "the decoding config") -> List[str]:
-    """The fairseq-generate flags for ``config`` ({group: {key: value}})."""
+    """The fairseq-generate flags of a decoding config, every key checked against its group's dataclass.
+
+    Args:
+        config (Dict[str, Dict[str, object]]): {group: {key: value}} (``generation``, ``dataset``,
+            ``common_eval``, ``task``).
+        source (str): names the config in errors.
+
+    Returns:
+        List[str]: the flags, ``--user-dir`` and ``--task`` first.
+    """
     args = ["--user-dir", PACKAGE_DIR, "--task", "wavllm_instruction"]
     for group, values in (config or {}).items():
         if group not in GROUPS:
@@ -58,6 +67,14 @@ def decode_args(config: Dict[str, Dict[str, object]], source: str = "the decodin
 
 
 def load(path: str) -> Dict[str, Dict[str, object]]:
+    """Read a decoding yaml.
+
+    Args:
+        path (str): the yaml.
+
+    Returns:
+        Dict[str, Dict[str, object]]: its groups of keys.
+    """
     if not os.path.isfile(path):
         raise WavLLMInputError(f"decoding config not found: {path}", file=path, reason="missing")
     with open(path) as f:
@@ -68,6 +85,8 @@ def load(path: str) -> Dict[str, Dict[str, object]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``wavllm-decode-args`` (prints the flags, shell-quoted) on ``argv`` (default: ``sys.argv[1:]``);
+    returns the exit status (2 on a bad config)."""
     p = argparse.ArgumentParser(prog="wavllm-decode-args", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="decoding yaml (e.g. examples/wavllm/config/decode.yaml)")

@@ -4,7 +4,7 @@
 
 For every single-task test set and prompt pool (seen / unseen paraphrases) each row is counted once:
 
-* ``right``: what the scorer counts right (``scoring.row_right``: the gold label named first; ASR/ST: the
+* ``right``: what the scorer counts right (``metrics.row_right``: the gold label named first; ASR/ST: the
   row's WER <= 50%, the threshold ``wavllm-score`` uses for multi-task sub-answers);
 * ``asked task, wrong``: the answer has the asked task's form but not its content (another style, a
   garbled transcript); for labelled tasks the (gold -> said) label pairs are counted too;
@@ -27,8 +27,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..data.manifest import read_manifest
 from ..data.text_norm import words
-from ..evaluation.scoring import (first_label, follow_multi, gold_label, read_hypotheses, row_right, task_labels,
-                       word_distance)
+from ..evaluation.metrics import first_label, follow_multi, gold_label, row_right, task_labels, word_distance
+from ..evaluation.scoring import read_hypotheses
 
 NEITHER = 0.5  # nearest answer of any task further than this (edit distance / longer length): "neither"
 
@@ -39,7 +39,15 @@ def _distance(a: Sequence[str], b: Sequence[str]) -> float:
 
 
 def nearest_task(hyp: str, answers: Dict[str, Iterable[Sequence[str]]]) -> Tuple[Optional[str], float]:
-    """The task whose test answers come nearest to ``hyp``, and that distance (None when no answers)."""
+    """The task whose test answers come nearest to a hypothesis.
+
+    Args:
+        hyp (str): the hypothesis.
+        answers (Dict[str, Iterable[Sequence[str]]]): task -> the words of each of its test answers.
+
+    Returns:
+        Tuple[Optional[str], float]: (that task, its distance); (None, inf) when there are no answers.
+    """
     h = words(hyp)
     best: Tuple[Optional[str], float] = (None, float("inf"))
     for task, targets in answers.items():
@@ -75,6 +83,15 @@ def _load(corpus: str, decode: str) -> Dict[str, Tuple[list, Dict[int, str]]]:
 
 
 def breakdown(corpus: str, decode: str) -> dict:
+    """Count where the decoded answers of every test set go (the module docstring says how).
+
+    Args:
+        corpus (str): the toy corpus folder (``test_*.tsv``).
+        decode (str): the folder of ``generate-test_*.txt``.
+
+    Returns:
+        dict: ``single``: {test set: {prompt pool: counts}}; ``multi``: {combination: {pool: [followed, rows]}}.
+    """
     sets = _load(corpus, decode)
     answers: Dict[str, Set[Tuple[str, ...]]] = defaultdict(set)
     for rows, _ in sets.values():
@@ -122,6 +139,14 @@ def breakdown(corpus: str, decode: str) -> dict:
 
 
 def format_breakdown(result: dict) -> str:
+    """``breakdown``'s counts as markdown tables.
+
+    Args:
+        result (dict): what ``breakdown`` returns.
+
+    Returns:
+        str: one table of the single-task sets, one of the multi-task combinations.
+    """
     out = ["| test set | prompts | rows | right | asked task, wrong | another task | neither | answered instead | "
            "wrong labels (gold -> said) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, per_pool in sorted(result["single"].items()):
@@ -141,6 +166,7 @@ def format_breakdown(result: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m wavllm_fairseq.toy.breakdown`` on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m wavllm_fairseq.toy.breakdown", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="the toy corpus folder (test_*.tsv)")

@@ -23,15 +23,17 @@ spoken words; two sentences in an SV clip), ``word_samples`` (JSON [start, end) 
 each of those words: the alignment stage 0 trains the Whisper stand-in with), ``style`` and
 ``n_speakers`` (1, or 2 in an SV clip with two voices).
 
-Data: the grammar's words and their German (``data/lexicon.json``), the voices and styles
-(``data/voices.json``), the answer markers, multi-task combinations and text-only instruction templates
-(``data/tasks.json``) and the prompt pools of the speech tasks (``manifests/prompts/<task>.{seen,unseen}.txt``
-of the repository checkout, one prompt per line as ``wavllm-convert-s2t-manifest --prompts`` reads them).
+Data (package data, ``tables.py`` reads it): the grammar's words and their German (``data/lexicon.json``),
+the voices and styles (``data/voices.json``), the answer markers, multi-task combinations and text-only
+instruction templates (``data/tasks.json``) and the prompt pools of the speech tasks
+(``wavllm_fairseq/data/prompts/<task>.{seen,unseen}.txt``, one prompt per line as
+``wavllm-convert-s2t-manifest --prompts`` reads them). The rows of each task: ``rows.py``.
 
 Also written: ``prompts/<task>.{seen,unseen}.txt``, ``lm_text.txt`` (all training text, for the toy
 tokenizer and LM of stage 0) and ``corpus.json`` (seed, size, counts, voice split). Deterministic for a
 seed (same manifests byte for byte); a second run with the same seed, size and format is skipped.
 """
+
 import argparse
 import json
 import os
@@ -48,6 +50,7 @@ from ..data.audio import resample_to_16k
 from ..data.manifest import escape_cell
 from . import tables
 from .espeak import synthesize
+from .rows import task_manifests, write_manifest
 from .tables import (  # noqa: F401  (the tables' names, as other modules and tests import them from here)
     ACCENTS, ADJS, CONNECTORS, DE, DE_PLACES, DETS, FEMALE, IT_TEMPLATES_SEEN, IT_TEMPLATES_UNSEEN, IT_WORDS, MALE,
     MARKERS, MULTI, NOUNS, OBJECTS, PLACES, STYLES, TEST_VARIANTS, VERBS, _h, all_sentences, is_train_sentence,
@@ -66,18 +69,31 @@ SIZES = {"small": dict(train=160, test=24, valid=12, sv_train=40, multi_train=80
 
 FORMAT = 3  # 3: word alignments and what the clip holds (word_samples, transcript, style, n_speakers); a cached
 # corpus of another format is rebuilt
-HEADER = ["id", "audio", "n_frames", "prompt", "tgt_text", "with_speech", "task", "speaker", "gender", "label",
-          "prompt_pool", "subtasks", "sub_markers", "sub_targets", "word_samples", "transcript", "style", "n_speakers"]
+# what a build writes into --out (and a rebuild removes first), besides the manifests
+OUTPUTS = ("wav", "prompts", "corpus.json", "lm_text.txt")
 
 
 def log(msg: str) -> None:
+    """Print ``msg`` as a ``[corpus]`` progress line.
+
+    Args:
+        msg (str): the message.
+    """
     print(f"[corpus] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------ synthesis
 def synth_clip(job) -> Tuple[str, int, List[List[int]]]:
     """One clip: espeak-ng -> 16 kHz mono PCM16 (two utterances joined by silence for SV), and the
-    [start, end) sample span of every word in the written clip (the alignment stage 0 trains on)."""
+    [start, end) sample span of every word in the written clip (the alignment stage 0 trains on).
+
+    Args:
+        job (Tuple[str, list]): (wav path to write, [(text, accent, variant, pitch, speed, amplitude)] of
+            each utterance).
+
+    Returns:
+        Tuple[str, int, List[List[int]]]: (the path, its samples, the word spans).
+    """
     out_path, parts = job
     pieces, spans, offset = [], [], 0
     for k, (text, accent, variant, pitch, speed, amp) in enumerate(parts):
@@ -101,201 +117,97 @@ def synth_clip(job) -> Tuple[str, int, List[List[int]]]:
 
 
 def voice_params(rng: np.random.Generator, style: str) -> Tuple[int, int, int]:
+    """espeak-ng settings of one utterance: the style's pitch, speed and loudness, jittered.
+
+    Args:
+        rng (np.random.Generator): the corpus's generator.
+        style (str): a key of ``STYLES``.
+
+    Returns:
+        Tuple[int, int, int]: (pitch 5-99, speed in words per minute, amplitude up to 200).
+    """
     dp, fs, amp = STYLES[style]
     pitch = int(np.clip(50 + dp + rng.integers(-5, 6), 5, 99))
     speed = int(165 * fs * rng.uniform(0.95, 1.05))
     return pitch, speed, int(min(200, amp * rng.uniform(0.9, 1.1)))
 
 
-# ------------------------------------------------------------------ rows
-def _row(**kw) -> dict:
-    r = {k: "" for k in HEADER}
-    r.update({k: v for k, v in kw.items() if v is not None})
-    return r
+def _split_voices(split: str) -> List[Tuple[str, str, str]]:
+    return voices("test" if split in ("test", "valid") else "train")
 
 
-def _write(path: str, rows: List[dict]) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\t".join(HEADER) + "\n")
-        for r in rows:
-            f.write("\t".join(escape_cell(str(r[c])) for c in HEADER) + "\n")
-    os.replace(path + ".tmp", path)
+def draw_clips(split: str, n: int, sents, rng: np.random.Generator) -> List[dict]:
+    """Single-utterance clips: a sentence, a voice of the split and a speaking style each (not synthesized yet).
 
+    Args:
+        split (str): ``train``, ``test`` or ``valid`` (test and valid use the test voices).
+        n (int): how many.
+        sents (Sequence[Tuple[str, dict]]): the sentences to draw from (``all_sentences`` entries).
+        rng (np.random.Generator): the corpus's generator.
 
-def answer(task: str, clip: dict) -> Tuple[str, Optional[str]]:
-    """(target text, label) of a single-task question about a clip."""
-    if task == "asr":
-        return clip["text"], None
-    if task == "st":
-        return clip["de"], None
-    if task == "er":
-        return f"The speaker sounds {clip['style']}.", clip["style"]
-    if task == "gender":
-        return f"The speaker is {clip['gender']}.", clip["gender"]
-    if task == "sqa":
-        return f"The {clip['obj']}.", clip["obj"]
-    if task == "sv":
-        return ("Yes, there is only one speaker." if clip["same"] else "No, there are two speakers."), (
-            "yes" if clip["same"] else "no")
-    raise ValueError(task)
-
-
-def sub_answer(task: str, clip: Optional[dict], it_item: Optional[Tuple[str, str]]) -> str:
-    if task == "it":
-        return it_item[1]
-    if task in ("er", "gender"):
-        return clip["style" if task == "er" else "gender"]
-    if task == "sv":
-        return "yes" if clip["same"] else "no"
-    if task == "sqa":
-        return clip["obj"]
-    return answer(task, clip)[0]
-
-
-def clip_columns(clip: dict) -> dict:
-    """What a speech row records about its clip: the spoken words and their sample spans, the speaking
-    style and how many speakers it holds (SV clips: 1 or 2)."""
-    return dict(word_samples=clip["word_samples"], transcript=clip["text"], style=clip["style"],
-                n_speakers=1 if clip.get("same", True) else 2)
-
-
-def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generator) -> List[dict]:
-    prompts = pool_prompts(task, pool)
-    rows = []
-    for c in clips:
-        tgt, label = answer(task, c)
-        rows.append(_row(id=f"{task}_{c['id']}" + ("_unseen" if pool == "unseen" else ""), audio=c["audio"],
-                         n_frames=c["n_frames"], prompt=prompts[int(rng.integers(len(prompts)))], tgt_text=tgt,
-                         with_speech="True", task=task,
-                         speaker=c["speaker"], gender=c["gender"], label=label or "", prompt_pool=pool,
-                         **clip_columns(c)))
-    return rows
-
-
-def it_items(words: Sequence[str], pool: str, n: int, rng) -> List[Tuple[str, str]]:
-    templates = IT_TEMPLATES_SEEN if pool == "seen" else IT_TEMPLATES_UNSEEN
-    out = []
-    for _ in range(n):
-        t, fn = templates[int(rng.integers(len(templates)))]
-        w = words[int(rng.integers(len(words)))]
-        out.append((t.format(w=w), fn(w)))
-    return out
-
-
-def multi_rows(clips: List[dict], sv_clips: List[dict], n: int, pool: str, rng, words) -> List[dict]:
-    rows = []
+    Returns:
+        List[dict]: the clips (``rows.py`` lists their keys), each with ``synth``: what ``synth_clip`` speaks.
+    """
+    vs = _split_voices(split)
+    clips = []
     for i in range(n):
-        combo = MULTI[i % len(MULTI)]
-        c = sv_clips[int(rng.integers(len(sv_clips)))] if "sv" in combo else clips[int(rng.integers(len(clips)))]
-        it = it_items(words, pool, 1, rng)[0] if "it" in combo else None
-        conns = CONNECTORS[len(combo)]
-        prompts, answers, subs = [], [], []
-        for k, t in enumerate(combo):
-            p = it[0] if t == "it" else pool_prompts(t, pool)[int(rng.integers(5 if pool == "unseen" else 10))]
-            prompts.append(f"{conns[k]} {p[0].lower()}{p[1:]}")
-            sub = sub_answer(t, c, it)
-            subs.append(sub)
-            answers.append(f"{MARKERS[t]} {sub}")
-        rows.append(_row(id=f"multi_{pool}{i}_{c['id']}", audio=c["audio"], n_frames=c["n_frames"],
-                         prompt=" ".join(prompts), tgt_text=" ".join(answers), with_speech="True",
-                         task="+".join(combo), speaker=c["speaker"],
-                         gender=c["gender"], prompt_pool=pool, subtasks=json.dumps(list(combo)), **clip_columns(c),
-                         sub_markers=json.dumps([MARKERS[t] for t in combo]), sub_targets=json.dumps(subs)))
-    return rows
+        text, parts = sents[int(rng.integers(len(sents)))]
+        acc, var, gender = vs[int(rng.integers(len(vs)))]
+        style = list(STYLES)[int(rng.integers(4))]
+        pitch, speed, amp = voice_params(rng, style)
+        clips.append(dict(id=f"{split}{i:05d}", audio=f"wav/{split}{i:05d}.wav", text=text, de=translate(parts),
+                          obj=parts["obj"], style=style, gender=gender, speaker=f"{acc}+{var}",
+                          synth=[(text, acc, var, pitch, speed, amp)]))
+    return clips
 
 
-def it_rows(words, pool, n, rng, prefix) -> List[dict]:
-    return [_row(id=f"{prefix}{i}", audio="", n_frames=0, prompt=q, tgt_text=a, with_speech="False", task="it",
-                 prompt_pool=pool) for i, (q, a) in enumerate(it_items(words, pool, n, rng))]
+def draw_sv_clips(split: str, n: int, sents, rng: np.random.Generator) -> List[dict]:
+    """Two-utterance clips, neutral style: alternately one voice twice and two different voices.
+
+    Args:
+        split (str): ``train``, ``test`` or ``valid``.
+        n (int): how many.
+        sents (Sequence[Tuple[str, dict]]): the sentences to draw from.
+        rng (np.random.Generator): the corpus's generator.
+
+    Returns:
+        List[dict]: the clips, with ``same`` and ``synth`` (two utterances).
+    """
+    vs = _split_voices(split)
+    clips = []
+    for i in range(n):
+        same = i % 2 == 0
+        a = vs[int(rng.integers(len(vs)))]
+        b = a if same else vs[int(rng.integers(len(vs)))]
+        while not same and b[1] == a[1]:  # a different speaker: another variant
+            b = vs[int(rng.integers(len(vs)))]
+        (t1, p1), (t2, p2) = (sents[int(rng.integers(len(sents)))] for _ in range(2))
+        pa, sa, aa = voice_params(rng, "neutral")
+        pb, sb, ab = (pa, sa, aa) if same else voice_params(rng, "neutral")
+        clips.append(dict(id=f"{split}sv{i:05d}", audio=f"wav/{split}sv{i:05d}.wav", text=f"{t1} {t2}", same=same,
+                          obj=p1["obj"], style="neutral", gender=a[2], speaker=f"{a[0]}+{a[1]}",
+                          synth=[(t1, a[0], a[1], pa, sa, aa), (t2, b[0], b[1], pb, sb, ab)]))
+    return clips
 
 
-# ------------------------------------------------------------------ main
-def build(out: str, seed: int, size: str, jobs: int) -> dict:
-    t0 = time.time()
-    sz = SIZES[size]
-    rng = np.random.default_rng(seed)
-    sentences = all_sentences()
-    train_s = [s for s in sentences if is_train_sentence(seed, s[0])]
-    test_s = [s for s in sentences if not is_train_sentence(seed, s[0])]
-    wav_dir = os.path.join(out, "wav")
-    os.makedirs(wav_dir, exist_ok=True)
-
-    def make_clips(split: str, n: int, sents) -> List[dict]:
-        vs = voices("test" if split in ("test", "valid") else "train")
-        clips = []
-        for i in range(n):
-            text, parts = sents[int(rng.integers(len(sents)))]
-            acc, var, gender = vs[int(rng.integers(len(vs)))]
-            style = list(STYLES)[int(rng.integers(4))]
-            pitch, speed, amp = voice_params(rng, style)
-            clips.append(dict(id=f"{split}{i:05d}", audio=f"wav/{split}{i:05d}.wav", text=text, de=translate(parts),
-                              obj=parts["obj"], style=style, gender=gender, speaker=f"{acc}+{var}",
-                              synth=[(text, acc, var, pitch, speed, amp)]))
-        return clips
-
-    def make_sv(split: str, n: int, sents) -> List[dict]:
-        vs = voices("test" if split in ("test", "valid") else "train")
-        clips = []
-        for i in range(n):
-            same = i % 2 == 0
-            a = vs[int(rng.integers(len(vs)))]
-            b = a if same else vs[int(rng.integers(len(vs)))]
-            while not same and b[1] == a[1]:  # a different speaker: another variant
-                b = vs[int(rng.integers(len(vs)))]
-            (t1, p1), (t2, p2) = (sents[int(rng.integers(len(sents)))] for _ in range(2))
-            pa, sa, aa = voice_params(rng, "neutral")
-            pb, sb, ab = (pa, sa, aa) if same else voice_params(rng, "neutral")
-            clips.append(dict(id=f"{split}sv{i:05d}", audio=f"wav/{split}sv{i:05d}.wav", text=f"{t1} {t2}", same=same,
-                              obj=p1["obj"], style="neutral", gender=a[2], speaker=f"{a[0]}+{a[1]}",
-                              synth=[(t1, a[0], a[1], pa, sa, aa), (t2, b[0], b[1], pb, sb, ab)]))
-        return clips
-
-    train = make_clips("train", sz["train"], train_s)
-    test = make_clips("test", sz["test"], test_s)
-    valid = make_clips("valid", sz["valid"], test_s)
-    sv_train = make_sv("train", sz["sv_train"], train_s)
-    sv_test = make_sv("test", sz["test"], test_s)
-    sv_valid = make_sv("valid", sz["valid"], test_s)
-    every = train + test + valid + sv_train + sv_test + sv_valid
-    log(f"synthesizing {len(every)} clips with espeak-ng on {jobs} processes")
-    work = [(os.path.join(out, c["audio"]), c["synth"]) for c in every]
+def _synthesize(out: str, clips: Sequence[dict], jobs: int, t0: float) -> None:
+    """Synthesize every clip into ``out`` on ``jobs`` processes; set its ``n_frames`` and ``word_samples``."""
+    log(f"synthesizing {len(clips)} clips with espeak-ng on {jobs} processes")
+    work = [(os.path.join(out, c["audio"]), c["synth"]) for c in clips]
     lengths, spans = {}, {}
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
         for k, (path, n, words) in enumerate(pool.map(synth_clip, work, chunksize=16)):
             lengths[path], spans[path] = n, words
             if (k + 1) % 500 == 0 or k + 1 == len(work):
                 log(f"progress {k + 1}/{len(work)} clips ({time.time() - t0:.0f} s)")
-    for c in every:
+    for c in clips:
         c["n_frames"] = lengths[os.path.join(out, c["audio"])]
         c["word_samples"] = json.dumps(spans[os.path.join(out, c["audio"])], separators=(",", ":"))
 
-    manifests: Dict[str, List[dict]] = {}
-    words = IT_WORDS
-    # training: ASR on every train clip; the other tasks on shares of them
-    manifests["train_asr"] = single_rows("asr", train, "seen", rng)
-    manifests["train_st"] = single_rows("st", train[: len(train) * 2 // 3], "seen", rng)
-    manifests["train_er"] = single_rows("er", train[len(train) // 3:], "seen", rng)
-    manifests["train_gender"] = single_rows("gender", train[: len(train) // 2], "seen", rng)
-    manifests["train_sqa"] = single_rows("sqa", train[len(train) // 2:], "seen", rng)
-    manifests["train_sv"] = single_rows("sv", sv_train, "seen", rng)
-    manifests["train_it"] = it_rows(words, "seen", sz["it_train"], rng, "it_train")
-    manifests["train_multi"] = multi_rows(train, sv_train, sz["multi_train"], "seen", rng, words)
-    # validation: seen prompts; test: every clip twice, with a seen and with an unseen prompt (column
-    # prompt_pool), so one decode per task gives the seen vs unseen comparison on the same audio
-    for task in ("asr", "st", "er", "gender", "sqa"):
-        manifests[f"valid_{task}"] = single_rows(task, valid, "seen", rng)
-        manifests[f"test_{task}"] = single_rows(task, test, "seen", rng) + single_rows(task, test, "unseen", rng)
-    manifests["valid_sv"] = single_rows("sv", sv_valid, "seen", rng)
-    manifests["test_sv"] = single_rows("sv", sv_test, "seen", rng) + single_rows("sv", sv_test, "unseen", rng)
-    manifests["valid_it"] = it_rows(words, "seen", len(valid), rng, "it_valid")
-    manifests["test_it"] = (it_rows(words, "seen", len(test), rng, "it_test")
-                            + it_rows(words, "unseen", len(test), rng, "it_test_unseen"))
-    manifests["valid_multi"] = multi_rows(valid, sv_valid, len(valid), "seen", rng, words)
-    manifests["test_multi"] = (multi_rows(test, sv_test, sz["multi_test"], "seen", rng, words)
-                               + multi_rows(test, sv_test, sz["multi_test"], "unseen", rng, words))
-    for name, rows in manifests.items():
-        _write(os.path.join(out, name + ".tsv"), rows)
 
+def _write_prompts_and_lm_text(out: str, manifests: Dict[str, List[dict]]) -> None:
+    """``prompts/<task>.{seen,unseen}.txt`` (the speech tasks' pools and the IT templates) and ``lm_text.txt``
+    (every training prompt and answer)."""
     os.makedirs(os.path.join(out, "prompts"), exist_ok=True)
     it_pools = ([t for t, _ in IT_TEMPLATES_SEEN], [t for t, _ in IT_TEMPLATES_UNSEEN])
     for task, (seen, unseen) in list(prompt_pools().items()) + [("it", it_pools)]:
@@ -309,14 +221,59 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
                 lm += [r["prompt"], r["tgt_text"]]
     with open(os.path.join(out, "lm_text.txt"), "w") as f:
         f.write("\n".join(lm) + "\n")
+
+
+# ------------------------------------------------------------------ main
+def build(out: str, seed: int, size: str, jobs: int) -> dict:
+    """Draw, synthesize and write the whole corpus into ``out``.
+
+    Args:
+        out (str): the corpus folder.
+        seed (int): the corpus seed (the same seed and size give the same files, byte for byte).
+        size (str): a key of ``SIZES``.
+        jobs (int): synthesis processes.
+
+    Returns:
+        dict: what ``corpus.json`` records besides seed, size and format (row counts, voices, sentences, hours).
+    """
+    t0 = time.time()
+    sz = SIZES[size]
+    rng = np.random.default_rng(seed)
+    sentences = all_sentences()
+    train_s = [s for s in sentences if is_train_sentence(seed, s[0])]
+    test_s = [s for s in sentences if not is_train_sentence(seed, s[0])]
+    os.makedirs(os.path.join(out, "wav"), exist_ok=True)
+    clips = {"train": draw_clips("train", sz["train"], train_s, rng),
+             "test": draw_clips("test", sz["test"], test_s, rng),
+             "valid": draw_clips("valid", sz["valid"], test_s, rng),
+             "sv_train": draw_sv_clips("train", sz["sv_train"], train_s, rng),
+             "sv_test": draw_sv_clips("test", sz["test"], test_s, rng),
+             "sv_valid": draw_sv_clips("valid", sz["valid"], test_s, rng)}
+    _synthesize(out, [c for split in clips.values() for c in split], jobs, t0)
+    manifests = task_manifests(clips, sz, rng)
+    for name, rows in manifests.items():
+        write_manifest(os.path.join(out, name + ".tsv"), rows)
+    _write_prompts_and_lm_text(out, manifests)
     return dict(counts={k: len(v) for k, v in manifests.items()},
                 train_voices=[f"{a}+{v}" for a, v, _ in voices("train")],
                 test_voices=[f"{a}+{v}" for a, v, _ in voices("test")],
                 train_sentences=len(train_s), test_sentences=len(test_s),
-                hours_train_asr=round(sum(c["n_frames"] for c in train) / 16000 / 3600, 3))
+                hours_train_asr=round(sum(c["n_frames"] for c in clips["train"]) / 16000 / 3600, 3))
 
 
-def main(argv=None) -> int:
+def _is_cached(out: str, seed: int, size: str) -> bool:
+    """Whether ``out`` holds a complete corpus of this seed, size and format."""
+    meta_path = os.path.join(out, "corpus.json")
+    if not os.path.isfile(meta_path):
+        return False
+    meta = json.load(open(meta_path))
+    return meta.get("seed") == seed and meta.get("size") == size and meta.get("format") == FORMAT and all(
+        os.path.isfile(os.path.join(out, n + ".tsv")) for n in meta.get("counts", {}))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``wavllm-make-toy-corpus`` on ``argv`` (default: ``sys.argv[1:]``);
+    returns the exit status (2 without espeak-ng)."""
     p = argparse.ArgumentParser(prog="wavllm-make-toy-corpus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -330,23 +287,19 @@ def main(argv=None) -> int:
               "examples/wavllm/scripts/install.sh", file=sys.stderr)
         return 2
     out = os.path.abspath(args.out)
-    meta_path = os.path.join(out, "corpus.json")
-    if not args.force and os.path.isfile(meta_path):
-        meta = json.load(open(meta_path))
-        if meta.get("seed") == args.seed and meta.get("size") == args.size and meta.get("format") == FORMAT and all(
-                os.path.isfile(os.path.join(out, n + ".tsv")) for n in meta.get("counts", {})):
-            log(f"cached: {out} (seed {args.seed}, size {args.size}); --force rebuilds")
-            return 0
+    if not args.force and _is_cached(out, args.seed, args.size):
+        log(f"cached: {out} (seed {args.seed}, size {args.size}); --force rebuilds")
+        return 0
     if os.path.isdir(out):
         for name in os.listdir(out):
-            if name.endswith(".tsv") or name in ("wav", "prompts", "corpus.json", "lm_text.txt"):
+            if name.endswith(".tsv") or name in OUTPUTS:
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     meta = build(out, args.seed, args.size, args.jobs)
     meta.update(seed=args.seed, size=args.size, format=FORMAT, seconds=round(time.time() - t0, 1))
-    with open(meta_path, "w") as f:
+    with open(os.path.join(out, "corpus.json"), "w") as f:
         json.dump(meta, f, indent=1)
     log(f"done in {meta['seconds']} s: " + ", ".join(f"{k}={v}" for k, v in meta["counts"].items()))
     return 0

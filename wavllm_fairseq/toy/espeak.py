@@ -91,7 +91,18 @@ class Espeak:
 
     def __call__(self, text: str, voice: str, pitch: int, speed: int,
                  amplitude: int) -> Tuple[np.ndarray, int, List[int]]:
-        """(int16 waveform, sample rate, start sample of each word of ``text``)."""
+        """Synthesize ``text`` in this process (the library's state carries over from call to call).
+
+        Args:
+            text (str): the words.
+            voice (str): an espeak-ng voice, ``accent+variant`` (``en-us+f1``).
+            pitch (int): 0-99, as the command's ``-p``.
+            speed (int): words per minute, as ``-s``.
+            amplitude (int): 0-200, as ``-a``.
+
+        Returns:
+            Tuple[np.ndarray, int, List[int]]: (int16 waveform (T,), sample rate, start sample of each word).
+        """
         lib = self._lib
         lib.espeak_SetSynthCallback(self._callback)
         # as the command does: a voice name (or file), else a language ("en-gb+f1")
@@ -116,6 +127,14 @@ def word_starts(text: str, events: List[Tuple[int, int]], n_samples: int) -> Lis
     espeak reports (1-based character position, start sample) per word it speaks as a unit; an
     unstressed word it joins to its neighbour ("in the" in some accents) gets no event of its own, and
     its start is placed by character share between the neighbouring events.
+
+    Args:
+        text (str): the synthesized text.
+        events (List[Tuple[int, int]]): (1-based character position, start sample) of espeak's word events.
+        n_samples (int): the waveform's length (where the last word's span ends).
+
+    Returns:
+        List[int]: one start sample per word.
     """
     chars, pos = [], 0
     for w in text.split(" "):
@@ -140,7 +159,14 @@ def word_starts(text: str, events: List[Tuple[int, int]], n_samples: int) -> Lis
 def synthesize(text: str, voice: str, pitch: int, speed: int, amplitude: int) -> Tuple[np.ndarray, int, List[int]]:
     """Like ``Espeak()(...)`` but in a forked child with a fresh library, so the result depends on the
     arguments only (the library carries state from one utterance to the next, e.g. its pitch flutter;
-    a fresh one gives exactly the ``espeak-ng`` command's samples). About as fast as running the command."""
+    a fresh one gives exactly the ``espeak-ng`` command's samples).
+
+    Args:
+        text, voice, pitch, speed, amplitude: as ``Espeak.__call__``'s.
+
+    Returns:
+        Tuple[np.ndarray, int, List[int]]: (int16 waveform (T,), sample rate, start sample of each word).
+    """
     if Espeak._lib is not None:
         raise EspeakError("synthesize() needs a process that has not initialised espeak itself")
     read_fd, write_fd = os.pipe()

@@ -1,19 +1,21 @@
 """The embedded toy default, end to end: corpus -> stage 0 -> stage 1 -> stage 2 -> decode -> score.
 
-    python -m wavllm_fairseq.toy.pipeline [--work work_toy] [--size default|small] [--seed 1]
+    python -m wavllm_fairseq.toy.pipeline [--work work_toy] [--corpus manifests/toy] [--size default|small] [--seed 1]
         [--train-seed N] [--stage1-updates N] [--stage2-updates N] [--override KEY=VALUE ...]
         [--skip-train]   # ablations: stages 1-2 only; --skip-train reuses the checkpoints found in --work
         [--recipe toy|small_real]
 
-``--recipe small_real`` runs the same steps for ``wavllm_small_real`` (examples/wavllm/config/small_real): real
+``--recipe small_real`` runs the same steps for ``wavllm_small_real`` (``config/small_real``): real
 Whisper tiny.en and SmolLM2-135M-Instruct folders made by ``wavllm-prepare-small-backbones`` (under
-``--work``/real_backbones), the toy's stage-0 WavLM stand-in for the acoustic branch, SmolLM2's own chat template.
+``--work``/real_backbones; the converted Whisper transcribes the first rows of the corpus's test_asr as a
+check), the toy's stage-0 WavLM stand-in for the acoustic branch, SmolLM2's own chat template.
 
 Every step is the real tool a user runs: ``wavllm-make-toy-corpus``, ``wavllm-toy-pretrain``,
-``fairseq-hydra-train`` (examples/wavllm/config/toy/*.yaml), ``fairseq-generate`` on every test manifest
-and ``wavllm-score``. Results: one table of per-task held-out scores for stage 1 and stage 2 (seen and
-unseen prompts) with the wall time of each step, ``results.json``, ``results.md`` and PNG plots of the
-loss curves and of the scores, all under ``--work``.
+``fairseq-hydra-train`` (the yamls of ``config/toy``, package data of ``wavllm_fairseq.toy``),
+``fairseq-generate`` on every test manifest and ``wavllm-score``. Results: one table of per-task held-out
+scores for stage 1 and stage 2 (seen and unseen prompts) with the wall time of each step,
+``results.json``, ``results.md`` and PNG plots of the loss curves and of the scores, all under ``--work``.
+``--work`` and ``--corpus`` are relative to the current directory.
 """
 import argparse
 import concurrent.futures
@@ -23,11 +25,17 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_ROOT = os.path.join(REPO, "examples", "wavllm", "config")
-USER_DIR = os.path.join(REPO, "wavllm_fairseq")
+from ..tools import small_backbones
+from . import corpus as toy_corpus
+from . import stage0
+from .breakdown import breakdown, format_breakdown
+from .report import write_report
+
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # package data: toy/, small_real/
+USER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the plugin (common.user_dir)
+CHECK_ROWS = 24  # test_asr rows the converted Whisper of --recipe small_real transcribes as a check
 
 
 class Recipe:
@@ -35,11 +43,19 @@ class Recipe:
 
     def __init__(self, name: str, backbones: Dict[str, str]):
         self.name, self.backbones = name, backbones
-        self.config_dir = os.path.join(CONFIG_ROOT, "toy" if name == "toy" else name)
+        self.config_dir = os.path.join(CONFIG_ROOT, name)
         # fairseq-generate sets the task up from its own arguments: the template the model was trained with
         self.decode_args = ["--chat-template", "tokenizer"] if name == "small_real" else []
 
     def config_name(self, stage: int) -> str:
+        """The yaml of a stage in ``config_dir``.
+
+        Args:
+            stage (int): 1 or 2.
+
+        Returns:
+            str: its name without ``.yaml``.
+        """
         return f"{self.name}_stage{stage}"
 
 
@@ -48,17 +64,30 @@ SIZES = {"default": dict(stage1_updates=None, stage2_updates=None), "small": dic
 
 
 def log(msg: str) -> None:
+    """Print ``msg`` as a timed ``[toy]`` progress line.
+
+    Args:
+        msg (str): the message.
+    """
     print(f"[toy {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def run(cmd: List[str], log_path: str, env: Optional[dict] = None, echo: bool = True) -> None:
-    """Run a command, streaming its output to the console (progress, when ``echo``) and to ``log_path``."""
+    """Run a command, streaming its output to ``log_path`` and its progress lines to the console; a failure
+    exits with the log's tail.
+
+    Args:
+        cmd (List[str]): the command.
+        log_path (str): where its output goes.
+        env (Optional[dict]): variables set on top of the environment.
+        echo (bool): print the command and its progress lines.
+    """
     if echo:
         log("$ " + " ".join(cmd))
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, **(env or {})}, cwd=REPO)
+                                env={**os.environ, **(env or {})})
         for line in proc.stdout:
             f.write(line)
             if echo and _worth_showing(line):
@@ -77,6 +106,14 @@ def _worth_showing(line: str) -> bool:
 
 
 def test_manifests(corpus: str) -> List[str]:
+    """The corpus's test sets.
+
+    Args:
+        corpus (str): the corpus folder.
+
+    Returns:
+        List[str]: the names of its ``test_*.tsv``, sorted, without ``.tsv``.
+    """
     names = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(corpus, "test_*.tsv")))
     if not names:
         raise SystemExit(f"no test_*.tsv manifests in {corpus}")
@@ -85,6 +122,22 @@ def test_manifests(corpus: str) -> List[str]:
 
 def train_stage(stage: int, corpus: str, recipe: Recipe, out: str, updates: Optional[int], init: Optional[str],
                 extra: List[str], echo: bool = True, warmup: Optional[int] = None) -> str:
+    """Train one stage with ``fairseq-hydra-train`` on the recipe's yaml.
+
+    Args:
+        stage (int): 1 or 2.
+        corpus (str): the corpus folder (``task.data``).
+        recipe (Recipe): the configs and backbone folders.
+        out (str): the checkpoint folder.
+        updates (Optional[int]): ``optimization.max_update``, or None for the yaml's.
+        init (Optional[str]): a checkpoint to start from (``checkpoint.finetune_from_model``).
+        extra (List[str]): further hydra overrides (they come last and win).
+        echo (bool): show the command and its progress.
+        warmup (Optional[int]): ``lr_scheduler.warmup_updates``, or None for the yaml's.
+
+    Returns:
+        str: the stage's ``checkpoint_last.pt``.
+    """
     b = recipe.backbones
     cmd = ["fairseq-hydra-train", "--config-dir", recipe.config_dir, "--config-name", recipe.config_name(stage),
            f"common.user_dir={USER_DIR}", f"task.data={corpus}", f"checkpoint.save_dir={out}",
@@ -104,6 +157,19 @@ def train_stage(stage: int, corpus: str, recipe: Recipe, out: str, updates: Opti
 
 
 def decode_one(corpus: str, ckpt: str, subset: str, out: str, max_len_b: int, extra: List[str] = ()) -> str:
+    """Decode one test set with ``fairseq-generate`` (greedy).
+
+    Args:
+        corpus (str): the corpus folder.
+        ckpt (str): the checkpoint.
+        subset (str): the test set (``test_asr``).
+        out (str): the results folder.
+        max_len_b (int): the answer's length limit.
+        extra (List[str]): further fairseq-generate arguments.
+
+    Returns:
+        str: its ``generate-<subset>.txt``.
+    """
     cmd = ["fairseq-generate", corpus, "--user-dir", USER_DIR, "--task", "wavllm_instruction", "--gen-subset", subset,
            "--path", ckpt, "--beam", "1", "--batch-size", "16", "--max-len-b", str(max_len_b),
            "--required-batch-size-multiple", "1", "--results-path", out, "--num-workers", "0", *extra]
@@ -112,6 +178,15 @@ def decode_one(corpus: str, ckpt: str, subset: str, out: str, max_len_b: int, ex
 
 
 def decode_all(corpus: str, ckpt: str, out: str, max_len_b: int, jobs: int, extra: List[str] = ()) -> Dict[str, str]:
+    """``decode_one`` on every test set, ``jobs`` at a time.
+
+    Args:
+        corpus, ckpt, out, max_len_b, extra: as ``decode_one``'s.
+        jobs (int): parallel fairseq-generate processes.
+
+    Returns:
+        Dict[str, str]: test set -> its ``generate-<subset>.txt``.
+    """
     subsets = test_manifests(corpus)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {s: pool.submit(decode_one, corpus, ckpt, s, out, max_len_b, extra) for s in subsets}
@@ -123,7 +198,16 @@ def decode_all(corpus: str, ckpt: str, out: str, max_len_b: int, jobs: int, extr
 
 
 def score_all(corpus: str, generated: Dict[str, str], out: str) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{subset: {task: {metric: value}}}, each subset scored by ``wavllm-score`` (its output kept in ``out``)."""
+    """Score each decoded test set with ``wavllm-score`` (its output kept in ``out``).
+
+    Args:
+        corpus (str): the corpus folder.
+        generated (Dict[str, str]): test set -> its ``generate-<subset>.txt``.
+        out (str): where the scores go.
+
+    Returns:
+        Dict[str, Dict[str, Dict[str, float]]]: {subset: {task: {metric: value}}}.
+    """
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for subset, path in generated.items():
         score_json = os.path.join(out, f"{subset}.scores.json")
@@ -138,11 +222,13 @@ def score_all(corpus: str, generated: Dict[str, str], out: str) -> Dict[str, Dic
     return results
 
 
-def main(argv=None) -> int:
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The command line, checked; ``train_seed`` filled in, ``decode_stages`` as a sorted list of ints."""
     p = argparse.ArgumentParser(prog="python -m wavllm_fairseq.toy.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=os.path.join(REPO, "work_toy"), help="where backbones, checkpoints, outputs go")
-    p.add_argument("--corpus", default=os.path.join(REPO, "manifests", "toy"), help="toy corpus folder")
+    p.add_argument("--work", default="work_toy", help="where backbones, checkpoints, outputs go (default: work_toy)")
+    p.add_argument("--corpus", default=os.path.join("manifests", "toy"),
+                   help="toy corpus folder (default: manifests/toy)")
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--recipe", choices=["toy", "small_real"], default="toy",
                    help="toy: the toy backbones from stage 0; small_real: real Whisper tiny.en + SmolLM2-135M-Instruct")
@@ -162,48 +248,55 @@ def main(argv=None) -> int:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra hydra override for both training stages, e.g. task.prompt_augment=true (repeatable)")
     args = p.parse_args(argv)
-    train_seed = args.seed if args.train_seed is None else args.train_seed
-    decode_stages = sorted({int(s) for s in args.decode_stages.split(",") if s.strip()})
-    if not decode_stages or any(s not in (1, 2) for s in decode_stages):
+    args.train_seed = args.seed if args.train_seed is None else args.train_seed
+    args.decode_stages = sorted({int(s) for s in args.decode_stages.split(",") if s.strip()})
+    if not args.decode_stages or any(s not in (1, 2) for s in args.decode_stages):
         p.error("--decode-stages takes 1, 2 or 1,2")
     if any("=" not in o for o in args.override):
         p.error("--override takes KEY=VALUE")
     if any(n is not None and n < 1 for n in (args.stage1_updates, args.stage2_updates)):
         p.error("--stage1-updates / --stage2-updates take a positive number of updates")
-    work, corpus = os.path.abspath(args.work), os.path.abspath(args.corpus)
-    os.makedirs(work, exist_ok=True)
-    times: Dict[str, float] = {}
-    t_all = time.time()
+    return args
 
+
+def _backbones(args: argparse.Namespace, work: str, corpus: str, times: Dict[str, float]) -> Tuple[Recipe, dict]:
+    """The corpus, stage 0 and, for ``small_real``, the converted real backbones; the recipe and stage 0's
+    result (its held-out checks)."""
     t = time.time()
-    from .corpus import main as make_corpus
-
     log(f"corpus -> {corpus}")
-    if make_corpus(["--out", corpus, "--seed", str(args.seed), "--size", args.size]) not in (0, None):
+    if toy_corpus.main(["--out", corpus, "--seed", str(args.seed), "--size", args.size]) not in (0, None):
         raise SystemExit("corpus generation failed")
     times["corpus"] = time.time() - t
 
     t = time.time()
     backbones = os.path.join(work, "backbones")
-    from .stage0 import pretrain
-
     log(f"stage 0 (toy backbones, cached) -> {backbones}")
-    standins = pretrain(corpus, backbones, args.size, args.seed)
+    standins = stage0.pretrain(corpus, backbones, args.size, args.seed)
     times["stage0"] = time.time() - t
 
     recipe = Recipe("toy", {k: os.path.join(backbones, k) for k in ("whisper", "wavlm", "llama")})
     if args.recipe == "small_real":
-        from ..tools.small_backbones import ensure_packages, prepare
-
         t = time.time()
-        ensure_packages()
-        log(f"real small backbones -> {os.path.join(work, 'real_backbones')}")
-        whisper_dir, llm_dir = prepare(os.path.join(work, "real_backbones"))
-        recipe = Recipe("small_real", {"whisper": whisper_dir, "wavlm": os.path.join(backbones, "wavlm"),
-                                       "llama": llm_dir})
+        recipe = _small_real_recipe(work, corpus, os.path.join(backbones, "wavlm"))
         times["real backbones"] = time.time() - t
+    return recipe, standins
+
+
+def _small_real_recipe(work: str, corpus: str, wavlm: str) -> Recipe:
+    """Convert the real small backbones into ``work/real_backbones`` and check the Whisper on test_asr."""
+    small_backbones.require_packages()
+    log(f"real small backbones -> {os.path.join(work, 'real_backbones')}")
+    whisper_dir, llm_dir = small_backbones.prepare(os.path.join(work, "real_backbones"))
+    clips = small_backbones.manifest_clips(os.path.join(corpus, "test_asr.tsv"), CHECK_ROWS)
+    score, _ = small_backbones.whisper_wer(whisper_dir, clips)
+    log(f"converted Whisper tiny.en: WER {score:.2f} on the first {len(clips)} rows of test_asr")
+    return Recipe("small_real", {"whisper": whisper_dir, "wavlm": wavlm, "llama": llm_dir})
+
+
+def _train(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, times: Dict[str, float]) -> Dict[int, str]:
+    """Stages 1 and 2 (or their checkpoints in ``work`` with ``--skip-train``); stage -> checkpoint."""
     size = SIZES[args.size]
-    ckpts = {}
+    ckpts: Dict[int, str] = {}
     for stage in (1, 2):
         t = time.time()
         out = os.path.join(work, f"stage{stage}")
@@ -215,39 +308,49 @@ def main(argv=None) -> int:
             asked = getattr(args, f"stage{stage}_updates")
             ckpts[stage] = train_stage(stage, corpus, recipe, out, asked or size[f"stage{stage}_updates"],
                                        ckpts.get(1) if stage == 2 else None,
-                                       [f"common.seed={train_seed}"] + args.override,
+                                       [f"common.seed={args.train_seed}"] + args.override,
                                        warmup=max(1, round(asked / 10)) if asked else None)
         times[f"stage{stage}"] = time.time() - t
+    return ckpts
 
+
+def _evaluate(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, ckpts: Dict[int, str],
+              times: Dict[str, float]) -> dict:
+    """The untrained baseline on test_asr, then every test set decoded and scored with each decoded stage."""
     results = {}
     t = time.time()
     log("baseline: the stage-1 model before any update (random adapters/LoRA B = 0) on test_asr")
     base_dir = os.path.join(work, "untrained")
     base = train_stage(1, corpus, recipe, base_dir, 1, None,
-                       [f"common.seed={train_seed}", "optimization.lr=[1e-12]", "lr_scheduler.warmup_updates=0",
+                       [f"common.seed={args.train_seed}", "optimization.lr=[1e-12]", "lr_scheduler.warmup_updates=0",
                         "dataset.validate_interval_updates=0", "dataset.disable_validation=true"], echo=False)
     gen = {"test_asr": decode_one(corpus, base, "test_asr", os.path.join(work, "decode", "untrained"), args.max_len_b,
                                   recipe.decode_args)}
     results["untrained"] = score_all(corpus, gen, os.path.join(work, "decode", "untrained"))
     times["baseline (untrained) on test_asr"] = time.time() - t
-    for stage in decode_stages:
+    for stage in args.decode_stages:
         t = time.time()
         log(f"decoding every test manifest with the stage-{stage} model")
         generated = decode_all(corpus, ckpts[stage], os.path.join(work, "decode", f"stage{stage}"), args.max_len_b,
                                args.jobs, recipe.decode_args)
         results[f"stage{stage}"] = score_all(corpus, generated, os.path.join(work, "decode", f"stage{stage}"))
         times[f"decode+score stage{stage}"] = time.time() - t
+    return results
+
+
+def _prompt_tsne(work: str, corpus: str, ckpt: str, times: Dict[str, float]) -> None:
+    """``wavllm-plot-prompt-tsne`` of the stage-2 model on every test set -> ``work/prompt_tsne.png``."""
     t = time.time()
     manifests = [os.path.join(corpus, s + ".tsv") for s in test_manifests(corpus)]
-    run([sys.executable, "-m", "wavllm_fairseq.evaluation.tsne", "--checkpoint", ckpts[2], "--manifests", *manifests,
+    run([sys.executable, "-m", "wavllm_fairseq.evaluation.tsne", "--checkpoint", ckpt, "--manifests", *manifests,
          "--out", os.path.join(work, "prompt_tsne.png")], os.path.join(work, "tsne.log"), echo=False)
     log(f"wrote {os.path.join(work, 'prompt_tsne.png')} (prompt adapter outputs r by task, paper figure 2)")
     times["t-SNE of prompt adapter outputs"] = time.time() - t
-    times["total"] = time.time() - t_all
 
-    from .breakdown import breakdown, format_breakdown
-    from .report import write_report
 
+def _write_results(work: str, corpus: str, results: dict, times: Dict[str, float], standins: dict,
+                   decode_stages: Sequence[int]) -> None:
+    """Each decoded stage's error breakdown, the report (results.md, results.json, plots), and the table."""
     where = {}
     for stage in decode_stages:  # where each stage's answers go: right, wrong, another task's, neither
         out = os.path.join(work, "decode", f"stage{stage}")
@@ -264,6 +367,22 @@ def main(argv=None) -> int:
     with open(os.path.join(work, "results.md"), "a") as f:
         f.write(f"\n{where_title}\n\n{where[last]}\n")
     print(f"{table}\n\n{where_title}\n\n{where[last]}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m wavllm_fairseq.toy.pipeline`` (every step, then the report) on ``argv`` (default:
+    ``sys.argv[1:]``); returns the exit status."""
+    args = _parse_args(argv)
+    work, corpus = os.path.abspath(args.work), os.path.abspath(args.corpus)
+    os.makedirs(work, exist_ok=True)
+    times: Dict[str, float] = {}
+    t_all = time.time()
+    recipe, standins = _backbones(args, work, corpus, times)
+    ckpts = _train(args, work, corpus, recipe, times)
+    results = _evaluate(args, work, corpus, recipe, ckpts, times)
+    _prompt_tsne(work, corpus, ckpts[2], times)
+    times["total"] = time.time() - t_all
+    _write_results(work, corpus, results, times, standins, args.decode_stages)
     return 0
 
 

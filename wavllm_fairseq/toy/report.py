@@ -45,6 +45,16 @@ STANDIN_CHECKS = [("whisper_ctc_wer_valid", "Whisper stand-in: CTC greedy WER % 
 
 
 def format_table(results, times, standins: Optional[dict] = None) -> str:
+    """The pipeline's markdown report: scores per stage with the targets, stand-in checks, wall times.
+
+    Args:
+        results (Dict[str, dict]): {stage: {subset: {task: {metric: value}}}}.
+        times (Dict[str, float]): step -> seconds.
+        standins (Optional[dict]): stage 0's result (its held-out checks).
+
+    Returns:
+        str: the tables.
+    """
     stages = sorted(results)
     lines = ["| test set | task | metric | " + " | ".join(stages) + " | target |",
              "|---|---|---|" + "---|" * len(stages) + "---|"]
@@ -68,7 +78,14 @@ def format_table(results, times, standins: Optional[dict] = None) -> str:
 
 
 def read_train_log(path: str) -> Dict[str, List[tuple]]:
-    """(update, value) series of train_inner loss and valid loss from a fairseq json log."""
+    """The loss curves of a fairseq json log.
+
+    Args:
+        path (str): the log (a missing file gives empty series).
+
+    Returns:
+        Dict[str, List[tuple]]: ``train`` (train_inner loss) and ``valid`` series of (update, loss).
+    """
     series: Dict[str, List[tuple]] = {"train": [], "valid": []}
     if not os.path.isfile(path):
         return series
@@ -92,6 +109,15 @@ def read_train_log(path: str) -> Dict[str, List[tuple]]:
 
 
 def plot(work: str, results) -> List[str]:
+    """``loss_curves.png`` (stages 1 and 2 one after the other) and ``scores.png`` under ``work``.
+
+    Args:
+        work (str): the pipeline's folder (``stage1/train.log``, ``stage2/train.log``).
+        results (Dict[str, dict]): {stage: {subset: {task: {metric: value}}}}.
+
+    Returns:
+        List[str]: the PNGs written.
+    """
     import logging
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # before the import: it logs at DEBUG otherwise
@@ -145,6 +171,17 @@ def _save(plt, fig, ax, path: str) -> str:
 
 
 def write_report(work: str, results, times, standins: Optional[dict] = None) -> str:
+    """``results.json``, ``results.md`` and the plots under ``work``.
+
+    Args:
+        work (str): the pipeline's folder.
+        results (Dict[str, dict]): {stage: {subset: {task: {metric: value}}}}.
+        times (Dict[str, float]): step -> seconds.
+        standins (Optional[dict]): stage 0's result.
+
+    Returns:
+        str: the tables (``format_table``).
+    """
     table = format_table(results, times, standins)
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "results": results, "times_s": times,

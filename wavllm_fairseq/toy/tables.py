@@ -3,10 +3,10 @@ formats and the prompt pools; and the sentences, translations and voice split th
 
 The tables are data: ``data/lexicon.json`` (words), ``data/voices.json`` (espeak-ng voices, styles),
 ``data/tasks.json`` (answer markers, multi-task combinations and connectors, text-only instruction
-templates with the answer each asks for) in the package, and the prompt pools of the speech tasks in
-``manifests/prompts/<task>.{seen,unseen}.txt`` of the repository checkout (one prompt per line, UTF-8,
-the format ``wavllm-convert-s2t-manifest --prompts`` reads). ``corpus`` builds the corpus from them and
-stage 0 reads the grammar and the seen prompts for its LLaMA stand-in.
+templates with the answer each asks for), and the prompt pools of the speech tasks,
+``wavllm_fairseq/data/prompts/<task>.{seen,unseen}.txt`` (one prompt per line, UTF-8, the format
+``wavllm-convert-s2t-manifest --prompts`` reads); all of them package data. ``corpus`` builds the corpus
+from them and stage 0 reads the grammar and the seen prompts for its LLaMA stand-in.
 """
 import functools
 import hashlib
@@ -17,9 +17,11 @@ from typing import Callable, Dict, List, Tuple
 from ..data.manifest import unescape_cell
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROMPT_DIR = os.path.join(REPO, "manifests", "prompts")  # the toy runs from a checkout of the repository
-SPEECH_TASKS = ("asr", "st", "sv", "er", "gender", "sqa")  # each has manifests/prompts/<task>.{seen,unseen}.txt
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # wavllm_fairseq/
+# the folder that holds the package (a checkout or site-packages): stage 0's cache key names files relative to it
+SOURCE_ROOT = os.path.dirname(PACKAGE_DIR)
+PROMPT_DIR = os.path.join(PACKAGE_DIR, "data", "prompts")
+SPEECH_TASKS = ("asr", "st", "sv", "er", "gender", "sqa")  # each has PROMPT_DIR/<task>.{seen,unseen}.txt
 
 
 def _data(name: str) -> dict:
@@ -71,13 +73,20 @@ IT_TEMPLATES_UNSEEN = _it_templates("unseen")
 
 def read_prompt_file(path: str) -> List[str]:
     """The prompts of a pool file: one per line, UTF-8, ``\\n``/``\\t`` escapes allowed, blank lines
-    skipped (the format of ``wavllm-convert-s2t-manifest --prompts``)."""
+    skipped (the format of ``wavllm-convert-s2t-manifest --prompts``).
+
+    Args:
+        path (str): the pool file.
+
+    Returns:
+        List[str]: its prompts, in file order.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             pool = [unescape_cell(line.rstrip("\r\n")) for line in f]
     except FileNotFoundError:
-        raise FileNotFoundError(f"toy prompt pool {path} is missing: the toy reads its prompt pools from "
-                                "manifests/prompts/ of the repository checkout it runs from") from None
+        raise FileNotFoundError(f"toy prompt pool {path} is missing: the package ships the prompt pools in "
+                                "wavllm_fairseq/data/prompts/ (reinstall it if they are gone)") from None
     pool = [p for p in pool if p.strip()]
     if not pool:
         raise ValueError(f"toy prompt pool {path} holds no prompt")
@@ -86,13 +95,28 @@ def read_prompt_file(path: str) -> List[str]:
 
 @functools.lru_cache(maxsize=None)
 def prompt_pools(folder: str = PROMPT_DIR) -> Dict[str, Tuple[List[str], List[str]]]:
-    """task -> (seen prompts, unseen prompts), from ``<folder>/<task>.{seen,unseen}.txt``."""
+    """The seen and unseen prompt pools of every speech task.
+
+    Args:
+        folder (str): where ``<task>.{seen,unseen}.txt`` are (default: the package's ``PROMPT_DIR``).
+
+    Returns:
+        Dict[str, Tuple[List[str], List[str]]]: task -> (seen prompts, unseen prompts).
+    """
     return {task: tuple(read_prompt_file(os.path.join(folder, f"{task}.{pool}.txt")) for pool in ("seen", "unseen"))
             for task in SPEECH_TASKS}
 
 
 def pool_prompts(task: str, pool: str) -> List[str]:
-    """The ``seen`` or ``unseen`` prompts of a speech task."""
+    """The prompts of one pool of a speech task.
+
+    Args:
+        task (str): one of ``SPEECH_TASKS``.
+        pool (str): ``seen`` or ``unseen``.
+
+    Returns:
+        List[str]: the pool's prompts.
+    """
     return prompt_pools()[task][0 if pool == "seen" else 1]
 
 
@@ -111,8 +135,12 @@ def _h(*parts) -> int:
 
 
 def all_sentences() -> List[Tuple[str, dict]]:
-    """Every sentence of the grammar, det [adj] noun verb "the" object [place], in a fixed order, with its
-    parts (the corpus draws sentences by index into this list)."""
+    """Every sentence of the grammar, det [adj] noun verb "the" object [place], in a fixed order (the
+    corpus draws sentences by index into this list).
+
+    Returns:
+        List[Tuple[str, dict]]: (sentence, its parts: det, adj, noun, verb, obj, place).
+    """
     out = []
     for d in DETS:
         for a in ADJS + [""]:
@@ -126,7 +154,14 @@ def all_sentences() -> List[Tuple[str, dict]]:
 
 
 def translate(parts: dict) -> str:
-    """The toy German of a sentence (its parts): word by word, "den" for the "the" before the object."""
+    """The toy German of a sentence: word by word, "den" for the "the" before the object.
+
+    Args:
+        parts (dict): the sentence's parts, as ``all_sentences`` gives them.
+
+    Returns:
+        str: the German sentence.
+    """
     words = [DE[parts["det"]]] + ([DE[parts["adj"]]] if parts["adj"] else []) + [DE[parts["noun"]], DE[parts["verb"]],
                                                                                    "den", DE[parts["obj"]]]
     if parts["place"]:
@@ -135,7 +170,14 @@ def translate(parts: dict) -> str:
 
 
 def voices(split: str) -> List[Tuple[str, str, str]]:
-    """(accent, variant, gender) of the train or test voices."""
+    """The voices of one split (``TEST_VARIANTS`` in every accent are the test voices).
+
+    Args:
+        split (str): ``train`` or ``test``.
+
+    Returns:
+        List[Tuple[str, str, str]]: (accent, variant, gender) of each voice.
+    """
     out = []
     for acc in ACCENTS:
         for var in FEMALE + MALE:
@@ -145,5 +187,13 @@ def voices(split: str) -> List[Tuple[str, str, str]]:
 
 
 def is_train_sentence(seed: int, text: str) -> bool:
-    """Whether a sentence of the grammar is a training sentence of the corpus made with ``seed``."""
+    """Whether a sentence of the grammar is a training sentence of the corpus made with ``seed``.
+
+    Args:
+        seed (int): the corpus seed.
+        text (str): the sentence.
+
+    Returns:
+        bool: True for a training sentence, False for a held-out (valid/test) one.
+    """
     return _h(seed, "split", text) % 100 >= TEST_SENTENCE_PERCENT

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (wavllm_fairseq/bench/gpu_check.py): training-step memory/time of wavllm_7b with and without
-# activation checkpointing, the real CLIs on CUDA with bf16, the decoding benchmark, bf16 batch
-# invariance; one table at the end. About 6-8 minutes on one H200; nothing is downloaded.
+# activation checkpointing, the real CLIs on CUDA with bf16 (with the package's toy yamls unless
+# --config-dir DIR names others), the decoding benchmark, bf16 batch invariance; one table at the end.
+# Nothing is downloaded.
 #   bash examples/wavllm/scripts/gpu_check.sh [--out DIR] [--only memory cli decode invariance] ...
 # A machine without this project's dependencies: put their wheels in WHEELS (default .whl, made where
 # PyPI is reachable by ../shared/gpu/wheels.sh or `pip download`) and they are installed to a private

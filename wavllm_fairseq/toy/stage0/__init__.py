@@ -10,7 +10,8 @@ fields as the real weights (``model.whisper_path`` ...) and keep them frozen.
 * Whisper stand-in (``WhisperEncoder``): a CTC objective on the transcripts (word units) over the same
   log-mel input and windowing the plugin uses (``encoders.WhisperSemanticEncoder``), plus frame-level
   cross entropy on the word alignment the synthesizer reported (manifest column ``word_samples``), which
-  makes it learn several times faster than CTC alone; its frames carry the content, as Whisper's do.
+  speeds up its learning over CTC alone (examples/wavllm/toy/RESULTS.md); its frames carry the content,
+  as Whisper's do.
 * WavLM stand-in (``WavLMModel``, per-frame LayerNorm feature extractor): speaker, gender and
   speaking-style classification of training clips and same/different speaker of two-utterance training
   clips (its frames then carry who speaks, whether the speaker changes, and how, as WavLM's do).
@@ -34,7 +35,7 @@ import torch
 
 from ...data import audio, manifest, prompt_template, tokenizer
 from ...data.tokenizer import train_sentencepiece
-from ...models import encoders
+from ...models import encoders, frontend
 from .. import tables
 from .data import second_utterance  # noqa: F401  (this package's names, as other modules and tests import them)
 from .llama import (SECOND_SPEAKER_TAG, SPAN_REPEATS, TAG_SCALE, embed_with_tags, lm_sequences,  # noqa: F401
@@ -70,17 +71,28 @@ def code_files() -> List[str]:
     """The files whose bytes define what stage 0 trains: its own modules; the toy tables it draws the
     LLaMA stand-in's extra sentences and prompts from (the grammar, the seen prompt pools); and the
     plugin modules that build its inputs and models (audio and log-mel features, the Whisper windowing,
-    the manifest reader, the chat template, the tokenizer trainer)."""
+    the manifest reader, the chat template, the tokenizer trainer).
+
+    Returns:
+        List[str]: the files' paths.
+    """
     own = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py")))
     toy = [tables.__file__, os.path.join(tables.DATA_DIR, "lexicon.json")]
     prompts = [os.path.join(tables.PROMPT_DIR, f"{task}.seen.txt") for task in tables.SPEECH_TASKS]
-    plugin = [m.__file__ for m in (audio, encoders, manifest, prompt_template, tokenizer)]
+    plugin = [m.__file__ for m in (audio, frontend, encoders, manifest, prompt_template, tokenizer)]
     return own + toy + prompts + plugin
 
 
 def code_digest(files: Sequence[str]) -> str:
-    """sha1 of the files' bytes, each under its path relative to the repository (so the key does not
-    depend on where the checkout is)."""
+    """sha1 of the files' bytes, each under its path relative to ``tables.SOURCE_ROOT`` (so the key does
+    not depend on where the checkout or the installed package is).
+
+    Args:
+        files (Sequence[str]): the files (``code_files()``).
+
+    Returns:
+        str: the hex digest.
+    """
     h = hashlib.sha1()
     for path in files:
         try:
@@ -88,14 +100,24 @@ def code_digest(files: Sequence[str]) -> str:
                 data = f.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"stage 0 reads {path}, which is missing") from None
-        name = os.path.relpath(os.path.abspath(path), tables.REPO).replace(os.sep, "/")
+        name = os.path.relpath(os.path.abspath(path), tables.SOURCE_ROOT).replace(os.sep, "/")
         h.update(f"{name}\0{len(data)}\0".encode() + data)
     return h.hexdigest()
 
 
 def fingerprint(corpus: str, size: str, seed: int, files: Optional[Sequence[str]] = None) -> str:
-    """Key of a stage-0 result: the settings and seed, the source of stage 0 (``code_files``, or
-    ``files``) and every corpus file it reads (training manifests, held-out checks, the LM text)."""
+    """Key of a stage-0 result: the settings and seed, the source of stage 0 and every corpus file it
+    reads (training manifests, held-out checks, the LM text).
+
+    Args:
+        corpus (str): the toy corpus folder.
+        size (str): a key of ``SETTINGS``.
+        seed (int): the stage-0 seed.
+        files (Optional[Sequence[str]]): the source files (default: ``code_files()``).
+
+    Returns:
+        str: 16 hex digits.
+    """
     code = code_digest(code_files() if files is None else files)
     h = hashlib.sha1(json.dumps([size, seed, SETTINGS[size], code], sort_keys=True).encode())
     for name in sorted(os.listdir(corpus)):
@@ -107,6 +129,18 @@ def fingerprint(corpus: str, size: str, seed: int, files: Optional[Sequence[str]
 
 # ------------------------------------------------------------------ main
 def pretrain(corpus: str, out: str, size: str = "default", seed: int = 1, force: bool = False) -> dict:
+    """Train the three stand-ins on the corpus and save them under ``out`` (or reuse a cached result).
+
+    Args:
+        corpus (str): the toy corpus folder (with ``corpus.json``).
+        out (str): folder for ``whisper/``, ``wavlm/``, ``llama/`` and ``stage0.json``.
+        size (str): a key of ``SETTINGS``.
+        seed (int): seed of every stand-in's initialisation and batches.
+        force (bool): retrain even when ``stage0.json`` holds the same key.
+
+    Returns:
+        dict: what ``stage0.json`` records (key, settings, held-out checks, seconds per model).
+    """
     corpus, out = os.path.abspath(corpus), os.path.abspath(out)
     if not os.path.isfile(os.path.join(corpus, "corpus.json")):
         raise SystemExit(f"{corpus} is not a toy corpus (no corpus.json): run wavllm-make-toy-corpus first")
@@ -141,7 +175,8 @@ def pretrain(corpus: str, out: str, size: str = "default", seed: int = 1, force:
     return result
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``wavllm-toy-pretrain`` on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     p = argparse.ArgumentParser(prog="wavllm-toy-pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="toy corpus folder (wavllm-make-toy-corpus --out)")

@@ -11,17 +11,41 @@ from ...data.manifest import ManifestRow, read_manifest
 
 
 def rows(corpus: str, name: str) -> List[ManifestRow]:
-    """The rows of the corpus's ``<name>.tsv``."""
+    """The rows of the corpus's ``<name>.tsv``.
+
+    Args:
+        corpus (str): the toy corpus folder.
+        name (str): the manifest's name without ``.tsv`` (``train_asr``).
+
+    Returns:
+        List[ManifestRow]: its rows.
+    """
     out, _ = read_manifest(os.path.join(corpus, name + ".tsv"))
     return out
 
 
 def audio(corpus: str, items: Sequence[ManifestRow]) -> List[np.ndarray]:
+    """The 16 kHz waveforms of rows.
+
+    Args:
+        corpus (str): the folder their audio paths are relative to.
+        items (Sequence[ManifestRow]): the rows.
+
+    Returns:
+        List[np.ndarray]: one float32 waveform of shape (T_i,) per row.
+    """
     return [load_audio(r.audio, corpus) for r in items]
 
 
 def batch_wav(wavs: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Zero-padded (B, T) waveforms and their lengths."""
+    """Waveforms as one zero-padded batch.
+
+    Args:
+        wavs (Sequence[np.ndarray]): B waveforms of shape (T_i,).
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: the batch (B, max T_i) and the lengths (B,).
+    """
     lengths = torch.tensor([len(w) for w in wavs])
     out = torch.zeros(len(wavs), int(lengths.max()))
     for i, w in enumerate(wavs):
@@ -31,7 +55,15 @@ def batch_wav(wavs: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def second_utterance(spans: Sequence[Sequence[int]], where: str = "a two-utterance clip") -> int:
     """Index of the first word after the widest pause between words (where an SV clip's second
-    utterance starts); ``where`` names the clip in the error."""
+    utterance starts).
+
+    Args:
+        spans (Sequence[Sequence[int]]): [start, end) sample span of each word (``word_samples``).
+        where (str): names the clip in the error.
+
+    Returns:
+        int: index into ``spans`` of the second utterance's first word.
+    """
     if len(spans) < 2:
         raise ValueError(f"{where}: an SV clip needs at least two word alignments (word_samples); "
                          "regenerate the corpus")

@@ -23,7 +23,14 @@ from .loop import Batches, log, train_steps
 
 def tokenizer_texts(corpus: str) -> List[str]:
     """What the toy sentencepiece model is trained on: the chat template's fixed parts (weighted) and the
-    corpus's training text."""
+    corpus's training text.
+
+    Args:
+        corpus (str): the toy corpus folder (its ``lm_text.txt``).
+
+    Returns:
+        List[str]: the training lines.
+    """
     with open(os.path.join(corpus, "lm_text.txt"), encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
     special = [DEFAULT_SYSTEM_PROMPT, f"{INST_OPEN}<<SYS>>", "<</SYS>>", SPEECH_OPEN + SPEECH_CLOSE, INST_CLOSE]
@@ -40,7 +47,15 @@ Span = Tuple[List[int], List[Tuple[int, ...]]]
 
 def word_tags(tok, row) -> List[Tuple[int, ...]]:
     """Per spoken word of a toy clip: the pieces of what is heard besides the words (the speaker's
-    gender, the speaking style, and a second speaker's turn in an SV clip), read from the row's columns."""
+    gender, the speaking style, and a second speaker's turn in an SV clip), read from the row's columns.
+
+    Args:
+        tok: the toy tokenizer (``encode``).
+        row (ManifestRow): a speech row of the toy corpus.
+
+    Returns:
+        List[Tuple[int, ...]]: one tuple of tag piece ids per word of ``transcript``.
+    """
     words = row.extra["transcript"].split()
     base = tuple(tok.encode(row.extra[k])[0] for k in ("gender", "style") if row.extra.get(k))
     tags = [base] * len(words)
@@ -53,7 +68,17 @@ def word_tags(tok, row) -> List[Tuple[int, ...]]:
 
 def text_span(tok, text: str, rng: random.Random, tags: Optional[List[Tuple[int, ...]]] = None) -> Span:
     """``text``'s pieces, each repeated as many times as speech frames would repeat it, with the tags of
-    its word (``tags``: one tuple per word) at each position."""
+    its word at each position.
+
+    Args:
+        tok: the toy tokenizer (``encode``).
+        text (str): the words.
+        rng (random.Random): draws each piece's repeat count from ``SPAN_REPEATS``.
+        tags (Optional[List[Tuple[int, ...]]]): one tuple of tag ids per word (``word_tags``), or None.
+
+    Returns:
+        Span: (piece ids, tags of each position), of equal length.
+    """
     pieces: List[int] = []
     span_tags: List[Tuple[int, ...]] = []
     for i, word in enumerate(text.split()):
@@ -76,6 +101,15 @@ def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 3000) -> List[Sp
     to read the span rather than memorise), and stage 1 then has to map speech into that span: the
     semantic adapter onto the words, the acoustic adapter onto the tags (the projector adds the two, as
     the tags are added here). Test sentences and test voices are never used.
+
+    Args:
+        corpus (str): the toy corpus folder.
+        tok: the toy tokenizer.
+        seed (int): seeds the span repeats and the extra rows.
+        n_span (int): how many extra rows with other training sentences.
+
+    Returns:
+        List[Span]: (token ids, tag ids of each position) per row.
     """
     with open(os.path.join(corpus, "corpus.json")) as f:
         corpus_seed = json.load(f).get("seed", 1)
@@ -99,13 +133,30 @@ def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 3000) -> List[Sp
 
 
 def with_span(e, span: Span) -> Span:
-    """An encoded chat example (``encode_example``) with ``span`` in its speech span; no tags outside it."""
+    """An encoded chat example with ``span`` in its speech span; no tags outside it.
+
+    Args:
+        e: ``encode_example``'s result (``pre``, ``post``).
+        span (Span): what goes between them.
+
+    Returns:
+        Span: the whole sequence's ids and tags.
+    """
     pieces, tags = span
     return e.pre + pieces + e.post, [()] * len(e.pre) + tags + [()] * len(e.post)
 
 
 def answer_loss(model, e, span: Span) -> float:
-    """Mean cross entropy of the answer tokens of ``e`` with ``span`` in its speech span."""
+    """Mean cross entropy of the answer tokens of ``e`` with ``span`` in its speech span.
+
+    Args:
+        model (LlamaForCausalLM): the stand-in.
+        e: ``encode_example``'s result (``pre``, ``post``, ``post_target_mask``).
+        span (Span): the speech span's ids and tags.
+
+    Returns:
+        float: the loss in nats per answer token.
+    """
     x, ids, mask = embed_with_tags(model, [with_span(e, span)])
     pos = torch.tensor([len(e.pre) + len(span[0]) + i for i, m in enumerate(e.post_target_mask) if m])
     with torch.no_grad():
@@ -114,7 +165,16 @@ def answer_loss(model, e, span: Span) -> float:
 
 
 def embed_with_tags(model, batch: Sequence[Span]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (inputs_embeds (B, T, D), ids (B, T) with -100 on padding, attention mask (B, T))."""
+    """Token embeddings with the tags' embeddings added at ``TAG_SCALE``, right-padded.
+
+    Args:
+        model (LlamaForCausalLM): whose input embeddings are used.
+        batch (Sequence[Span]): B sequences of (ids, tags).
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: inputs_embeds (B, T, D), ids (B, T) with -100 on
+        padding, attention mask (B, T).
+    """
     emb = model.get_input_embeddings()
     T = max(len(ids) for ids, _ in batch)
     K = max([len(t) for _, tags in batch for t in tags] + [1])
@@ -132,7 +192,17 @@ def embed_with_tags(model, batch: Sequence[Span]) -> Tuple[torch.Tensor, torch.T
 
 
 def tag_check(model, tok, corpus: str, n: int = 40) -> Dict[str, float]:
-    """Answer loss on held-out style/gender/SV rows with the clip's tags in the span vs the words alone."""
+    """Answer loss on held-out style/gender/SV rows with the clip's tags in the span vs the words alone.
+
+    Args:
+        model (LlamaForCausalLM): the stand-in.
+        tok: the toy tokenizer.
+        corpus (str): the toy corpus folder.
+        n (int): rows of each validation manifest.
+
+    Returns:
+        Dict[str, float]: mean loss under ``tags`` and ``words_only``.
+    """
     losses = {"tags": [], "words_only": []}
     for name in ("valid_er", "valid_gender", "valid_sv"):
         for r in rows(corpus, name)[:n]:
@@ -146,7 +216,17 @@ def tag_check(model, tok, corpus: str, n: int = 40) -> Dict[str, float]:
 
 def copy_check(model, tok, corpus: str, n: int = 30) -> Dict[str, float]:
     """Answer loss on held-out ASR rows with the transcript in the speech span (pieces repeated as in
-    training) vs an empty span."""
+    training) vs an empty span.
+
+    Args:
+        model (LlamaForCausalLM): the stand-in.
+        tok: the toy tokenizer.
+        corpus (str): the toy corpus folder.
+        n (int): rows of ``valid_asr``.
+
+    Returns:
+        Dict[str, float]: mean loss under ``with_text`` and ``empty``.
+    """
     rng = random.Random(0)
     losses = {"with_text": [], "empty": []}
     for r in rows(corpus, "valid_asr")[:n]:
@@ -158,6 +238,18 @@ def copy_check(model, tok, corpus: str, n: int = 30) -> Dict[str, float]:
 
 
 def train_llama(corpus: str, out: str, cfg: dict, seed: int, tok) -> Dict[str, float]:
+    """Train the LLaMA stand-in on ``lm_sequences`` and save it to ``out/llama``.
+
+    Args:
+        corpus (str): the toy corpus folder.
+        out (str): stage 0's output folder.
+        cfg (dict): sizes and optimisation (``SETTINGS[size]["llama"]``).
+        seed (int): seeds initialisation, data and batches.
+        tok: the toy tokenizer (saved in ``out/llama`` already).
+
+    Returns:
+        Dict[str, float]: held-out checks (perplexity, copy and tag losses) and the parameter count.
+    """
     torch.manual_seed(seed)
     seqs = lm_sequences(corpus, tok, seed)
     rng = random.Random(seed)

@@ -11,11 +11,24 @@ LOG_EVERY = 100  # steps between progress lines (and one at the last step)
 
 
 def log(msg: str) -> None:
+    """Print ``msg`` as a ``[stage0]`` progress line.
+
+    Args:
+        msg (str): the message.
+    """
     print(f"[stage0] {msg}", flush=True)
 
 
 def schedule(opt: torch.optim.Optimizer, step: int, total: int, peak: float, warmup: int) -> None:
-    """Learning rate of ``step``: linear warm-up to ``peak`` over ``warmup`` steps, linear decay to 5%."""
+    """Set the learning rate of ``step``: linear warm-up to ``peak`` over ``warmup`` steps, linear decay to 5%.
+
+    Args:
+        opt (torch.optim.Optimizer): its param groups get the rate.
+        step (int): the step, from 0.
+        total (int): the number of steps.
+        peak (float): the rate after warm-up.
+        warmup (int): warm-up steps.
+    """
     lr = peak * min(1.0, (step + 1) / warmup) * max(0.05, 1 - step / total)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -39,7 +52,16 @@ class Batches:
 def train_steps(name: str, model: nn.Module, params: Sequence[nn.Parameter], cfg: dict,
                 batch_loss: Callable[[], torch.Tensor], loss_name: str = "loss") -> None:
     """``cfg["steps"]`` AdamW steps on ``batch_loss()`` (which draws its own batch) at peak ``cfg["lr"]``,
-    warm-up over a tenth of the steps; ``model`` trains during them and is in eval mode after."""
+    warm-up over a tenth of the steps; ``model`` trains during them and is in eval mode after.
+
+    Args:
+        name (str): the stand-in's name, for the progress lines.
+        model (nn.Module): the model being trained.
+        params (Sequence[nn.Parameter]): what AdamW updates (the model's and its heads').
+        cfg (dict): ``steps`` and ``lr`` (stage 0's ``SETTINGS``).
+        batch_loss (Callable[[], torch.Tensor]): draws a batch and returns its scalar loss.
+        loss_name (str): the loss's name in the progress lines.
+    """
     params = list(params)
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=BETAS, weight_decay=WEIGHT_DECAY)
     t0 = time.time()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ...evaluation.scoring import wer
+from ...evaluation.metrics import wer
 from ...models.encoders import WhisperSemanticEncoder
 from .data import audio, batch_wav, rows
 from .loop import Batches, log, train_steps
@@ -24,7 +24,16 @@ def _words(text: str) -> List[str]:
 
 def word_frame_labels(row, word_ids: List[int], frame_samples: int) -> torch.Tensor:
     """Per encoder frame (``frame_samples`` long): the id of the word spoken there (from the manifest's
-    ``word_samples`` alignment, written by the corpus generator), 0 (blank) outside every word."""
+    ``word_samples`` alignment, written by the corpus generator), 0 (blank) outside every word.
+
+    Args:
+        row (ManifestRow): a toy ASR row (``n_frames``, ``word_samples``).
+        word_ids (List[int]): the unit id of each of its words.
+        frame_samples (int): samples per encoder frame.
+
+    Returns:
+        torch.Tensor: (ceil(n_frames / frame_samples),) long labels.
+    """
     spans = json.loads(row.extra.get("word_samples") or "[]")
     if len(spans) != len(word_ids):
         raise ValueError(f"row {row.id}: {len(spans)} word alignments for {len(word_ids)} words; regenerate the "
@@ -38,6 +47,18 @@ def word_frame_labels(row, word_ids: List[int], frame_samples: int) -> torch.Ten
 
 
 def train_whisper(corpus: str, out: str, cfg: dict, seed: int) -> Dict[str, float]:
+    """Train the Whisper stand-in (CTC plus the alignment's frame labels) and save it to ``out/whisper``.
+
+    Args:
+        corpus (str): the toy corpus folder.
+        out (str): stage 0's output folder.
+        cfg (dict): sizes and optimisation (``SETTINGS[size]["whisper"]``); ``unit``: CTC over words or
+            characters; ``align_weight``: the weight of the frame labels (0: CTC alone).
+        seed (int): seeds initialisation and batches.
+
+    Returns:
+        Dict[str, float]: the held-out CTC greedy WER (valid_asr) and the parameter count.
+    """
     torch.manual_seed(seed)
     train = rows(corpus, "train_asr")
     valid = rows(corpus, "valid_asr")
