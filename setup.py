@@ -64,6 +64,7 @@ setup(
             "wavllm-bench-serve=wavllm_fairseq.bench.serve:main",
             "wavllm-prepare-small-backbones=wavllm_fairseq.tools.small_backbones:main",
             "wavllm-decode-args=wavllm_fairseq.tools.decode_args:main",
+            "wavllm-cache-encoders=wavllm_fairseq.tools.cache_encoders:main",
         ]
     },
 )

@@ -6,6 +6,9 @@ encoder taken from a full ``WhisperForConditionalGeneration`` or ``WhisperModel`
 its legacy weight-norm names. Both take the 16 kHz waveform; Whisper's log-mel front end is
 frontend.py. The LLM is llm.py.
 """
+import hashlib
+import inspect
+import json
 from typing import Optional, Tuple
 
 import torch
@@ -13,6 +16,7 @@ import torch.nn as nn
 from transformers import WavLMConfig, WavLMModel, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from . import frontend
 from .frontend import WHISPER_HOP, WHISPER_N_FFT, whisper_log_mel
 from .hf_folder import from_pretrained_checked
 
@@ -280,3 +284,49 @@ def build_wavlm(cfg, dtype: Optional[torch.dtype] = None) -> Optional[WavLMAcous
         num_conv_pos_embeddings=cfg.wavlm_conv_pos_kernel, num_conv_pos_embedding_groups=cfg.wavlm_conv_pos_groups,
         num_buckets=cfg.wavlm_num_buckets, max_bucket_distance=cfg.wavlm_max_bucket_distance)))
 
+
+# --------------------------------------------------------------------------------------------
+# What the encoders' outputs depend on (the key of data/encoder_cache.py's records)
+# --------------------------------------------------------------------------------------------
+def encoder_fingerprint(whisper: "WhisperSemanticEncoder",
+                        wavlm: Optional["WavLMAcousticEncoder"]) -> Tuple[str, dict]:
+    """A digest of everything the frozen encoders' outputs depend on besides the audio: every weight
+    tensor (names, dtypes, shapes, bytes), each backbone's config, the wrappers' settings, and the source
+    of the code that runs them (this module and the log-mel front end), so a changed backbone folder,
+    dtype or encoder code never reads another's records.
+
+    Args:
+        whisper (WhisperSemanticEncoder): the semantic encoder.
+        wavlm (Optional[WavLMAcousticEncoder]): the acoustic encoder, or None (Whisper only).
+
+    Returns:
+        Tuple[str, dict]: the hex SHA-1, and a readable description of what went into it (no tensors).
+    """
+    h = hashlib.sha1()
+    description = {}
+    for module in (inspect.getmodule(encoder_fingerprint), frontend):
+        source = inspect.getsource(module).encode()
+        h.update(source)
+        description.setdefault("code", {})[module.__name__] = hashlib.sha1(source).hexdigest()
+    for name, enc, inner in (("whisper", whisper, getattr(whisper, "encoder", None)),
+                             ("wavlm", wavlm, getattr(wavlm, "wavlm", None))):
+        if enc is None:
+            h.update(f"{name}:none".encode())
+            description[name] = None
+            continue
+        settings = {k: v for k, v in vars(enc).items()
+                    if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
+        config = inner.config.to_dict()
+        h.update(json.dumps([name, type(enc).__name__, settings, config], sort_keys=True, default=str).encode())
+        for key, tensor in sorted(enc.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        description[name] = {"class": type(enc).__name__, "settings": settings,
+                             "config": {k: config[k] for k in sorted(config) if k in _CONFIG_KEYS_SHOWN},
+                             "dtype": str(next(enc.parameters()).dtype)}
+    return h.hexdigest(), description
+
+
+_CONFIG_KEYS_SHOWN = ("d_model", "encoder_layers", "hidden_size", "num_hidden_layers", "num_mel_bins",
+                      "max_source_positions", "feat_extract_norm", "_name_or_path")

@@ -3,8 +3,9 @@
 The data flow is drawn in wavllm.py's docstring. ``expected_speech_frames`` gives the number of
 speech positions without a model (the dataset checks lengths before any model exists).
 """
-from typing import Tuple
+from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -38,8 +39,16 @@ def expected_speech_frames(n_samples: int, use_wavlm: bool = True) -> int:
 
 class SpeechBranch:
     """``WavLLMModel``'s speech methods (a mixin: they read the model's ``whisper``, ``wavlm``,
-    ``semantic_adapter``, ``acoustic_adapter``, ``projector`` and ``semantic_only_projector``)."""
+    ``semantic_adapter``, ``acoustic_adapter``, ``projector``, ``semantic_only_projector`` and
+    ``encoder_cache``).
 
+    ``encoder_cache`` (None, or an object with ``key(samples)``, ``get(key)``, ``put(key, arrays)`` and
+    ``dtype``: data/encoder_cache.py's ``EncoderCache``) serves the frozen encoders' outputs per clip:
+    a clip found there skips both encoders; a clip that is not is encoded with the others that are not
+    and stored. The stored arrays are what the adapters read of the live outputs (the valid frames:
+    past them the adapters see zeros either way), so a float32 cache gives the live numbers (up to the
+    float rounding of encoding a clip in another batch).
+    """
 
     def speech_frames(self, audio_lengths: torch.Tensor) -> torch.Tensor:
         """Number of speech embeddings (80 ms frames) the model produces for each audio length.
@@ -65,12 +74,11 @@ class SpeechBranch:
         Returns:
             Tuple[torch.Tensor, torch.Tensor]: speech embeddings with shape (B, N, D) and their lengths (B,).
         """
-        if audio.shape[1] < MIN_ENCODER_SAMPLES:  # WavLM's first conv needs 400 samples; lengths stay true
-            audio = nn.functional.pad(audio, (0, MIN_ENCODER_SAMPLES - audio.shape[1]))
         with torch.no_grad():
-            sem, sem_len = self.whisper(audio, audio_lengths)  # (B, Tw, Dw) at 20 ms
-            if self.wavlm is not None:
-                ac, ac_len = self.wavlm(audio, audio_lengths)  # (L+1, B, Tl, Dl) at 20 ms
+            if getattr(self, "encoder_cache", None) is not None:
+                sem, sem_len, ac, ac_len = self._encoders_through_cache(audio, audio_lengths)
+            else:
+                sem, sem_len, ac, ac_len = self._run_encoders(audio, audio_lengths)
         dtype = self.semantic_adapter.out_proj.weight.dtype
         sem, sem_len = self._semantic_per_window(sem.to(dtype), sem_len)  # (B, N1, A)
         if self.wavlm is None:
@@ -79,6 +87,62 @@ class SpeechBranch:
         ac, ac_len = self.acoustic_adapter(ac.to(dtype), ac_len)  # (B, N2, A)
         x, lengths = fuse_streams(sem, sem_len, ac, ac_len)  # (B, N, 2A), N = the shorter stream
         return self.projector(x)[:, : int(lengths.max())], lengths  # (B, N, D)
+
+    def encoder_fingerprint(self) -> Tuple[str, dict]:
+        """What the frozen encoders' outputs depend on besides the audio (see
+        ``encoders.encoder_fingerprint``): the key folder of an encoder cache.
+
+        Returns:
+            Tuple[str, dict]: the hex digest and a readable description.
+        """
+        return encoders.encoder_fingerprint(self.whisper, self.wavlm)
+
+    def _run_encoders(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
+        """The frozen encoders on a batch: Whisper (B, Tw, Dw) and WavLM (L+1, B, Tl, Dl) or None, both at
+        20 ms, with their valid lengths (B,)."""
+        if audio.shape[1] < MIN_ENCODER_SAMPLES:  # WavLM's first conv needs 400 samples; lengths stay true
+            audio = nn.functional.pad(audio, (0, MIN_ENCODER_SAMPLES - audio.shape[1]))
+        sem, sem_len = self.whisper(audio, audio_lengths)  # (B, Tw, Dw) at 20 ms
+        ac = ac_len = None
+        if self.wavlm is not None:
+            ac, ac_len = self.wavlm(audio, audio_lengths)  # (L+1, B, Tl, Dl) at 20 ms
+        return sem, sem_len, ac, ac_len
+
+    def _encoders_through_cache(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
+        """:meth:`_run_encoders` with each clip's outputs read from ``encoder_cache`` when it holds them;
+        the clips it lacks are encoded together and stored. Same shapes and lengths as the live path."""
+        cache = self.encoder_cache
+        lengths: List[int] = audio_lengths.tolist()
+        samples = audio.detach().float().cpu().numpy()
+        keys = [cache.key(samples[b, :n]) if n > 0 else None for b, n in enumerate(lengths)]
+        found: List[Optional[dict]] = [cache.get(k) if k is not None else None for k in keys]
+        missing = [b for b, k in enumerate(keys) if k is not None and found[b] is None]
+        if missing:
+            index = torch.tensor(missing, device=audio.device)
+            sub_len = audio_lengths.index_select(0, index)
+            sub = audio.index_select(0, index)[:, : int(sub_len.max())]
+            sem, sem_len, ac, ac_len = self._run_encoders(sub, sub_len)
+            stored = {}  # a clip twice in one batch (sampling with replacement) is stored once
+            for j, b in enumerate(missing):
+                arrays = {"whisper": sem[j, : int(sem_len[j])].float().cpu().numpy()}
+                if ac is not None:
+                    arrays["wavlm"] = ac[:, j, : int(ac_len[j])].float().cpu().numpy()
+                if keys[b] not in stored:
+                    cache.put(keys[b], arrays)
+                    # what a later epoch reads back: rounded to the stored dtype, so every epoch sees the same
+                    stored[keys[b]] = {k: v.astype(cache.dtype) for k, v in arrays.items()}
+                found[b] = stored[keys[b]]
+        sem_len = self.whisper.output_lengths(audio_lengths)
+        dtype = next(self.whisper.parameters()).dtype
+        sem = _stack_frames([f["whisper"] if f is not None else None for f in found], sem_len, self.whisper.dim,
+                            dtype, audio.device, time_dim=0)  # (B, Tw, Dw)
+        ac = ac_len = None
+        if self.wavlm is not None:
+            ac_len = self.wavlm.output_lengths(audio_lengths)
+            ac = _stack_frames([f["wavlm"] if f is not None else None for f in found], ac_len, self.wavlm.dim,
+                               next(self.wavlm.parameters()).dtype, audio.device, time_dim=1,
+                               layers=self.wavlm.num_hidden_states)  # (L+1, B, Tl, Dl)
+        return sem, sem_len, ac, ac_len
 
     def _semantic_per_window(self, sem: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The semantic adapter over each Whisper window (30 s, ``W`` frames) alone, as the reference
@@ -98,3 +162,64 @@ class SpeechBranch:
         total = self.semantic_adapter.output_lengths(lengths)
         return out[:, : max(1, int(total.max()))], total
 
+
+class FrozenEncoders(SpeechBranch, nn.Module):
+    """Only the two frozen encoders of a model config, built as ``WavLLMModel`` builds them (same weights,
+    dtype and fingerprint): what ``wavllm-cache-encoders`` runs to fill an encoder cache without the LLM.
+
+    Args:
+        cfg (WavLLMConfig): a model config with its sizes filled (``architectures.fill_from_arch``).
+        dtype (torch.dtype): the backbones' dtype (``model.backbone_dtype``).
+    """
+
+    def __init__(self, cfg, dtype: torch.dtype):
+        super().__init__()
+        self.whisper = encoders.build_whisper(cfg, dtype)
+        self.wavlm = encoders.build_wavlm(cfg, dtype)
+        self.encoder_cache = None
+        self.eval()
+
+    @torch.no_grad()
+    def fill(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> None:
+        """Store the outputs of the clips of a batch that the attached cache lacks.
+
+        Args:
+            audio (torch.Tensor): 16 kHz waveforms with shape (B, T), right-padded.
+            audio_lengths (torch.Tensor): valid samples, shape (B,).
+        """
+        if self.encoder_cache is None:
+            raise RuntimeError("attach an encoder cache first (data.encoder_cache.attach_encoder_cache)")
+        self._encoders_through_cache(audio, audio_lengths)
+
+
+def _stack_frames(rows: List[Optional[np.ndarray]], lengths: torch.Tensor, dim: int, dtype: torch.dtype,
+                  device: torch.device, time_dim: int, layers: Optional[int] = None) -> torch.Tensor:
+    """Per-clip encoder outputs (cache records) -> one zero-padded batch tensor.
+
+    Args:
+        rows (List[Optional[np.ndarray]]): per clip (T_b, D) (``time_dim`` 0) or (L+1, T_b, D) (``time_dim``
+            1), or None for a clip without audio.
+        lengths (torch.Tensor): the frames the encoder gives each clip, shape (B,); a record must hold as many.
+        dim (int): D.
+        dtype (torch.dtype): the encoder's output dtype.
+        device (torch.device): where the batch lives.
+        time_dim (int): the frame axis of a record.
+        layers (Optional[int]): L+1 for stacked hidden states (``time_dim`` 1).
+
+    Returns:
+        torch.Tensor: (B, T, D), or (L+1, B, T, D) with ``layers``; T = max(1, max(lengths)).
+    """
+    B, T = len(rows), max(1, int(lengths.max()))
+    out = torch.zeros(((layers,) if layers else ()) + (B, T, dim), dtype=dtype)
+    for b, arr in enumerate(rows):
+        if arr is None:
+            continue
+        if arr.shape[time_dim] != int(lengths[b]) or arr.shape[-1] != dim:
+            raise ValueError(f"encoder cache record of clip {b} has shape {arr.shape}, the encoder gives "
+                             f"{int(lengths[b])} frames of width {dim}: the cache folder belongs to other encoders")
+        t = torch.from_numpy(np.array(arr, dtype=np.float32))
+        if layers:
+            out[:, b, : t.shape[1]] = t.to(dtype)
+        else:
+            out[b, : t.shape[0]] = t.to(dtype)
+    return out.to(device)

@@ -22,6 +22,7 @@ from ..data.chat_template import prompt_encoder
 from ..data.curriculum import (CurriculumBatchSampler, CurriculumConfig, CurriculumEpochBatchIterator,
                               curriculum_from_subsets, load_curriculum)
 from ..data.dataset import InstructionDataset, MultiCorpusDataset
+from ..data.encoder_cache import STORE_DTYPES, attach_encoder_cache
 from ..data.manifest import read_manifest
 from ..data.prompt_augment import PromptAugmenter, prompt_pools
 from ..data.prompt_template import DEFAULT_SYSTEM_PROMPT
@@ -109,6 +110,14 @@ class WavLLMInstructionConfig(FairseqDataclass):
         default=False,
         metadata={"help": "decoding: torch.compile the static path's layer step (captured as a CUDA graph on a "
                           "GPU; fused kernels; compiling takes seconds per process and slot-count shape)"})
+    encoder_cache: str = field(
+        default="",
+        metadata={"help": "folder of cached frozen-encoder outputs per clip (filled on first use, or ahead of time by "
+                          "wavllm-cache-encoders); training, validation and decoding read it; empty = encode live"})
+    encoder_cache_dtype: ChoiceEnum(list(STORE_DTYPES)) = field(
+        default="float16",
+        metadata={"help": "what the encoder cache stores: float16 (half the bytes, outputs rounded once) or float32 "
+                          "(the live numbers exactly)"})
     seed: int = II("common.seed")
     update_freq: List[int] = II("optimization.update_freq")
 
@@ -220,6 +229,8 @@ class WavLLMInstructionTask(FairseqTask):
             self.tokenizer.model_vocab_size = config_vocab_size(cfg.llama_path)
             self._dictionary = None
         model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.encoder_cache:
+            attach_encoder_cache(model, self.cfg.encoder_cache, str(self.cfg.encoder_cache_dtype))
         self._context_length = model.context_length
         self._use_wavlm = model.wavlm is not None
         return model
