@@ -4,8 +4,9 @@
     m = WavLLM.from_pretrained("checkpoints/stage2/checkpoint_best.pt")   # backbone dirs from its config
     m.generate(["a.wav", "b.flac"], ["What is the speaker's emotion?", "Transcribe the audio."])
 
-Audio may be a path (wav/flac/ogg, any rate/channels), a 1-D float array at 16 kHz, a
-``(array, sample_rate)`` pair, or ``None`` for a text-only question. Checkpoints are read safely
+Audio may be a path (wav/flac/ogg, any rate/channels; a relative path starts from ``audio_root``, by default
+the working directory), a 1-D float array at 16 kHz, a ``(array, sample_rate)`` pair, or ``None`` for a
+text-only question. Checkpoints are read safely
 (see checkpoint_io.py): ``.safetensors`` exports always, fairseq ``.pt`` files with weights-only
 unpickling; ``trust_checkpoint=True`` allows full unpickling of a file you trust.
 """
@@ -35,21 +36,39 @@ AudioInput = Union[str, np.ndarray, tuple, None]
 class WavLLM:
     """A loaded WavLLM model + tokenizer + generator, answering batched (audio, instruction) questions."""
 
-    def __init__(self, model, task, device="cpu"):
+    def __init__(self, model, task, device="cpu", audio_root: Optional[str] = None):
         self.model = model.eval().to(device)
         self.task = task
         self.tokenizer = task.tokenizer
         self.device = device
+        self.audio_root = audio_root or ""  # where relative audio paths start from ("": the working directory)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str, *, whisper_path: Optional[str] = None, wavlm_path: Optional[str] = None,
                         llama_path: Optional[str] = None, tokenizer_dir: Optional[str] = None, device: str = "cpu",
-                        trust_checkpoint: bool = False, merge_lora: bool = True) -> "WavLLM":
+                        trust_checkpoint: bool = False, merge_lora: bool = True,
+                        audio_root: Optional[str] = None) -> "WavLLM":
         """Load a fairseq checkpoint (``.pt``) or a safetensors export of one.
 
         Backbone directories default to the ones recorded in the checkpoint's config; pass them when the
         checkpoint was trained elsewhere. ``merge_lora`` folds stage-1 LoRA into the base weights for
-        faster decoding (stage-2 LoRA is scaled per utterance and stays separate).
+        faster decoding (stage-2 LoRA is scaled per utterance and stays separate). ``audio_root`` is the
+        folder relative audio paths given to :meth:`generate` start from, as the reference's ``audio_root``
+        (default: the working directory; the training run's ``task.audio_root`` is not used).
+
+        Args:
+            checkpoint (str): the ``.pt`` or ``.safetensors`` file.
+            whisper_path (Optional[str]): the Whisper folder (default: the checkpoint's ``model.whisper_path``).
+            wavlm_path (Optional[str]): the WavLM folder (default: the checkpoint's).
+            llama_path (Optional[str]): the LLM folder (default: the checkpoint's).
+            tokenizer_dir (Optional[str]): the tokenizer folder (default: ``task.tokenizer_dir``, else the LLM's).
+            device (str): where the model runs.
+            trust_checkpoint (bool): allow full unpickling of a ``.pt`` file you trust.
+            merge_lora (bool): fold stage-1 LoRA into the base weights.
+            audio_root (Optional[str]): where relative audio paths start from.
+
+        Returns:
+            WavLLM: the loaded model.
         """
         state = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
         cfg = state["cfg"]
@@ -69,12 +88,12 @@ class WavLLM:
         model.load_state_dict(state["model"])
         if merge_lora and model.prompt_scale is None:
             model.merge_lora()
-        return cls(model, task, device)
+        return cls(model, task, device, audio_root=audio_root)
 
     def _item(self, i: int, audio: AudioInput, instruction: str, task_name: str):
         wav = None
         if isinstance(audio, str):
-            wav = load_audio(audio, "")
+            wav = load_audio(audio, self.audio_root)
         elif isinstance(audio, tuple):
             wav = resample_to_16k(np.asarray(audio[0], dtype=np.float32), int(audio[1]))
         elif audio is not None:

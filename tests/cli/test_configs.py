@@ -12,11 +12,11 @@ from wavllm_fairseq.tasks.instruction import parse_task_lengths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the training configs: the paper's in examples/, the toy's and small_real's as package data of the toy
-# (decode.yaml holds fairseq-generate's settings: tests/test_decode_config.py)
+# (decode.yaml and decode_reference.yaml hold fairseq-generate's settings: tests/tools/test_decode_args.py)
 CONFIGS = sorted(p for folder in (os.path.join(ROOT, "examples", "wavllm", "config"),
                                   os.path.join(ROOT, "wavllm_fairseq", "toy", "config"))
                  for p in glob.glob(os.path.join(folder, "**", "*.yaml"), recursive=True)
-                 if os.path.basename(p) != "decode.yaml")
+                 if os.path.basename(p) not in ("decode.yaml", "decode_reference.yaml"))
 OVERRIDES = ["task.data=/data", "model.whisper_path=/w", "model.wavlm_path=/l", "model.llama_path=/ll",
              "checkpoint.save_dir=/ckpt"]
 

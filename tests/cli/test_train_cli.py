@@ -138,6 +138,27 @@ def test_fairseq_generate_prints_a_hypothesis_per_item_and_wer(runs, stage):
         assert all(abs(static[i][0] - dyn[i][0]) < 1e-4 for i in dyn)  # scores up to float rounding
 
 
+def test_decode_reference_yaml_samples_reproducibly_with_a_seed(runs):
+    """examples/wavllm/config/decode_reference.yaml (the reference's sampling at 0.5, batch 1, no loop guard, its
+    length rule) gives working fairseq-generate flags; the same --seed gives the same answers."""
+    from wavllm_fairseq.tools.decode_args import decode_args, load
+
+    flags = decode_args(load(os.path.join(ROOT, "examples", "wavllm", "config", "decode_reference.yaml")))
+    ckpt = os.path.join(runs["s2"], "checkpoint_last.pt")
+
+    def answers(seed):
+        cmd = ["fairseq-generate", os.path.dirname(runs["corpus"]["train_asr"]), *flags, "--tokenizer-dir",
+               runs["corpus"]["tok"], "--gen-subset", "test_asr", "--path", ckpt, "--max-len-b", "40", "--cpu",
+               "--seed", str(seed)]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        return dict(re.findall(r"^D-(\d+)\t[^\t]*\t(.*)$", out.stdout + out.stderr, re.M))
+
+    first = answers(5)
+    assert sorted(map(int, first)) == [0, 1, 2, 3]
+    assert answers(5) == first
+
+
 def test_python_api_matches_fairseq_generate(runs):
     from wavllm_fairseq import WavLLM
     from wavllm_fairseq.data.manifest import read_manifest

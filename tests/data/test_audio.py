@@ -173,3 +173,41 @@ def test_truncated_files_are_corrupt(tmp_path):
     (tmp_path / "cut.flac").write_bytes(flac[: len(flac) // 2])
     assert reason_of(load_audio, "cut.flac", root).reason == "corrupt"  # found when decoding
 
+
+
+# ------------------------------------------------------------------------------------------ segments, features
+def test_segment_reads_the_file_s_own_samples_then_resamples(tmp_path):
+    root = str(tmp_path)
+    x16 = sine(SAMPLE_RATE, 16000, freq=300) * np.linspace(0.2, 1.0, 16000, dtype=np.float32)
+    write(tmp_path / "a.wav", x16, SAMPLE_RATE, subtype="FLOAT")
+    np.testing.assert_array_equal(load_audio("a.wav", root, segment=(4000, 9000)), x16[4000:9000])
+    assert audio_num_frames("a.wav", root, segment=(4000, 9000)) == 5000
+    x8 = sine(8000, 8000, freq=300)
+    write(tmp_path / "b.flac", x8, 8000)  # start_frame / end_frame count the file's own (8 kHz) samples
+    seg = load_audio("b.flac", root, segment=(1000, 3000))
+    np.testing.assert_allclose(seg, resample_to_16k(sf.read(str(tmp_path / "b.flac"), dtype="float32")[0][1000:3000],
+                                                    8000), atol=1e-6)
+    assert len(seg) == audio_num_frames("b.flac", root, segment=(1000, 3000)) == 4000
+    with zipfile.ZipFile(tmp_path / "c.zip", "w", compression=zipfile.ZIP_STORED) as z:
+        z.write(tmp_path / "a.wav", "a.wav")
+    np.testing.assert_array_equal(load_audio(zip_member_spec(str(tmp_path / "c.zip"), "a.wav"), root,
+                                             segment=(100, 600)), x16[100:600])
+    err = reason_of(load_audio, "a.wav", root, segment=(15000, 17000), where=("data/SQA.tsv", 3))
+    assert err.reason == "segment" and str(err).startswith("data/SQA.tsv:3: audio ")
+    assert "[15000, 17000)" in str(err) and "16000 samples" in str(err)
+    assert reason_of(audio_num_frames, "a.wav", root, segment=(0, 16001)).reason == "segment"
+    err = reason_of(load_audio, "a.wav", root, segment=(0, 16000), max_seconds=0.5)
+    assert err.reason == "too_long"
+
+
+def test_feature_files_say_the_model_needs_waveforms(tmp_path):
+    root = str(tmp_path)
+    np.save(tmp_path / "fbank.npy", np.zeros((100, 80), np.float32))  # what fairseq's S2T prep writes by default
+    with zipfile.ZipFile(tmp_path / "fbank80.zip", "w", compression=zipfile.ZIP_STORED) as z:
+        z.write(tmp_path / "fbank.npy", "utt1.npy")
+    (tmp_path / "renamed.wav").write_bytes((tmp_path / "fbank.npy").read_bytes())
+    for spec in ("fbank.npy", zip_member_spec(str(tmp_path / "fbank80.zip"), "utt1.npy"), "renamed.wav"):
+        err = reason_of(load_audio, spec, root, where=("train.tsv", 2))
+        assert err.reason == "unsupported", spec
+        assert "features, not a waveform" in str(err) and "WavLLM reads 16 kHz audio" in str(err)
+        assert "--use-audio-input" in str(err) and str(err).startswith("train.tsv:2: audio ")

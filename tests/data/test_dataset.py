@@ -10,7 +10,7 @@ import torch
 from helpers import make_corpus, tone
 from wavllm_fairseq.criterions.cross_entropy import WavLLMCrossEntropy
 from wavllm_fairseq.data.dataset import TEXT_TOKEN_COST, InstructionDataset, collate
-from wavllm_fairseq.errors import AudioError, ManifestError
+from wavllm_fairseq.errors import AudioError, ManifestError, WavLLMInputError
 from wavllm_fairseq.data.manifest import read_manifest
 from wavllm_fairseq.decoding.generator import WavLLMGenerator
 from wavllm_fairseq.models.speech import expected_speech_frames
@@ -166,3 +166,61 @@ def test_a_row_over_the_llm_context_is_refused_naming_row_and_numbers(tmp_path, 
     with pytest.raises(ManifestError, match=r"ctx.tsv:2: id=row7: .*need \d+ positions \(speech 150.*context is 100"):
         InstructionDataset(rows, str(path), task.tokenizer, corpus="c", speech_frames=expected_speech_frames,
                            max_positions=100)
+
+
+def test_the_segment_not_the_file_reaches_the_encoders(tmp_path, task):
+    """A row with the reference's start_frame / end_frame columns: Whisper and WavLM receive the segment's
+    samples (and lengths), not the whole file's."""
+    wav = np.concatenate([tone(0.5, 200, 0), tone(0.5, 900, 1), tone(0.5, 200, 2)])
+    _write(str(tmp_path / "three.wav"), wav)
+    path = tmp_path / "seg.tsv"
+    path.write_text("id\taudio\tn_frames\tprompt\ttgt_text\twith_speech\tstart_frame\tend_frame\n"
+                    "mid\tthree.wav\t111111\tWhat is said?\tthe cat\tTrue\t8000\t16000\n"
+                    "all\tthree.wav\t111111\tWhat is said?\tthe cat\tTrue\t\t\n")
+    ds = task.load_corpus(str(path), shuffle=False)
+    whole = sf.read(str(tmp_path / "three.wav"), dtype="float32")[0]
+    batch = collate([ds[0], ds[1]], task.tokenizer.pad_id)
+    torch.manual_seed(0)
+    model = WavLLMModel.from_arch("wavllm_tiny", vocab_size=len(task.target_dictionary)).eval()
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, kwargs):
+            audio, lengths = args[:2]
+            seen[name] = [audio[b, : int(lengths[b])].clone() for b in range(len(lengths))]
+        return hook
+
+    handles = [model.whisper.register_forward_pre_hook(keep("whisper"), with_kwargs=True),
+               model.wavlm.register_forward_pre_hook(keep("wavlm"), with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model(**batch["net_input"])
+    finally:
+        for h in handles:
+            h.remove()
+    for name in ("whisper", "wavlm"):
+        np.testing.assert_array_equal(seen[name][0].numpy(), whole[8000:16000])
+        np.testing.assert_array_equal(seen[name][1].numpy(), whole)
+    assert ds.rows[0].n_frames == 8000 and int(model.speech_frames(torch.tensor([8000]))[0]) < int(
+        model.speech_frames(torch.tensor([len(whole)]))[0])
+
+
+def test_fairseq_generate_s_default_max_tokens_batches_by_30_s_and_other_limits_say_what_to_pass(task, corpus,
+                                                                                                caplog):
+    ds = task.load_corpus("test_asr", shuffle=False)
+    largest = int(ds.sizes.max())
+    assert largest > 12000  # every clip is longer than fairseq-generate's max_tokens=12000 (0.75 s)
+    with caplog.at_level(logging.WARNING):
+        itr = task.get_batch_iterator(ds, max_tokens=12000, max_sentences=None, disable_iterator_cache=True)
+    batches = list(itr.next_epoch_itr(shuffle=False))
+    assert sorted(i for b in batches for i in b["id"].tolist()) == list(range(len(ds)))
+    assert len(batches) == 1  # 4 short clips fit in 30 s
+    assert "max_tokens=12000 (fairseq-generate's value" in caplog.text and "batching by 480000" in caplog.text
+    with pytest.raises(WavLLMInputError) as e:
+        task.get_batch_iterator(ds, max_tokens=largest - 1, max_sentences=None)
+    message = str(e.value)
+    assert "test_asr.tsv:" in message and f"--max-tokens {largest} or more" in message and "--batch-size" in message
+    itr = task.get_batch_iterator(ds, max_tokens=largest, max_sentences=None, disable_iterator_cache=True)
+    assert sum(len(b["id"]) for b in itr.next_epoch_itr(shuffle=False)) == len(ds)
+    itr = task.get_batch_iterator(ds, max_tokens=None, max_sentences=3, disable_iterator_cache=True)
+    assert [len(b["id"]) for b in itr.next_epoch_itr(shuffle=False)] == [3, 1]

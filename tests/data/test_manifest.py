@@ -12,7 +12,8 @@ import soundfile as sf
 from wavllm_fairseq.data.audio import load_audio
 from wavllm_fairseq.errors import ManifestError
 from wavllm_fairseq.data.manifest import escape_cell, read_manifest, task_from_filename, unescape_cell, validate_main
-from wavllm_fairseq.tools.convert_s2t import _pick, convert_s2t_main, convert_s2t_manifest
+from wavllm_fairseq.data.prompt_pools import pick
+from wavllm_fairseq.tools.convert_s2t import convert_s2t_main, convert_s2t_manifest
 
 HEADER = "id\taudio\tn_frames\tprompt\ttgt_text\twith_speech"
 
@@ -112,10 +113,16 @@ def test_n_frames_mismatch_is_a_warning(data):
 
 
 def test_missing_columns_are_fatal(data):
+    # these columns are also a fairseq speech_to_text header, which the default format ("auto") reads as one
+    # (tests/data/test_manifest_formats.py): as an instruction manifest the missing columns are fatal
     path = write_tsv(data / "m.tsv", ["id\taudio\tn_frames\ttgt_text", "a\t-\t0\tt"])
     with pytest.raises(ManifestError) as e:
-        read_manifest(path, skip_bad=True)
+        read_manifest(path, skip_bad=True, fmt="instruction")
     assert str(e.value).startswith(f"{path}:1: missing required column(s) prompt, with_speech")
+    path = write_tsv(data / "m2.tsv", ["id\taudio\tn_frames\tprompt\ttgt_text", "a\t-\t0\tq\tt"])
+    with pytest.raises(ManifestError) as e:
+        read_manifest(path, skip_bad=True)
+    assert str(e.value).startswith(f"{path}:1: missing required column(s) with_speech")
     with pytest.raises(ManifestError):
         read_manifest(str(data / "nope.tsv"))
 
@@ -252,7 +259,7 @@ def test_convert_s2t(data, capsys):
     root = os.path.dirname(dst)
     np.testing.assert_array_equal(load_audio(rows[1].audio, root), load_audio(absolute, ""))
     pool = ["Transcribe it.", "Write down\twhat is said.", "What is spoken?"]
-    assert [r.prompt for r in rows] == [pool[_pick(3, r.id, 3)] for r in rows]
+    assert [r.prompt for r in rows] == [pool[pick(3, r.id, 3)] for r in rows]
     first = open(dst, "rb").read()
     convert_s2t_manifest(src, dst, task="asr", prompts=pool, seed=3, target_column="src_text")
     assert open(dst, "rb").read() == first  # deterministic; a list pool equals the file pool
@@ -260,10 +267,10 @@ def test_convert_s2t(data, capsys):
 
 def test_prompt_choice_is_seeded_and_spread():
     ids = [f"utt{i}" for i in range(200)]
-    picks = [_pick(1, i, 5) for i in ids]
+    picks = [pick(1, i, 5) for i in ids]
     assert set(picks) == set(range(5)) and max(np.bincount(picks)) < 80
-    assert picks == [_pick(1, i, 5) for i in ids]
-    assert sum(a != b for a, b in zip(picks, [_pick(2, i, 5) for i in ids])) > 100
+    assert picks == [pick(1, i, 5) for i in ids]
+    assert sum(a != b for a, b in zip(picks, [pick(2, i, 5) for i in ids])) > 100
 
 
 def test_convert_errors(data, capsys):

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import require_installed, write_manifest
 from wavllm_fairseq.data import text_norm
-from wavllm_fairseq.evaluation import scoring
+from wavllm_fairseq.evaluation import metrics, scoring
 from wavllm_fairseq.errors import WavLLMInputError
 
 
@@ -112,6 +112,16 @@ def test_sqa_containment_without_labels_and_it_exact_match(files):
     assert s["sqa accuracy"] == 0.5
     # "c a t" == "c a t" (dashes are punctuation); "dog dog dog" != "dog dog" but contains it
     assert s["it accuracy"] == 0.5 and s["it containment"] == 1.0
+
+
+def test_sqqa_answers_are_right_when_they_name_the_answer_or_one_of_its_variants(files):
+    rows = [{**row(0, "Answer the question.", "The answer is eight.", "sqqa"), "label": "eight|8"},
+            {**row(1, "Answer the question.", "The answer is Paris.", "sqqa"), "label": "paris"},
+            {**row(2, "Answer the question.", "The answer is Paris.", "sqqa"), "label": "paris"},
+            row(3, "", "Canberra", "sqqa")]  # no label: the target is the answer (the reference's rows)
+    hyps = ["A spider has 8 legs.", "The capital of France is Paris.", "It is Berlin.", "canberra"]
+    m, h = files(rows, hyps, extra=["task", "label"])
+    assert scoring.score_files(m, h)["sqqa accuracy"] == 0.75
 
 
 def test_multi_task_ifr_and_accuracy(files):
@@ -279,3 +289,80 @@ def test_cli_ends_with_task_metric_value_lines(files, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "wavllm_fairseq.evaluation.scoring", "--manifest", m, "--hypotheses",
                           str(tmp_path / "none.txt")], capture_output=True, text=True)
     assert bad.returncode != 0
+
+
+# ------------------------------------------------------------------------------------------ comparable WERs
+COMPARABLE = [row(0, "p", "The colour is grey.", "asr"), row(1, "p", "He has twenty one cats.", "asr")]
+COMPARABLE_HYPS = ["the color is gray", "he has 21 cats"]
+
+
+def test_asr_gets_whisper_normalised_and_fairseq_wers_beside_its_own(files, tmp_path):
+    m, h = files(COMPARABLE, COMPARABLE_HYPS, extra=["task"])
+    s = scoring.score_files(m, h)
+    # this project's normaliser: colour/color, grey/gray -> 2 of 4; twenty one -> 21: 1 sub + 1 del of 5 -> 4/9
+    assert s["asr wer"] == 44.44
+    # Whisper's EnglishTextNormalizer: "twenty one" -> "21" (row 1: 0 of 4); without the spelling map colour and
+    # grey stay British (row 0: 2 of 4) -> 2/8
+    assert s["asr wer_whisper"] == 25.0
+    # fairseq's wer scorer, defaults (case and punctuation kept): The/the, colour, grey. -> 3 of 4;
+    # He/he, twenty/21, one deleted, cats./cats -> 4 of 5 -> 7/9
+    assert s["asr wer_fairseq"] == 77.78
+    spelling = tmp_path / "whisper-tiny.en"
+    spelling.mkdir()
+    (spelling / "normalizer.json").write_text(json.dumps({"colour": "color", "grey": "gray"}))
+    norm, doc = metrics.whisper_normaliser(str(spelling))  # a Whisper folder, or the file itself
+    assert str(spelling / "normalizer.json") in doc
+    assert scoring.score_files(m, h, whisper=norm)["asr wer_whisper"] == 0.0
+    assert metrics.whisper_normaliser(str(spelling / "normalizer.json"))[0]("The colour") == "the color"
+    with pytest.raises(WavLLMInputError, match="spelling map"):
+        metrics.whisper_normaliser(str(tmp_path / "nowhere.json"))
+
+
+def test_fairseq_wer_is_fairseq_s_own_scorer():
+    from fairseq.scoring.wer import WerScorer, WerScorerConfig
+
+    refs, hyps = ["A b, c.", "d e"], ["a b c", "d"]
+    scorer = WerScorer(WerScorerConfig())
+    for r, h in zip(refs, hyps):
+        scorer.add_string(r, h)
+    assert metrics.comparable_wers(refs, hyps, metrics.whisper_normaliser()[0])["wer_fairseq"] == scorer.score()
+
+
+def test_cli_names_each_wer_s_normaliser_and_the_missing_spelling_map(files, tmp_path):
+    m, h = files(COMPARABLE, COMPARABLE_HYPS, extra=["task"])
+    out = subprocess.run([sys.executable, "-m", "wavllm_fairseq.evaluation.scoring", "--manifest", m,
+                          "--hypotheses", h], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "normaliser for WER and matching: lower-case" in lines[0]
+    assert "wer_whisper: Whisper's EnglishTextNormalizer (transformers) WITHOUT its spelling map" in lines[0]
+    assert "wer_fairseq: fairseq's wer scorer" in lines[0]
+    assert {"asr wer 44.44", "asr wer_whisper 25.0", "asr wer_fairseq 77.78"} <= set(lines)
+    assert all(len(line.split()) == 3 for line in lines[1:])
+
+
+def test_reference_file_names_pick_the_metric(tmp_path):
+    """The reference's en2de.tsv (its column order, no task column) is scored as ST: BLEU."""
+    m = tmp_path / "en2de.tsv"
+    m.write_text("id\taudio\tn_frames\ttgt_text\tprompt\twith_speech\n"
+                 "0\taudio/st.flac\t34560\tdie katze schlaeft im haus\tTranslate the audio clip into German.\tTrue\n")
+    h = tmp_path / "gen.txt"
+    h.write_text(generate_output(["die katze schlaeft im haus"]))
+    assert scoring.score_files(str(m), str(h)) == {"st bleu": 100.0, "st n": 1}
+
+
+def test_fairseq_manifests_are_scored_as_the_task_read_them(tmp_path):
+    """A speech_to_text TSV without tgt_lang (MuST-C's layout) decoded with task.prompt_pool=st.seen is ST; the
+    same pool tells the scorer. A wav2vec manifest scores its .wrd transcripts as ASR."""
+    s2t = tmp_path / "tst-COMMON.tsv"
+    s2t.write_text("id\taudio\tn_frames\ttgt_text\tspeaker\nu0\ta.wav\t16000\tdie katze schlaeft im haus\tspk\n")
+    h = tmp_path / "gen.txt"
+    h.write_text(generate_output(["die katze schlaeft im haus"]))
+    assert scoring.score_files(str(s2t), str(h))["asr wer"] == 0.0  # no tgt_lang, no pool: ASR
+    assert scoring.score_files(str(s2t), str(h), prompt_pool="st.seen") == {"st bleu": 100.0, "st n": 1}
+    w2v = tmp_path / "test_clean.tsv"
+    w2v.write_text(f"{tmp_path}\ntest-clean/1089/134686/1089-134686-0000.flac\t16000\n")
+    (tmp_path / "test_clean.wrd").write_text("HE HOPED THERE WOULD BE STEW\n")
+    h.write_text(generate_output(["he hoped there would be stew"]))
+    s = scoring.score_files(str(w2v), str(h))
+    assert s["asr wer"] == 0.0 and s["asr wer_whisper"] == 0.0 and s["asr wer_fairseq"] == 100.0  # case counts

@@ -59,6 +59,45 @@ def test_wavlm_base_layout_weight_norm_names_in_a_pickle_bin(tmp_path):
     assert set(raw) == set(src.state_dict()) and all(torch.equal(raw[k], v) for k, v in src.state_dict().items())
 
 
+def test_wavlm_reads_the_waveform_as_its_folders_feature_extractor_says(tmp_path):
+    """do_normalize in preprocessor_config.json: each clip is normalised before WavLM, as the reference's
+    AutoFeatureExtractor does; a folder without the file (save_pretrained alone, the toy's stand-in) or with
+    do_normalize false feeds the raw waveform, as before. The setting is part of the encoder cache's key."""
+    from types import SimpleNamespace
+
+    from transformers import Wav2Vec2FeatureExtractor
+
+    src = _wavlm()
+    src.save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    cfg = SimpleNamespace(use_wavlm=True, wavlm_path=str(tmp_path))
+    g = torch.Generator().manual_seed(3)
+    wav = 0.2 + 0.1 * torch.randn(2, 6000, generator=g)
+    wav[1, 4000:] = 0
+    lengths = torch.tensor([6000, 4000])
+    raw = encoders.build_wavlm(cfg)
+    assert raw.normalize is False
+    with torch.no_grad():
+        hidden, _ = raw(wav, lengths)
+        assert torch.equal(hidden[:, 0], torch.stack(src(wav[:1], output_hidden_states=True).hidden_states)[:, 0])
+    Wav2Vec2FeatureExtractor(do_normalize=False).save_pretrained(tmp_path)
+    assert encoders.build_wavlm(cfg).normalize is False
+    Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path)
+    normed = encoders.build_wavlm(cfg)
+    assert normed.normalize is True
+    extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        hidden, _ = normed(wav, lengths)
+        for b, n in enumerate(lengths.tolist()):
+            x = torch.from_numpy(extractor(wav[b, :n].numpy(), sampling_rate=16000,
+                                           return_tensors="np")["input_values"])
+            ref = torch.stack(src(x, output_hidden_states=True).hidden_states)[:, 0]
+            m = ref.shape[1]
+            torch.testing.assert_close(hidden[:, b, :m], ref, atol=1e-4, rtol=1e-4)
+    whisper = encoders.WhisperSemanticEncoder(_whisper().model.encoder)
+    assert encoders.encoder_fingerprint(whisper, normed)[0] != encoders.encoder_fingerprint(whisper, raw)[0]
+
+
 def test_wavlm_from_a_head_folder_takes_the_body(tmp_path):
     src = _wavlm()
     src.config.vocab_size = 10

@@ -56,6 +56,27 @@ def test_float32_cache_gives_the_live_loss_and_gradients_exactly(tmp_path, promp
     assert any("layer_weights" in n for n in ref_grads)
 
 
+def test_a_clip_over_one_whisper_window_is_served_with_its_last_window_whole(tmp_path):
+    """wavllm_tiny's window is 2 s: the 41500-sample clip's last window has 30 valid Whisper frames (2 mod 4),
+    so its last speech frame reads Whisper's outputs of the mel padding (speech.py, as the reference); the
+    record holds them and a float32 cache gives the live loss and gradients exactly."""
+    lengths = [4000, 41500, 2800]
+    live = tiny()
+    batch = make_batch(lengths)
+    ref_loss, ref_grads = loss_and_grads(live, batch)
+    cached = tiny()
+    cache = attach_encoder_cache(cached, str(tmp_path / "cache"), "float32")
+    for _ in range(2):  # fills the cache, then reads it
+        loss, grads = loss_and_grads(cached, batch)
+        assert torch.equal(loss, ref_loss)
+        for name in ref_grads:
+            assert torch.equal(grads[name], ref_grads[name]), name
+    assert cache.stats["written"] == 3 and cache.stats["hits"] == 3
+    W = cached.whisper.encoder.config.max_source_positions
+    key = cache.key(batch["audio"][1, : lengths[1]].numpy())
+    assert cache.get(key)["whisper"].shape[0] == 2 * W > int(cached.whisper.output_lengths(torch.tensor(41500)))
+
+
 def test_a_cache_filled_with_other_batches_and_a_new_process_matches_within_float_tolerance(tmp_path):
     live = tiny()
     batch = make_batch(LENGTHS)

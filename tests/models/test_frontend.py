@@ -1,5 +1,6 @@
-"""Whisper's log-mel front end (frontend.py) equals WhisperFeatureExtractor: one span, 30 s windows (each
-chunk alone, as the reference feeds a long clip), frame counts, and batch invariance."""
+"""The front ends (frontend.py): Whisper's log-mel equals WhisperFeatureExtractor (one span, 30 s windows, each
+chunk alone, as the reference feeds a long clip; frame counts; batch invariance); WavLM's input normalisation
+equals Wav2Vec2FeatureExtractor's and follows the folder's preprocessor_config.json."""
 import numpy as np
 import pytest
 import torch
@@ -84,3 +85,53 @@ def test_log_mel_batch_invariance():
     mel, _ = whisper_log_mel(batch, lengths)
     assert abs(float(mel[0, :, :30].max() - mel[0, :, :30].min()) - 2.0) < 1e-5
     assert float(mel[1].max() - mel[0, :, :30].max()) > 0.1
+
+
+# ----------------------------------------------------------------------------- WavLM's input normalisation
+def test_zero_mean_unit_var_equals_the_wav2vec2_feature_extractor_per_clip():
+    """Each clip of a padded batch is what Wav2Vec2FeatureExtractor(do_normalize=True) makes of it alone."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from wavllm_fairseq.models.frontend import zero_mean_unit_var
+
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True)
+    clips = [0.3 + _clip(9000, seed=1), 0.05 * _clip(4000, seed=2)]  # an offset, a quiet clip
+    wav = torch.zeros(2, 9000)
+    for b, c in enumerate(clips):
+        wav[b, : len(c)] = torch.from_numpy(c)
+    out = zero_mean_unit_var(wav, torch.tensor([9000, 4000]))
+    for b, c in enumerate(clips):
+        ref = extractor(c, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
+        np.testing.assert_allclose(out[b, : len(c)].numpy(), ref, atol=2e-6, rtol=1e-5)
+    assert not out[1, 4000:].any() and out.dtype == wav.dtype
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, False),  # no preprocessor_config.json: a folder written by save_pretrained alone (the toy's stand-in)
+    ({"do_normalize": False, "sampling_rate": 16000}, False),
+    ({"do_normalize": True, "feature_extractor_type": "Wav2Vec2FeatureExtractor"}, True),
+    ({"feature_size": 1}, True),  # no key: Wav2Vec2FeatureExtractor's default, as AutoFeatureExtractor reads it
+])
+def test_the_folders_preprocessor_config_decides(tmp_path, content, expected):
+    import json
+
+    from wavllm_fairseq.models.frontend import wavlm_normalizes_input
+
+    if content is not None:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(content))
+    assert wavlm_normalizes_input(str(tmp_path)) is expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "unreadable feature extractor config"),
+    ('{"do_normalize": "yes"}', "key do_normalize must be true or false"),
+    ('{"sampling_rate": 8000}', "key sampling_rate is 8000"),
+])
+def test_a_bad_preprocessor_config_is_an_error_naming_file_and_key(tmp_path, text, message):
+    from wavllm_fairseq.errors import CheckpointError
+    from wavllm_fairseq.models.frontend import wavlm_normalizes_input
+
+    (tmp_path / "preprocessor_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message) as err:
+        wavlm_normalizes_input(str(tmp_path))
+    assert err.value.file == str(tmp_path / "preprocessor_config.json")

@@ -63,6 +63,62 @@ def test_a_clip_longer_than_a_whisper_window_is_adapted_window_by_window():
         torch.testing.assert_close(got[1, : int(short_len)], short[0, : int(short_len)])
 
 
+def reference_semantic_windows(adapter, sem, W):
+    """The reference's semantic branch on a clip's stacked windows, written out: every window's Whisper
+    output cut to the longest valid length among them (a full window), the subsampler's two Conv1d + GLU with
+    no masking, the bottleneck x + LayerNorm(Up(GELU(Down(x)))) and the projection; windows concatenated."""
+    out = []
+    for k in range(sem.shape[1] // W):
+        x = sem[:, k * W: (k + 1) * W].transpose(1, 2)
+        for conv in adapter.subsampler.conv_layers:
+            x = torch.nn.functional.glu(conv(x), dim=1)
+        out.append(adapter.out_proj(adapter.bottleneck(x.transpose(1, 2))))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("n_samples, last_window, tail_differs", [(41500, 30, True), (41800, 31, True),
+                                                                 (42080, 32, False)],
+                         ids=["last window 30 frames (2 mod 4)", "31 (3 mod 4)", "32 (0 mod 4)"])
+def test_a_long_clips_last_window_is_read_whole_as_the_reference_reads_it(n_samples, last_window, tail_differs):
+    """Over one Whisper window (wavllm_tiny: 100 frames = 2 s) the reference's subsampler reads the last
+    window's Whisper outputs of the mel padding, so the last speech frame differs from zero padding when
+    that window's valid length is 2 or 3 mod 4; the model computes it as the reference does."""
+    model = tiny(seed=3).eval()
+    W = model.whisper.encoder.config.max_source_positions
+    audio = 0.1 * torch.randn(1, n_samples, generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([n_samples])
+    with torch.no_grad():
+        whole, sem_len = model.whisper(audio, lengths, whole_windows=True)
+        assert whole.shape[1] == 2 * W == int(model.whisper.frames_read(lengths)[0])
+        assert int(sem_len[0]) - W == last_window
+        valid, _ = model.whisper(audio, lengths)
+        assert torch.equal(whole[:, : valid.shape[1]], valid)
+        expected = reference_semantic_windows(model.semantic_adapter, whole, W)
+        ac, ac_len = model.acoustic_adapter(*model.wavlm(audio, lengths))
+        n = int(ac_len[0])  # the fused length: the acoustic stream is the shorter, as in the reference
+        got, got_len = model._semantic_per_window(whole, sem_len)
+        assert int(got_len[0]) >= n
+        torch.testing.assert_close(got[:, :n], expected[:, :n], rtol=1e-5, atol=1e-6)
+        zero_tail, _ = model._semantic_per_window(valid, sem_len)  # the last window zero-padded
+        assert torch.equal(got[:, : n - 1], zero_tail[:, : n - 1])
+        assert (not torch.allclose(got[:, n - 1], zero_tail[:, n - 1])) == tail_differs
+        speech, speech_len = model.encode_speech(audio, lengths)
+        fused = model.projector(torch.cat([expected[:, :n], ac[:, :n]], dim=-1))
+        assert int(speech_len[0]) == n
+        torch.testing.assert_close(speech, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_clips_within_one_window_read_only_their_valid_frames():
+    model = tiny(seed=3).eval()
+    audio = 0.1 * torch.randn(2, 30000, generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([30000, 20000])
+    with torch.no_grad():
+        whole, whole_len = model.whisper(audio, lengths, whole_windows=True)
+        valid, valid_len = model.whisper(audio, lengths)
+    assert torch.equal(whole, valid) and torch.equal(whole_len, valid_len)
+    assert torch.equal(model.whisper.frames_read(lengths), valid_len)
+
+
 def test_layer_norm_wavlm_runs_a_padded_batch_as_each_clip_alone():
     """WavLM with a per-frame LayerNorm extractor (the toy stand-in's layout) runs unequal clips as one
     masked batch; each clip's hidden states equal its own run and its padding frames are zero."""

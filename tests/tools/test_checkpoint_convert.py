@@ -92,9 +92,21 @@ def tiny_model(seed: int, stage2: bool = False, vocab: int = VOCAB) -> WavLLMMod
     return model.eval()
 
 
-def save_release(path: str, model: WavLLMModel, stage2: bool = False, lora_alpha=8.0) -> dict:
+def legacy_weight_norm(ref: dict) -> dict:
+    """A reference state with torch 2.0.1's weight-norm names (``weight_g`` / ``weight_v``), as the release
+    (trained and saved under the reference's pinned torch 2.0.1) stores WavLM's positional convolution."""
+    out = {k.replace("parametrizations.weight.original0", "weight_g")
+            .replace("parametrizations.weight.original1", "weight_v"): v for k, v in ref.items()}
+    assert "wavlm_encoder.model.encoder.pos_conv_embed.conv.weight_g" in out
+    return out
+
+
+def save_release(path: str, model: WavLLMModel, stage2: bool = False, lora_alpha=8.0, lora_r=4,
+                 legacy: bool = False) -> dict:
     ref = to_reference_state(model, stage2)
-    task = {"_name": "speechllm_task", "lora_r": 4}
+    if legacy:
+        ref = legacy_weight_norm(ref)
+    task = {"_name": "speechllm_task", "lora_r": lora_r}
     if lora_alpha is not None:
         task["lora_alpha"] = lora_alpha
     torch.save({"model": ref, "cfg": {"task": task}, "args": None}, path)
@@ -282,6 +294,65 @@ def test_backbone_directories_are_dropped_and_checked(tmp_path):
         convert_checkpoint(str(tmp_path / "release.pt"), str(tmp_path / "bad.pt"), arch="wavllm_tiny",
                            whisper_path=dirs["whisper"], wavlm_path=dirs["wavlm"], llama_path=dirs["llama"])
     assert not os.path.exists(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["weight_g/weight_v", "parametrizations"])
+@pytest.mark.parametrize("with_wavlm_path", [False, True], ids=["wavlm in checkpoint", "--wavlm-path"])
+def test_wavlm_weight_norm_names_of_both_torch_eras_convert(tmp_path, legacy, with_wavlm_path):
+    """A release saved by torch 2.0.1 (the reference's pin) names WavLM's positional conv weight_g / weight_v,
+    a later torch parametrizations.weight.original0/1: both convert with the backbone check on, the result
+    loads strictly and computes the original model's logits."""
+    model = tiny_model(7)
+    ref = save_release(str(tmp_path / "release.pt"), model, legacy=legacy)
+    assert any(k.endswith("conv.weight_g") for k in ref) == legacy
+    paths = {}
+    if with_wavlm_path:
+        paths["wavlm_path"] = save_backbones(model, str(tmp_path))["wavlm"]
+    summary = convert_checkpoint(str(tmp_path / "release.pt"), str(tmp_path / "ours.pt"), arch="wavllm_tiny",
+                                 **paths)
+    ck = torch.load(str(tmp_path / "ours.pt"), weights_only=False)
+    assert not any(k.endswith(("weight_g", "weight_v")) for k in ck["model"])
+    if with_wavlm_path:
+        assert summary["backbones_checked"]["wavlm"] > 0 and not any(k.startswith("wavlm.") for k in ck["model"])
+        assert any("pos_conv_embed.conv.weight_g" in line for line in summary["report"]["dropped"]) == legacy
+    else:
+        assert "wavlm.wavlm.encoder.pos_conv_embed.conv.parametrizations.weight.original0" in ck["model"]
+    converted = load_converted(str(tmp_path / "ours.pt"))  # strict
+    b = batch()
+    torch.testing.assert_close(logits(converted, b), logits(model, b), atol=1e-5, rtol=1e-5)
+
+
+def test_a_wavlm_folder_differing_from_the_legacy_named_release_is_refused(tmp_path):
+    """The backbone check compares the legacy-named release tensors with the folder's, under one naming."""
+    model = tiny_model(8)
+    save_release(str(tmp_path / "release.pt"), model, legacy=True)
+    dirs = save_backbones(model, str(tmp_path))
+    from transformers import WavLMModel
+
+    other = WavLMModel.from_pretrained(dirs["wavlm"])
+    with torch.no_grad():
+        other.encoder.pos_conv_embed.conv.parametrizations.weight.original1.add_(0.5)
+    other.save_pretrained(dirs["wavlm"])
+    with pytest.raises(CheckpointError, match=r"pos_conv_embed\.conv\.parametrizations\.weight\.original1: differs"):
+        convert_checkpoint(str(tmp_path / "release.pt"), str(tmp_path / "bad.pt"), arch="wavllm_tiny",
+                           wavlm_path=dirs["wavlm"])
+
+
+def test_recorded_lora_r_is_checked_in_stage_1_only(tmp_path):
+    """Stage 1 scales LoRA by alpha / r: a task config whose lora_r is not the tensors' rank is refused. Stage 2
+    scales it by the prompt adapter's r only, so the same record converts (and the model is unchanged)."""
+    stage1 = tiny_model(9)
+    save_release(str(tmp_path / "s1.pt"), stage1, lora_r=8)
+    with pytest.raises(CheckpointError, match="lora_r=8 but the LoRA tensors have rank 4"):
+        convert_checkpoint(str(tmp_path / "s1.pt"), str(tmp_path / "x.pt"), arch="wavllm_tiny")
+    assert not os.path.exists(tmp_path / "x.pt")
+    stage2 = tiny_model(10, stage2=True)
+    save_release(str(tmp_path / "s2.pt"), stage2, stage2=True, lora_r=8)
+    summary = convert_checkpoint(str(tmp_path / "s2.pt"), str(tmp_path / "ours.pt"), arch="wavllm_tiny")
+    assert summary["stage"] == 2 and summary["lora_rank"] == 4
+    b = batch()
+    torch.testing.assert_close(logits(load_converted(str(tmp_path / "ours.pt")), b), logits(stage2, b),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_unmatched_keys_and_missing_alpha_fail_clearly(tmp_path):

@@ -1,5 +1,6 @@
-"""examples/wavllm/config/decode.yaml -> fairseq-generate flags: every flag parses in fairseq-generate's
-own parser to the yaml's value, and a typo is an error naming the key."""
+"""examples/wavllm/config/decode.yaml and decode_reference.yaml -> fairseq-generate flags: every flag parses in
+fairseq-generate's own parser to the yaml's value, decode_reference.yaml builds the reference's decoding, and a
+typo is an error naming the key."""
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from wavllm_fairseq.errors import WavLLMInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECODE_YAML = os.path.join(REPO, "examples", "wavllm", "config", "decode.yaml")
+REFERENCE_YAML = os.path.join(REPO, "examples", "wavllm", "config", "decode_reference.yaml")
 
 
 def parse_generate(flags):
@@ -17,14 +19,33 @@ def parse_generate(flags):
     return options.parse_args_and_arch(parser, input_args=["/data", "--path", "ckpt.pt", *flags])
 
 
-def test_the_shipped_decode_yaml_parses_in_fairseq_generate_to_its_values():
-    config = load(DECODE_YAML)
+@pytest.mark.parametrize("path", [DECODE_YAML, REFERENCE_YAML], ids=os.path.basename)
+def test_the_shipped_decode_yaml_parses_in_fairseq_generate_to_its_values(path):
+    config = load(path)
     args = parse_generate(decode_args(config))
     assert args.task == "wavllm_instruction"
     for group in ("generation", "dataset", "task"):
         for key, value in config[group].items():
             if key != "_name":
                 assert getattr(args, key) == value, (group, key)
+
+
+def test_decode_reference_yaml_decodes_as_the_reference():
+    """inference_sft.sh: --sampling --beam 1 --nbest 1 --temperature 0.5 --max-len-a 0 --max-len-b 512 (counting the
+    right prompt its generate.py forces), max_sentences=1, no loop guard; sampling seeded by fairseq's --seed."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from wavllm_fairseq.decoding.options import DecodingOptions
+
+    args = parse_generate(decode_args(load(REFERENCE_YAML)) + ["--seed", "7"])
+    assert args.batch_size == 1 and args.seed == 7
+    cfg = convert_namespace_to_omegaconf(args)
+    got = DecodingOptions.from_fairseq_args(cfg.generation, cfg.task)
+    assert got == DecodingOptions(sampling=True, temperature=0.5, sampling_topk=-1, sampling_topp=-1.0, beam_size=1,
+                                  nbest=1, max_len_a=0, max_len_b=512, min_len=1, loop_guard_ngram=0,
+                                  repetition_penalty=1.0, max_len_counts_prompt=True)
+    plain = convert_namespace_to_omegaconf(parse_generate(decode_args(load(DECODE_YAML))))
+    assert not DecodingOptions.from_fairseq_args(plain.generation, plain.task).sampling
 
 
 def test_later_flags_win_and_bools_are_flags():

@@ -1,8 +1,11 @@
 """``@register_criterion("wavllm_cross_entropy")``: cross entropy on the answer tokens only.
 
 The model returns logits only at the positions that predict an answer token (``target</s>`` of every
-turn), so system prompt, instruction, speech and padding never enter the loss. Logs loss, nll_loss
-(base 2, per target token), token accuracy and the loss of each task in the batch.
+turn), so system prompt, instruction, speech and padding never enter the loss. The summed loss is divided
+(fairseq's ``sample_size``) by the answer tokens, or with ``criterion.normalize_by=reference`` by what the
+reference implementation divides by: every position it predicts after the speech span, the instruction's
+as well as the answer's (its ``ntokens``: the tokens after the speech span less the first). Logs loss (base 2,
+per ``sample_size`` unit), nll_loss (base 2, per answer token), token accuracy and the loss of each task.
 """
 import math
 from dataclasses import dataclass, field
@@ -12,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 TASK_LOSS = "task_loss:"
 TASK_NTOK = "task_ntok:"
+NORMALIZATIONS = ("answer", "reference")
 
 
 @dataclass
@@ -25,6 +29,13 @@ class WavLLMCrossEntropyConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.0,
                                    metadata={"help": "epsilon for label smoothing (0 = plain cross entropy)"})
     report_per_task: bool = field(default=True, metadata={"help": "log the loss of each task separately"})
+    normalize_by: ChoiceEnum(list(NORMALIZATIONS)) = field(
+        default="answer",
+        metadata={"help": "what the summed loss is divided by: answer = the answer tokens (a per-answer-token mean: "
+                          "an answer's gradient does not shrink with its instruction's length, and the toy's learning "
+                          "rates were tuned with it); reference = the reference implementation's, every position "
+                          "predicted after the speech span (instruction and answer tokens), which weights rows with "
+                          "short instructions more and makes the loss smaller than the per-token nll_loss"})
 
 
 @register_criterion("wavllm_cross_entropy", dataclass=WavLLMCrossEntropyConfig)
@@ -35,12 +46,16 @@ class WavLLMCrossEntropy(FairseqCriterion):
         task (FairseqTask): the task.
         label_smoothing (float): eps; per token (1 - eps) * nll + eps * (-mean log-probability over the vocabulary).
         report_per_task (bool): log each task's loss (``loss_<task>``) from the batch's ``task_names``.
+        normalize_by (str): the ``sample_size``, one of ``NORMALIZATIONS`` (see the config's help).
     """
 
-    def __init__(self, task, label_smoothing=0.0, report_per_task=True):
+    def __init__(self, task, label_smoothing=0.0, report_per_task=True, normalize_by="answer"):
         super().__init__(task)
         self.eps = label_smoothing
         self.report_per_task = report_per_task
+        if str(normalize_by) not in NORMALIZATIONS:
+            raise ValueError(f"criterion.normalize_by must be one of {NORMALIZATIONS}, got {normalize_by!r}")
+        self.normalize_by = str(normalize_by)
 
     def forward(self, model, sample, reduce=True):
         """The summed loss of a batch.
@@ -52,7 +67,7 @@ class WavLLMCrossEntropy(FairseqCriterion):
 
         Returns:
             Tuple[torch.Tensor, int, dict]: the loss (a scalar, summed over target tokens), the sample size
-            (target tokens) and the logging output.
+            (:meth:`sample_size`) and the logging output.
         """
         logits, target, rows = model(**sample["net_input"])  # (N, V), (N,), (N,)
         lprobs = F.log_softmax(logits.float(), dim=-1)
@@ -64,12 +79,13 @@ class WavLLMCrossEntropy(FairseqCriterion):
             per_token = nll
         loss = per_token.sum()
         ntokens = int(target.numel())
+        sample_size = self.sample_size(sample, ntokens)
         logging_output = {
             "loss": loss.detach().item(),
             "nll_loss": nll.detach().sum().item(),
             "ntokens": ntokens,
             "nsentences": sample["nsentences"],
-            "sample_size": ntokens,
+            "sample_size": sample_size,
             "n_correct": int((lprobs.argmax(-1) == target).sum()),
         }
         if self.report_per_task and "task_names" in sample:
@@ -80,7 +96,23 @@ class WavLLMCrossEntropy(FairseqCriterion):
             for i, name in enumerate(names):
                 logging_output[TASK_LOSS + name] = logging_output.get(TASK_LOSS + name, 0.0) + float(per_row[i])
                 logging_output[TASK_NTOK + name] = logging_output.get(TASK_NTOK + name, 0) + int(count[i])
-        return loss, ntokens, logging_output
+        return loss, sample_size, logging_output
+
+    def sample_size(self, sample, ntokens: int) -> int:
+        """What the summed loss is divided by: the answer tokens, or (``normalize_by="reference"``) every
+        token after the speech span but the first (``post_lengths - 1`` per row: the reference's ``ntokens``,
+        the right prompt and the answer as its collater counts them).
+
+        Args:
+            sample (dict): the collater's batch (``net_input["post_lengths"]``: (B,)).
+            ntokens (int): the answer tokens of the batch.
+
+        Returns:
+            int: the sample size.
+        """
+        if self.normalize_by == "answer":
+            return ntokens
+        return int((sample["net_input"]["post_lengths"] - 1).clamp(min=0).sum())
 
     @classmethod
     def reduce_metrics(cls, logging_outputs: List[Dict]) -> None:

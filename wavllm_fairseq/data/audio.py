@@ -3,10 +3,14 @@
 Audio cells are paths (absolute, or relative to the manifest's folder) or fairseq's
 ``file.zip:offset:length`` (byte offset and length of an uncompressed member). Anything soundfile
 (libsndfile) decodes is accepted -- wav, flac, ogg/vorbis/opus, mp3, aiff, ... -- at any sample rate and
-channel count: channels are averaged, then ``scipy.signal.resample_poly`` converts to 16 kHz.
+channel count: channels are averaged, then the rate is converted to 16 kHz (resample.py: soxr, the
+closest measured to the reference's SoX ``rate``).
+
+A row may read a segment of its file (``segment=(start, end)``: the file's own samples ``[start, end)``,
+before resampling; the reference's ``start_frame`` / ``end_frame`` columns).
 
 Problems raise :class:`~wavllm_fairseq.errors.AudioError` whose ``reason`` is one of
-``missing, empty, corrupt, unsupported, zero_length, too_long``. Rules:
+``missing, empty, corrupt, unsupported, zero_length, too_long, segment``. Rules:
 
 * ``empty``: the file (or zip slice) has 0 bytes. ``zero_length``: it decodes but holds 0 samples.
 * ``unsupported`` vs ``corrupt``: when libsndfile cannot open the data, the first bytes (or, failing
@@ -19,13 +23,15 @@ Problems raise :class:`~wavllm_fairseq.errors.AudioError` whose ``reason`` is on
   placeholder size (0 or 0xFFFFFFFF) are accepted.
 * ``too_long``: only when the caller sets ``max_seconds`` (by default nothing is too long: the
   Whisper branch runs 30 s windows, as the reference does).
+* ``segment``: the segment ends after the file's last sample.
+* Feature files (numpy ``.npy``, also inside a zip) are ``unsupported`` with a message saying why: the
+  encoders compute their own features from the waveform.
 * Silence is valid audio ("Is anyone speaking?"): a clip whose 16 kHz peak |x| is below
   :data:`SILENCE_PEAK` is returned, with a warning naming it.
 """
 import functools
 import io
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -33,10 +39,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from ..errors import AudioError
 from ..models.frontend import SAMPLE_RATE
+from .resample import num_frames_16k, resample_to_16k  # noqa: F401  (public here too: audio in, 16 kHz out)
 
 logger = logging.getLogger(__name__)
 SILENCE_PEAK = 1e-4  # a clip whose 16 kHz peak |x| is below this is silent (a warning, not an error)
@@ -48,9 +54,12 @@ _UNSUPPORTED_MAGIC = (
     (0, b"\x1a\x45\xdf\xa3", "WebM/Matroska"),
     (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "WMA/ASF"),
     (0, b"#!AMR", "AMR"),
-    (0, b"\x93NUMPY", "numpy .npy (features, not a waveform)"),
     (0, b"PK\x03\x04", "zip archive (use file.zip:offset:length for a member)"),
 )
+_NPY_MAGIC = b"\x93NUMPY"
+_FEATURES_PROBLEM = ("holds numpy .npy features, not a waveform: WavLLM reads 16 kHz audio, from which its Whisper "
+                     "and WavLM encoders compute their own features; point the audio column at the wav/flac files "
+                     "(fairseq's speech_to_text prep scripts write them with --use-audio-input)")
 _UNSUPPORTED_EXT = {".m4a", ".mp4", ".aac", ".webm", ".mkv", ".wma", ".amr", ".npy", ".zip"}
 # "data : 32000 (should be 15978)" in libsndfile's header log = the data chunk is cut short
 _SHORT_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -103,7 +112,8 @@ def _read_source(spec: AudioSpec, where):
     """Check existence/size and return what soundfile should open (a path or a BytesIO) + the first bytes."""
     if not os.path.isfile(spec.path):
         what = "is a directory" if os.path.isdir(spec.path) else "not found"
-        raise _fail(spec, f"file {what}; paths are absolute or relative to the manifest's folder", "missing", where)
+        raise _fail(spec, f"file {what}; paths are absolute or relative to the manifest's folder (or to "
+                          "task.audio_root when it is set)", "missing", where)
     size = os.path.getsize(spec.path)
     if spec.offset is None:
         if size == 0:
@@ -122,11 +132,13 @@ def _read_source(spec: AudioSpec, where):
 
 
 def _classify_open_error(spec: AudioSpec, head: bytes, err: Exception, where) -> AudioError:
+    ext = os.path.splitext(spec.path)[1].lower() if spec.offset is None else ""
+    if head[:len(_NPY_MAGIC)] == _NPY_MAGIC or ext == ".npy":
+        return _fail(spec, _FEATURES_PROBLEM, "unsupported", where)
     for off, magic, name in _UNSUPPORTED_MAGIC:
         if head[off: off + len(magic)] == magic:
             return _fail(spec, f"{name} data cannot be decoded (supported: {_supported()}); convert it to wav/flac",
                          "unsupported", where)
-    ext = os.path.splitext(spec.path)[1].lower() if spec.offset is None else ""
     if ext in _UNSUPPORTED_EXT:
         return _fail(spec, f"'{ext}' files cannot be decoded (supported: {_supported()}); convert it to wav/flac",
                      "unsupported", where)
@@ -148,46 +160,6 @@ def _check_header(spec: AudioSpec, f: sf.SoundFile, where) -> None:
         raise _fail(spec, f"invalid header (sample rate {f.samplerate}, channels {f.channels})", "corrupt", where)
     if f.frames == 0:
         raise _fail(spec, "holds 0 samples", "zero_length", where)
-
-
-def _ratio(sr: int) -> Tuple[int, int]:
-    g = math.gcd(SAMPLE_RATE, sr)
-    return SAMPLE_RATE // g, sr // g
-
-
-def num_frames_16k(n: int, sr: int) -> int:
-    """Length after ``resample_poly`` from ``sr`` to 16 kHz: ceil(n * up / down) with gcd-reduced up/down.
-
-    Args:
-        n (int): samples at ``sr``.
-        sr (int): the sample rate in Hz.
-
-    Returns:
-        int: samples at 16 kHz.
-    """
-    up, down = _ratio(sr)
-    return -(-n * up // down)
-
-
-def resample_to_16k(wav: np.ndarray, sr: int) -> np.ndarray:
-    """Mix a waveform down to mono (channel mean) and resample it to 16 kHz.
-
-    Args:
-        wav (np.ndarray): samples with shape (T,) or (T, C).
-        sr (int): its sample rate in Hz.
-
-    Returns:
-        np.ndarray: float32 with shape (T16,), T16 = ``num_frames_16k(T, sr)``.
-    """
-    wav = np.asarray(wav, dtype=np.float32)
-    if wav.ndim == 2:
-        wav = wav.mean(axis=1)  # (T, C) -> (T,)
-    if wav.ndim != 1:
-        raise ValueError(f"audio array must be (T,) or (T, channels), got shape {wav.shape}")
-    if sr != SAMPLE_RATE and len(wav):
-        up, down = _ratio(int(sr))
-        wav = resample_poly(wav, up, down)
-    return np.ascontiguousarray(wav, dtype=np.float32)
 
 
 def _too_long(spec, n16: int, max_seconds, where) -> None:
@@ -212,8 +184,20 @@ def _open(spec: str, root: str, where) -> Tuple[AudioSpec, sf.SoundFile]:
     return s, f
 
 
+def _segment_frames(spec: AudioSpec, f: sf.SoundFile, segment: Optional[Tuple[int, int]], where) -> int:
+    """The samples to read from the open ``f`` (at its own rate): all of them, or the segment's after seeking to it."""
+    if segment is None:
+        return f.frames
+    start, end = segment
+    if end > f.frames:
+        raise _fail(spec, f"the segment [start_frame, end_frame) = [{start}, {end}) ends after the file's {f.frames} "
+                          f"samples (at {f.samplerate} Hz); both count the file's own samples", "segment", where)
+    f.seek(start)
+    return end - start
+
+
 def audio_num_frames(spec: str, root: str = "", *, max_seconds: Optional[float] = None,
-                     where: Optional[Tuple[str, int]] = None) -> int:
+                     where: Optional[Tuple[str, int]] = None, segment: Optional[Tuple[int, int]] = None) -> int:
     """Number of 16 kHz samples ``load_audio`` returns, from the header only (no decoding).
 
     Damage in the middle of a compressed stream and silence are only found by ``load_audio``. MP3
@@ -224,6 +208,7 @@ def audio_num_frames(spec: str, root: str = "", *, max_seconds: Optional[float] 
         root (str): the folder relative paths start from.
         max_seconds (Optional[float]): longer audio is an error (``too_long``).
         where (Optional[Tuple[str, int]]): (manifest file, line) to put in front of error messages.
+        segment (Optional[Tuple[int, int]]): read only the file's samples ``[start, end)`` (at its own rate).
 
     Returns:
         int: 16 kHz samples.
@@ -233,15 +218,15 @@ def audio_num_frames(spec: str, root: str = "", *, max_seconds: Optional[float] 
     """
     s, f = _open(spec, root, where)
     with f:
-        n16, inexact = num_frames_16k(f.frames, f.samplerate), f.format in _INEXACT_LENGTH
+        n16, inexact = num_frames_16k(_segment_frames(s, f, segment, where), f.samplerate), f.format in _INEXACT_LENGTH
     _too_long(s, n16, max_seconds, where)
     if inexact:
-        return len(load_audio(spec, root, max_seconds=max_seconds, where=where))
+        return len(load_audio(spec, root, max_seconds=max_seconds, where=where, segment=segment))
     return n16
 
 
 def load_audio(spec: str, root: str = "", *, max_seconds: Optional[float] = None,
-               where: Optional[Tuple[str, int]] = None) -> np.ndarray:
+               where: Optional[Tuple[str, int]] = None, segment: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """Decode an audio cell to 16 kHz mono float32 (see the module docstring for every error reason).
 
     Args:
@@ -249,6 +234,7 @@ def load_audio(spec: str, root: str = "", *, max_seconds: Optional[float] = None
         root (str): the folder relative paths start from (the manifest's folder).
         max_seconds (Optional[float]): longer audio is an error (``too_long``).
         where (Optional[Tuple[str, int]]): (manifest file, line) to put in front of error messages.
+        segment (Optional[Tuple[int, int]]): read only the file's samples ``[start, end)`` (at its own rate).
 
     Returns:
         np.ndarray: the waveform with shape (T,).
@@ -258,10 +244,10 @@ def load_audio(spec: str, root: str = "", *, max_seconds: Optional[float] = None
     """
     s, f = _open(spec, root, where)
     with f:
-        sr, declared, exact = f.samplerate, f.frames, f.format not in _INEXACT_LENGTH
+        sr, declared, exact = f.samplerate, _segment_frames(s, f, segment, where), f.format not in _INEXACT_LENGTH
         _too_long(s, num_frames_16k(declared, sr), max_seconds, where)
         try:
-            wav = f.read(dtype="float32", always_2d=True)  # (T, C)
+            wav = f.read(declared if segment is not None else -1, dtype="float32", always_2d=True)  # (T, C)
         except (sf.SoundFileError, RuntimeError) as e:
             raise _fail(s, f"decoding failed after the header ({e}); the file is damaged", "corrupt", where) from None
     if len(wav) != declared and exact:

@@ -33,7 +33,6 @@ position of speech is 80 ms = 1280 samples).
 import bisect
 import dataclasses
 import logging
-import os
 import random
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,6 +43,7 @@ from fairseq.data import FairseqDataset
 
 from ..errors import AudioError, ManifestError, WavLLMInputError
 from .audio import load_audio
+from .manifest import audio_base
 from .prompt_augment import augmentable
 from .prompt_template import DEFAULT_SYSTEM_PROMPT, encode_example
 
@@ -57,7 +57,8 @@ class InstructionDataset(FairseqDataset):
 
     Args:
         rows (Iterable[ManifestRow]): the manifest's rows (``read_manifest``).
-        manifest_path (str): its file (audio paths are relative to its folder; errors name it).
+        manifest_path (str): its file (audio paths are relative to its folder unless ``audio_root`` is given;
+            errors name it).
         tokenizer (LlamaTokenizer or HFTokenizer): the LLM's tokenizer.
         corpus (str): the corpus name in logs.
         speech_frames (Callable[[int], int]): speech positions for a number of samples
@@ -68,14 +69,16 @@ class InstructionDataset(FairseqDataset):
         system_prompt (str): the chat template's system prompt.
         shuffle (bool): shuffle within length order (training) or keep the file order.
         encode (Callable[..., EncodedPrompt]): the chat template (``chat_template.prompt_encoder``).
+        audio_root (Optional[str]): the folder relative audio paths start from (``task.audio_root``; None: the
+            manifest's folder).
     """
 
     def __init__(self, rows, manifest_path: str, tokenizer, *, corpus: str, speech_frames: Callable[[int], int],
                  max_positions: Optional[int] = None, max_audio_seconds: Optional[float] = None,
                  skip_bad: bool = False, system_prompt: str = DEFAULT_SYSTEM_PROMPT, shuffle: bool = True,
-                 encode=encode_example):
+                 encode=encode_example, audio_root: Optional[str] = None):
         self.manifest_path = manifest_path
-        self.root = os.path.dirname(os.path.abspath(manifest_path))
+        self.root = audio_base(manifest_path, audio_root)
         self.tokenizer = tokenizer
         self.corpus = corpus
         self.max_audio_seconds = max_audio_seconds
@@ -171,7 +174,7 @@ class InstructionDataset(FairseqDataset):
         if row.with_speech:
             try:
                 audio = load_audio(row.audio, self.root, max_seconds=self.max_audio_seconds,
-                                   where=(self.manifest_path, row.line))
+                                   where=(self.manifest_path, row.line), segment=row.segment)
             except AudioError as e:
                 if not self.skip_bad:
                     raise

@@ -1,5 +1,5 @@
-"""Instruction manifests (TSV, schema in manifests/README.md): read and validate (converting fairseq S2T
-manifests: tools/convert_s2t.py).
+"""Instruction manifests (TSV, schema in manifests/README.md): read and validate; fairseq's wav2vec/HuBERT
+manifests, speech_to_text TSVs and the reference's files are read as instruction rows (manifest_formats.py).
 
 ``read_manifest`` turns a manifest into :class:`ManifestRow` objects (one row's cells: manifest_row.py)
 plus a :class:`ManifestReport`. A bad row (wrong number of fields, non-numeric ``n_frames``,
@@ -14,12 +14,14 @@ Console script: ``wavllm-validate-manifest`` (:func:`validate_main`).
 import argparse
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import AudioError, ManifestError, WavLLMInputError
 from .audio import SILENCE_PEAK, audio_num_frames, load_audio
+from .manifest_formats import FORMATS, decode_text, row_source  # noqa: F401  (decode_text: importable from here)
 from .manifest_row import (NO_AUDIO_CELLS, REQUIRED_COLUMNS, BadRow, ManifestRow, escape_cell,  # noqa: F401
                            parse_row, unescape_cell)  # NO_AUDIO_CELLS and the escapes: importable from here too
 from .tokenizer import LlamaTokenizer
@@ -28,6 +30,11 @@ _log = logging.getLogger(__name__)
 
 SPLIT_PREFIXES = ("train_", "valid_", "test_", "dev_")
 POOL_SUFFIXES = ("_unseen", "_seen")
+# the reference's test-set file names (microsoft/SpeechT5 WavLLM/wavllm/test_data) -> this project's tasks;
+# any <xx>2<yy> (en2de, en2ja, en2zh) is ST
+REFERENCE_TASKS = {"emo": "er", "sqa": "sqa", "sqqa": "sqqa", "gaokao": "sqa", "ii-task": "multi",
+                   "cot-task": "cot", "cot-task-story": "cot"}
+_LANGUAGE_PAIR = re.compile(r"^[a-z]{2,3}2[a-z]{2,3}$", re.IGNORECASE)
 _MAX_LOGGED_WARNINGS = 10  # placeholder n_frames on every row would flood the training log
 _HINT = ("list every bad row with `wavllm-validate-manifest {path}`, or skip bad rows with "
          "task.skip_bad_rows=true")
@@ -48,10 +55,11 @@ class ManifestReport:
     """What ``read_manifest`` found: row counts, bad rows (``problems``) and ``warnings`` (``file:line: ...``).
 
     ``rows`` counts data rows (blank lines are not rows), ``ok`` the rows returned, ``bad`` the bad rows,
-    ``skipped`` the bad rows left out (equal to ``bad`` with ``skip_bad``).
+    ``skipped`` the bad rows left out (equal to ``bad`` with ``skip_bad``); ``format`` says how the file was read.
     """
 
     path: str
+    format: str = ""
     rows: int = 0
     ok: int = 0
     bad: int = 0
@@ -74,9 +82,10 @@ class ManifestReport:
 
 
 def task_from_filename(path: str) -> str:
-    """Default task of a manifest: its file stem without a split prefix and a seen/unseen suffix.
+    """Default task of a manifest: its file stem without a split prefix and a seen/unseen suffix, the
+    reference's test-set names mapped to this project's tasks (:data:`REFERENCE_TASKS`).
 
-    ``train_asr.tsv`` -> ``asr``; ``test_st_unseen.tsv`` -> ``st``.
+    ``train_asr.tsv`` -> ``asr``; ``test_st_unseen.tsv`` -> ``st``; ``en2de.tsv`` -> ``st``; ``SQA.tsv`` -> ``sqa``.
 
     Args:
         path (str): the manifest file.
@@ -93,59 +102,28 @@ def task_from_filename(path: str) -> str:
         if stem.endswith(s) and len(stem) > len(s):
             stem = stem[: -len(s)]
             break
-    return stem
+    if stem.lower() in REFERENCE_TASKS:
+        return REFERENCE_TASKS[stem.lower()]
+    return "st" if _LANGUAGE_PAIR.match(stem) else stem
 
 
 # ------------------------------------------------------------------------------------------ reading
-def decode_text(raw: bytes) -> str:
-    """A manifest line's text.
-
-    Args:
-        raw (bytes): the line without its ``\\n``.
-
-    Returns:
-        str: the line as UTF-8, a trailing CR removed.
-
-    Raises:
-        UnicodeDecodeError: for bytes that are not UTF-8.
-    """
-    return raw.rstrip(b"\r").decode("utf-8")
-
-
-def _read_header(path: str, lines: List[bytes]) -> List[str]:
-    if not lines:
-        raise ManifestError(f"empty file; the first line must be a header with the columns "
-                            f"{' '.join(REQUIRED_COLUMNS)}", file=path, row=1, reason="header")
-    try:
-        header = decode_text(lines[0]).lstrip("\ufeff")
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"header is not UTF-8 ({e.reason} at byte {e.start})", file=path, row=1,
-                            reason="encoding") from None
-    columns = [c.strip() for c in header.split("\t")]
-    dupes = sorted({c for c in columns if columns.count(c) > 1})
-    if dupes:
-        raise ManifestError(f"header repeats column(s) {', '.join(dupes)}", file=path, row=1, reason="header")
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ManifestError(f"missing required column(s) {', '.join(missing)} (header has: {', '.join(columns)}); "
-                            f"the header needs {' '.join(REQUIRED_COLUMNS)} in any order", file=path, row=1,
-                            reason="header")
-    return columns
-
-
 def read_manifest(path: str, *, task: Optional[str] = None, check_audio: Union[bool, str] = False,
                   skip_bad: bool = False, max_audio_seconds: Optional[float] = None,
                   token_counter: Optional[Callable[[str], int]] = None, max_text_tokens: Optional[int] = None,
-                  require_target: bool = True,
+                  require_target: bool = True, fmt: str = "auto", audio_root: Optional[str] = None,
+                  prompt_pool: str = "",
                   logger: Optional[logging.Logger] = None) -> Tuple[List[ManifestRow], ManifestReport]:
-    """Read and check an instruction manifest; returns the good rows and a report.
+    """Read and check a manifest (an instruction manifest, or another format: manifest_formats.py); returns the
+    good rows and a report.
 
     ``check_audio``: False trusts the cells; True (or ``"header"``) reads every speech row's audio header
     (missing/empty/unsupported/truncated files, true length, ``max_audio_seconds``); ``"full"`` decodes
     every clip (also damaged streams and silence). A numeric but wrong ``n_frames`` is then a warning and
     the true length is used. ``token_counter`` with ``max_text_tokens`` bounds the text of a row (all
     prompts and targets). ``require_target=False`` accepts empty targets (manifests only decoded).
-    Task of a row: its ``task`` cell, else ``task``, else :func:`task_from_filename`.
+    Task of a row: its ``task`` cell, else ``task``, else :func:`task_from_filename` (wav2vec and S2T rows:
+    ``asr`` or ``st``, see manifest_formats.py).
 
     Args:
         path (str): the manifest file.
@@ -156,6 +134,9 @@ def read_manifest(path: str, *, task: Optional[str] = None, check_audio: Union[b
         token_counter (Optional[Callable[[str], int]]): tokens of a text.
         max_text_tokens (Optional[int]): the most prompt + target tokens of a row.
         require_target (bool): an empty target is a bad row.
+        fmt (str): the file's format, one of ``manifest_formats.FORMATS`` (``auto``: told by its first line).
+        audio_root (Optional[str]): the folder relative audio paths start from (None: the manifest's folder).
+        prompt_pool (str): the prompt pool of rows without a prompt column (wav2vec, S2T); "" = each task's seen pool.
         logger (Optional[logging.Logger]): where warnings go (default: this module's).
 
     Returns:
@@ -169,8 +150,10 @@ def read_manifest(path: str, *, task: Optional[str] = None, check_audio: Union[b
     log = logger or _log
     report = ManifestReport(path)
     lines = _read_lines(path)
-    columns = _read_header(path, lines)
-    root = os.path.dirname(os.path.abspath(path))
+    source = row_source(path, lines, fmt, prompt_pool, require_target)
+    report.format = source.describe
+    columns = source.columns
+    root = audio_base(path, audio_root)
     default_task = task or task_from_filename(path)
     id_col = columns.index("id")
     seen: Dict[str, int] = {}  # id -> line of its first row
@@ -180,16 +163,17 @@ def read_manifest(path: str, *, task: Optional[str] = None, check_audio: Union[b
             report.warnings.append(f"{path}:{line}: blank line ignored")
             continue
         report.rows += 1
-        cells = raw.rstrip(b"\r").decode("utf-8", errors="replace").split("\t")
-        row_id = (cells[id_col].strip() or None) if id_col < len(cells) else None
+        row_id = None
         try:
-            row = _parse_line(raw, cells, row_id, columns, line, seen, default_task, require_target)
+            cells = source.cells(report.rows - 1, raw)
+            row_id = (cells[id_col].strip() or None) if id_col < len(cells) else None
+            row = _parse_line(raw, cells, row_id, columns, line, seen, default_task, require_target, source.literal)
             if check_audio and row.with_speech:
                 _check_audio(row, root, check_audio == "full", max_audio_seconds, path, report)
             if token_counter is not None and max_text_tokens is not None:
                 _check_text_length(row, token_counter, max_text_tokens)
         except BadRow as e:
-            _bad_row(report, line, row_id, e, skip_bad, log)
+            _bad_row(report, line, row_id or e.row_id, e, skip_bad, log)
             continue
         rows.append(row)
         report.ok += 1
@@ -199,6 +183,20 @@ def read_manifest(path: str, *, task: Optional[str] = None, check_audio: Union[b
         log.warning(f"{path}: {len(report.warnings) - _MAX_LOGGED_WARNINGS} more warnings; list them with "
                     f"`wavllm-validate-manifest {path}`")
     return rows, report
+
+
+def audio_base(path: str, audio_root: Optional[str] = None) -> str:
+    """The folder a manifest's relative audio paths start from.
+
+    Args:
+        path (str): the manifest file.
+        audio_root (Optional[str]): ``task.audio_root`` (relative: to the working directory, as the reference
+            resolves it); None or "" for the manifest's own folder.
+
+    Returns:
+        str: an absolute folder.
+    """
+    return os.path.abspath(audio_root) if audio_root else os.path.dirname(os.path.abspath(path))
 
 
 def _read_lines(path: str) -> List[bytes]:
@@ -215,7 +213,7 @@ def _read_lines(path: str) -> List[bytes]:
 
 
 def _parse_line(raw: bytes, cells: List[str], row_id: Optional[str], columns: List[str], line: int,
-                seen: Dict[str, int], default_task: str, require_target: bool) -> ManifestRow:
+                seen: Dict[str, int], default_task: str, require_target: bool, literal: bool) -> ManifestRow:
     """A data line -> its row; ``seen`` (id -> line of its first row) catches duplicate ids."""
     try:
         decode_text(raw)
@@ -229,7 +227,7 @@ def _parse_line(raw: bytes, cells: List[str], row_id: Optional[str], columns: Li
         raise BadRow("duplicate_id", f"id {row_id!r} was already used on line {seen[row_id]}")
     if row_id is not None:
         seen[row_id] = line
-    return parse_row(dict(zip(columns, cells)), line, default_task, require_target)
+    return parse_row(dict(zip(columns, cells)), line, default_task, require_target, literal)
 
 
 def _check_text_length(row: ManifestRow, token_counter: Callable[[str], int], max_text_tokens: int) -> None:
@@ -255,14 +253,14 @@ def _bad_row(report: ManifestReport, line: int, row_id: Optional[str], err: BadR
 def _check_audio(row: ManifestRow, root: str, full: bool, max_seconds, path: str, report: ManifestReport) -> None:
     try:
         if full:
-            wav = load_audio(row.audio, root, max_seconds=max_seconds)
+            wav = load_audio(row.audio, root, max_seconds=max_seconds, segment=row.segment)
             true_len = len(wav)
             peak = float(abs(wav).max())
             if peak < SILENCE_PEAK:  # valid audio (it is decoded as it is), but worth a look
                 report.warnings.append(f"{path}:{row.line}: id={row.id}: warning: the audio is silent "
                                        f"(peak |x| = {peak:.1e})")
         else:
-            true_len = audio_num_frames(row.audio, root, max_seconds=max_seconds)
+            true_len = audio_num_frames(row.audio, root, max_seconds=max_seconds, segment=row.segment)
     except AudioError as e:
         raise BadRow(e.reason, str(e)) from None
     if true_len != row.n_frames:
@@ -286,7 +284,13 @@ def validate_main(argv: Optional[Sequence[str]] = None) -> int:
         description="Check instruction manifests: columns, numbers, text, duplicate ids and (unless --no-audio) "
                     "that every clip decodes. Prints one line per bad row and warning, then "
                     "'rows <n> ok <n> bad <n>'; exits 1 when a row is bad.")
-    p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="instruction TSV file(s)")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST",
+                   help="instruction TSV file(s), or fairseq wav2vec/HuBERT manifests or speech_to_text TSVs")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="how to read them (task.manifest_format; default: told by each file's first line)")
+    p.add_argument("--audio-root", default=None,
+                   help="folder relative audio paths start from (task.audio_root; default: each manifest's folder)")
+    p.add_argument("--prompt-pool", default="", help="prompt pool of rows without prompts (task.prompt_pool)")
     p.add_argument("--max-audio-seconds", type=float, default=None, help="clips longer than this are bad rows")
     p.add_argument("--tokenizer-dir", default=None, help="LLaMA tokenizer folder, to count text tokens")
     p.add_argument("--max-text-tokens", type=int, default=None, help="rows with more prompt+target tokens are bad")
@@ -309,7 +313,8 @@ def validate_main(argv: Optional[Sequence[str]] = None) -> int:
             _, report = read_manifest(path, check_audio=False if args.no_audio else "full", skip_bad=True,
                                       max_audio_seconds=args.max_audio_seconds, token_counter=counter,
                                       max_text_tokens=args.max_text_tokens,
-                                      require_target=not args.allow_empty_target, logger=quiet)
+                                      require_target=not args.allow_empty_target, fmt=args.format,
+                                      audio_root=args.audio_root, prompt_pool=args.prompt_pool, logger=quiet)
         except WavLLMInputError as e:
             print(e)
             failed = True

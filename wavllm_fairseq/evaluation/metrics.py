@@ -1,20 +1,23 @@
 """The per-row and per-set measures ``wavllm-score`` reports (``scoring`` says which task gets which):
 word errors and WER, BLEU, label and containment matching, the multi-task instruction-following check,
 ROUGE and BERTScore. Texts are compared after ``text_norm.normalise`` except by BLEU, ROUGE and BERTScore,
-which tokenise the raw texts themselves.
+which tokenise the raw texts themselves, and by the two WERs kept for comparison with numbers reported
+elsewhere (:func:`comparable_wers`): under Whisper's English normaliser and as fairseq's ``wer`` scorer counts.
 """
 import functools
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import editdistance
 import sacrebleu
+from fairseq.scoring.wer import WerScorer, WerScorerConfig
+from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 from ..data.text_norm import normalise, words
 from ..errors import WavLLMInputError
 
-LABEL_TASKS = ("sv", "er", "gender", "sqqa", "emotion", "style")
+LABEL_TASKS = ("sv", "er", "gender", "emotion", "style")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
@@ -57,6 +60,65 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """
     errs = [word_errors(r, h) for r, h in zip(refs, hyps)]
     return 100.0 * sum(e for e, _ in errs) / max(1, sum(n for _, n in errs))
+
+
+WHISPER_SPELLING_FILE = "normalizer.json"  # the spelling map's name in a Hugging Face Whisper tokenizer folder
+FAIRSEQ_WER = ("fairseq's wer scorer as fairseq-generate --scoring wer runs it by default (no tokenizer, case and "
+               "punctuation kept), on the manifest's tgt_text")
+
+
+def whisper_normaliser(spelling: str = "") -> Tuple[Callable[[str], str], str]:
+    """Whisper's English normaliser (transformers' ``EnglishTextNormalizer``, which the Open ASR Leaderboard
+    scores under) and what it was built from.
+
+    The normaliser's British -> American spelling map ships with Whisper's tokenizer (``normalizer.json`` in a
+    Hugging Face Whisper folder), not with transformers; without it those words are left as they are.
+
+    Args:
+        spelling (str): the spelling map: a ``normalizer.json`` file or a folder holding one; "" for none.
+
+    Returns:
+        Tuple[Callable[[str], str], str]: the normaliser and a description naming its spelling map or its absence.
+
+    Raises:
+        WavLLMInputError: for a spelling map that cannot be read.
+    """
+    if not spelling:
+        return EnglishTextNormalizer({}), ("Whisper's EnglishTextNormalizer (transformers) WITHOUT its spelling map "
+                                           "(British spellings kept; pass --whisper-spelling <Whisper folder with "
+                                           f"{WHISPER_SPELLING_FILE}>)")
+    path = os.path.join(spelling, WHISPER_SPELLING_FILE) if os.path.isdir(spelling) else spelling
+    try:
+        with open(path, encoding="utf-8") as f:
+            mapping = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WavLLMInputError(f"cannot read Whisper's spelling map ({e}); give the {WHISPER_SPELLING_FILE} of a "
+                               "Whisper tokenizer folder, or the folder", file=path, reason="missing") from None
+    if not isinstance(mapping, dict):
+        raise WavLLMInputError("Whisper's spelling map must be a JSON object (british -> american)", file=path,
+                               reason="bad_input")
+    return EnglishTextNormalizer(mapping), f"Whisper's EnglishTextNormalizer (transformers), spelling map {path}"
+
+
+def comparable_wers(refs: Sequence[str], hyps: Sequence[str], whisper: Callable[[str], str]) -> Dict[str, float]:
+    """WER as other reports count it: under Whisper's English normaliser, and by fairseq's ``wer`` scorer.
+
+    Args:
+        refs (Sequence[str]): reference texts.
+        hyps (Sequence[str]): hypothesis texts.
+        whisper (Callable[[str], str]): the normaliser of :func:`whisper_normaliser`.
+
+    Returns:
+        Dict[str, float]: ``wer_whisper`` (WER in % of the normalised texts, split on whitespace) and
+        ``wer_fairseq`` (``fairseq.scoring.wer.WerScorer`` with its default config, in %).
+    """
+    ref_words, hyp_words = [whisper(r).split() for r in refs], [whisper(h).split() for h in hyps]
+    errors = sum(word_distance(r, h) for r, h in zip(ref_words, hyp_words))
+    scorer = WerScorer(WerScorerConfig())
+    for r, h in zip(refs, hyps):
+        scorer.add_string(r, h)
+    return {"wer_whisper": 100.0 * errors / max(1, sum(len(r) for r in ref_words)),
+            "wer_fairseq": float(scorer.score())}
 
 
 def bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
@@ -153,8 +215,9 @@ def task_labels(task: str, rows) -> Optional[List[str]]:
 
 
 def row_right(task: str, row, hyp: str, labels: Optional[Sequence[str]]) -> bool:
-    """One row as ``task``'s accuracy counts it: the gold label named first; SQA without labels: the
-    target contained; ASR/ST: ``close_answer``; else normalised exact match.
+    """One row as ``task``'s accuracy counts it: SQQA: the gold answer (``label``: its variants joined by
+    ``|``, else the target) named; the gold label named first; SQA without labels: the target contained;
+    ASR/ST: ``close_answer``; else normalised exact match.
 
     Args:
         task (str): the row's task.
@@ -165,6 +228,9 @@ def row_right(task: str, row, hyp: str, labels: Optional[Sequence[str]]) -> bool
     Returns:
         bool: whether the answer is right.
     """
+    if task == "sqqa":  # an open answer: right when it names the gold answer (or one of its ``|`` variants)
+        golds = [a for a in (row.extra.get("label") or row.tgt_text).split("|") if a.strip()]
+        return any(find_words(normalise(hyp), normalise(a)) >= 0 for a in golds)
     if labels is not None:
         return first_label(hyp, labels) == gold_label(row)
     if task in ("asr", "st"):

@@ -11,10 +11,13 @@ Metrics, chosen by each row's task (``task`` column, else ``--task``, else the m
 
 =============  ==============================================================================
 asr            ``wer``: word error rate in %, on lower-cased text with punctuation removed
-               (apostrophes inside words kept) and whitespace collapsed (normaliser printed)
+               (apostrophes inside words kept) and whitespace collapsed (normaliser printed);
+               beside it, on all the task's rows, ``wer_whisper`` (under Whisper's English normaliser)
+               and ``wer_fairseq`` (as ``fairseq-generate --scoring wer`` counts): see below
 st             ``bleu``: sacrebleu corpus BLEU (13a tokenisation) on the raw text
 sv er gender   ``accuracy``: the gold label (``label`` column, else the target) is the first of the
-sqqa           task's labels named in the normalised hypothesis (word match)
+               task's labels named in the normalised hypothesis (word match)
+sqqa           ``accuracy``: the gold answer is named (``label``: its variants joined by ``|``, else the target)
 sqa            ``accuracy``: the ``label`` is named (first of the labels), else the normalised target is
                contained in the normalised hypothesis
 it             ``accuracy``: normalised exact match (``containment`` also printed)
@@ -26,7 +29,20 @@ multi (a+b..)  ``ifr``: instruction-following rate, every sub-task answered in o
 =============  ==============================================================================
 
 Rows carrying a ``prompt_pool`` column also get ``<metric>_<pool>`` lines (seen vs unseen prompts). The
-output ends with one ``<task> <metric> <value>`` line per metric.
+output's first line names the normalisers; it ends with one ``<task> <metric> <value>`` line per metric.
+A manifest in another format (a reference test set, a wav2vec/HuBERT manifest, a speech_to_text TSV) is read
+as the task reads it (``--format``, default told by its first line; ``--prompt-pool`` as the decode's, whose
+shipped pool names give wav2vec / S2T rows their task); the reference's file names give the
+task (``en2de`` -> st, ``emo`` -> er, ...: ``manifest.REFERENCE_TASKS``).
+
+Three WERs, for three comparisons. ``wer`` normalises as described below (this project's tables).
+``wer_whisper`` normalises both texts with Whisper's ``EnglishTextNormalizer`` (transformers), as the Open
+ASR Leaderboard does: numbers spelled out become digits, contractions and British spellings are unified
+(the spelling map ships with a Whisper tokenizer, ``normalizer.json``: ``--whisper-spelling``; the first
+line says when it is absent). ``wer_fairseq`` is fairseq's own ``wer`` scorer with its default config, the
+number ``fairseq-generate --scoring wer`` prints (and the reference implementation's scripts report), on
+the manifest's ``tgt_text`` where fairseq uses the ``T-`` line (the same text unless the tokenizer cannot
+encode some character of it).
 
 Text normalisation. WER, label and containment matching, IT exact match and the multi-task checks compare
 texts after ``text_norm.normalise`` (named on the output's first line): lower-cased; ASCII punctuation and
@@ -60,12 +76,13 @@ import logging
 import re
 import sys
 from collections import Counter, OrderedDict, defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..data.manifest import read_manifest
+from ..data.manifest import FORMATS, read_manifest
 from ..data.text_norm import NORMALISER, normalise
 from ..errors import WavLLMInputError
-from .metrics import ROUGE_TYPES, bertscore, bleu, find_words, follow_multi, rouge, row_right, task_labels, wer
+from .metrics import (FAIRSEQ_WER, ROUGE_TYPES, WHISPER_SPELLING_FILE, bertscore, bleu, comparable_wers, find_words,
+                      follow_multi, rouge, row_right, task_labels, wer, whisper_normaliser)
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +149,7 @@ def task_group(task: str) -> str:
 
 # ------------------------------------------------------------------------------------- scoring
 def score(rows, hyps: Dict[int, str], guards: Optional[Dict[int, List[str]]] = None,
-          bertscore_model: str = "") -> "OrderedDict[str, float]":
+          bertscore_model: str = "", whisper: Optional[Callable[[str], str]] = None) -> "OrderedDict[str, float]":
     """Every metric of every task of the rows, on all rows and per prompt pool.
 
     Args:
@@ -140,6 +157,8 @@ def score(rows, hyps: Dict[int, str], guards: Optional[Dict[int, List[str]]] = N
         hyps (Dict[int, str]): hypotheses by row position.
         guards (Optional[Dict[int, List[str]]]): guard reasons by row position, counted per task.
         bertscore_model (str): a local model directory for CoT BERTScore, or "" (none).
+        whisper (Optional[Callable[[str], str]]): Whisper's English normaliser for ASR's ``wer_whisper``
+            (default: ``metrics.whisper_normaliser()``'s, without a spelling map).
 
     Returns:
         OrderedDict[str, float]: ``{"<task> <metric>[_<pool>]": value}``, with ``<task> n`` and, where there
@@ -157,6 +176,11 @@ def score(rows, hyps: Dict[int, str], guards: Optional[Dict[int, List[str]]] = N
             for metric, value in _task_metrics(task, [rows[i] for i in sel], [hyps.get(i, "") for i in sel],
                                                bertscore_model).items():
                 out[f"{task} {metric}{suffix}"] = value
+        if task == "asr":
+            norm = whisper or whisper_normaliser()[0]
+            for metric, value in comparable_wers([rows[i].tgt_text for i in idx], [hyps.get(i, "") for i in idx],
+                                                 norm).items():
+                out[f"{task} {metric}"] = round(value, 2)
         out[f"{task} n"] = len(idx)
         missing = sum(1 for i in idx if i not in hyps)
         if missing:
@@ -184,7 +208,7 @@ def _task_metrics(task: str, rows, hyps: List[str], bertscore_model: str) -> Dic
             m["bertscore"] = round(bertscore(refs, hyps, bertscore_model), 2)
         return m
     labels = task_labels(task, rows)
-    if labels is not None or task == "sqa":
+    if labels is not None or task in ("sqa", "sqqa"):
         return {"accuracy": round(sum(row_right(task, r, h, labels) for r, h in zip(rows, hyps)) / len(rows), 4)}
     if task == "it":
         exact = sum(row_right(task, r, h, None) for r, h in zip(rows, hyps)) / len(rows)
@@ -196,20 +220,26 @@ def _task_metrics(task: str, rows, hyps: List[str], bertscore_model: str) -> Dic
 
 
 def score_files(manifest: str, hypotheses: str, task: Optional[str] = None, skip_bad_rows: bool = False,
-                bertscore_model: str = "") -> "OrderedDict[str, float]":
+                bertscore_model: str = "", fmt: str = "auto", whisper: Optional[Callable[[str], str]] = None,
+                prompt_pool: str = "") -> "OrderedDict[str, float]":
     """``score`` of a hypotheses file against a manifest.
 
     Args:
-        manifest (str): the instruction manifest that was decoded.
+        manifest (str): the manifest that was decoded.
         hypotheses (str): its ``fairseq-generate`` output or ``<row id>\\t<text>`` lines.
         task (Optional[str]): the task of every row (default: the ``task`` column, else the file name).
         skip_bad_rows (bool): skip bad rows as the decode did (``task.skip_bad_rows``).
         bertscore_model (str): a local model directory for CoT BERTScore, or "".
+        fmt (str): the manifest's format (``task.manifest_format``; ``auto``: told by its first line).
+        whisper (Optional[Callable[[str], str]]): Whisper's English normaliser (see ``score``).
+        prompt_pool (str): the decode's ``task.prompt_pool`` for a wav2vec / S2T manifest (a shipped pool's name
+            gives its rows' task).
 
     Returns:
         OrderedDict[str, float]: as ``score`` returns it.
     """
-    rows, report = read_manifest(manifest, task=task, skip_bad=skip_bad_rows, require_target=True)
+    rows, report = read_manifest(manifest, task=task, skip_bad=skip_bad_rows, require_target=True, fmt=fmt,
+                                 prompt_pool=prompt_pool)
     if task:
         for r in rows:
             r.task = task
@@ -219,7 +249,7 @@ def score_files(manifest: str, hypotheses: str, task: Optional[str] = None, skip
     if not hyps:
         raise WavLLMInputError("no hypotheses found (no D-/H- lines and no '<id>\\t<text>' lines)", file=hypotheses,
                                reason="empty")
-    return score(rows, hyps, guards, bertscore_model)
+    return score(rows, hyps, guards, bertscore_model, whisper)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -232,14 +262,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--skip-bad-rows", action="store_true", help="the decode ran with task.skip_bad_rows")
     p.add_argument("--bertscore-model", default="", help="local model directory for BERTScore (CoT)")
     p.add_argument("--json", default="", help="also write the scores to this JSON file")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="how the manifest is read (task.manifest_format; default: told by its first line)")
+    p.add_argument("--whisper-spelling", default="",
+                   help=f"Whisper's spelling map for wer_whisper: its {WHISPER_SPELLING_FILE} or a Whisper tokenizer "
+                        "folder holding one (default: none, which the first output line says)")
+    p.add_argument("--prompt-pool", default="",
+                   help="the decode's task.prompt_pool, for wav2vec/speech_to_text manifests (st.seen: ST rows)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        scores = score_files(args.manifest, args.hypotheses, args.task, args.skip_bad_rows, args.bertscore_model)
+        whisper, whisper_doc = whisper_normaliser(args.whisper_spelling)
+        scores = score_files(args.manifest, args.hypotheses, args.task, args.skip_bad_rows, args.bertscore_model,
+                             args.format, whisper, args.prompt_pool)
     except WavLLMInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"# {args.manifest}: normaliser for WER and matching: {NORMALISER}")
+    comparable = (f"; wer_whisper: {whisper_doc}; wer_fairseq: {FAIRSEQ_WER}"
+                  if any(k.startswith("asr wer_whisper") for k in scores) else "")
+    print(f"# {args.manifest}: normaliser for WER and matching: {NORMALISER}{comparable}")
     for key, value in scores.items():
         print(f"{key} {value}")
     if args.json:

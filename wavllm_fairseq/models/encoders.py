@@ -3,8 +3,8 @@
 Both are Hugging Face ``transformers`` modules, built from a config (random weights: tests, parameter
 counting on the meta device) or loaded from a *local* Hugging Face folder (hf_folder.py): a Whisper
 encoder taken from a full ``WhisperForConditionalGeneration`` or ``WhisperModel`` folder, WavLM with
-its legacy weight-norm names. Both take the 16 kHz waveform; Whisper's log-mel front end is
-frontend.py. The LLM is llm.py.
+its legacy weight-norm names. Both take the 16 kHz waveform; their front ends (Whisper's log-mel,
+WavLM's optional normalisation) are frontend.py. The LLM is llm.py.
 """
 import hashlib
 import inspect
@@ -17,7 +17,7 @@ from transformers import WavLMConfig, WavLMModel, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from . import frontend
-from .frontend import WHISPER_HOP, WHISPER_N_FFT, whisper_log_mel
+from .frontend import WHISPER_HOP, WHISPER_N_FFT, wavlm_normalizes_input, whisper_log_mel, zero_mean_unit_var
 from .hf_folder import from_pretrained_checked
 
 
@@ -68,7 +68,8 @@ class WhisperSemanticEncoder(nn.Module):
     Whisper only accepts a fixed window of ``2 * max_source_positions`` mel frames (30 s for the
     real model). Shorter audio is zero-padded to the window (as Whisper was trained) and the output is
     trimmed to the valid frames; longer audio is cut into consecutive windows whose outputs are
-    concatenated, so nothing is silently truncated.
+    concatenated, so nothing is silently truncated. What the semantic adapter reads of a longer clip is its
+    windows whole (:meth:`frames_read`, ``forward(..., whole_windows=True)``).
 
     Args:
         encoder (nn.Module): a ``transformers`` ``WhisperEncoder``.
@@ -100,12 +101,33 @@ class WhisperSemanticEncoder(nn.Module):
         """
         return whisper_frames(wav_lengths, self.hop_length)
 
-    def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def frames_read(self, wav_lengths: torch.Tensor) -> torch.Tensor:
+        """Frames of each clip that the semantic adapter reads (and an encoder cache stores): the valid frames
+        of a clip within one window; the windows of a longer clip whole (``W = max_source_positions`` frames
+        each). The reference cuts the Whisper output of a clip's stacked windows to the longest valid length
+        among them, a full window's once there are two, so its subsampler reads the last window's frames past
+        the valid ones: Whisper's outputs of the window's mel padding.
+
+        Args:
+            wav_lengths (torch.Tensor): waveform lengths, shape (B,).
+
+        Returns:
+            torch.Tensor: frames, shape (B,); ``output_lengths`` for clips within one window.
+        """
+        valid = self.output_lengths(wav_lengths)
+        W = self.window // 2  # encoder frames per window
+        windows = -(-valid // W)
+        return torch.where(windows > 1, windows * W, valid)
+
+    def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor,
+                whole_windows: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Encode a right-padded batch window by window.
 
         Args:
             wav (torch.Tensor): 16 kHz waveforms with shape (B, T).
             wav_lengths (torch.Tensor): valid samples, shape (B,).
+            whole_windows (bool): return the frames :meth:`frames_read` counts (a clip over one window keeps
+                its last window whole) instead of the valid frames only.
 
         Returns:
             Tuple[torch.Tensor, torch.Tensor]: hidden states with shape (B, Tw, Dw) at 20 ms (at least one
@@ -125,7 +147,8 @@ class WhisperSemanticEncoder(nn.Module):
         out = self.encoder(chunks.to(dtype)).last_hidden_state  # (B*n, W/2, D)
         out = out.reshape(B, n_chunks * out.shape[1], out.shape[2])  # (B, n*W/2, D)
         lengths = torch.div(mel_lengths + 1, 2, rounding_mode="floor")
-        return out[:, : max(1, int(lengths.max()))], lengths  # >= 1 frame so the adapter convs have input
+        keep = self.frames_read(wav_lengths) if whole_windows else lengths
+        return out[:, : max(1, int(keep.max()))], lengths  # >= 1 frame so the adapter convs have input
 
 
 def load_whisper_encoder(path: str, dtype: Optional[torch.dtype] = None) -> WhisperEncoder:
@@ -149,17 +172,22 @@ def load_whisper_encoder(path: str, dtype: Optional[torch.dtype] = None) -> Whis
 # WavLM (acoustic branch)
 # --------------------------------------------------------------------------------------------
 class WavLMAcousticEncoder(nn.Module):
-    """Frozen WavLM on the raw waveform; returns ALL hidden states (embedding output + every layer).
+    """Frozen WavLM on the waveform; returns ALL hidden states (embedding output + every layer).
 
     The learnable softmax weights over the hidden states live in the acoustic adapter (they are trained).
+    With ``normalize`` each clip is first scaled to zero mean and unit variance over its own samples, as
+    the folder's feature extractor does when its ``preprocessor_config.json`` says ``do_normalize``
+    (``frontend.wavlm_normalizes_input``); otherwise WavLM reads the raw waveform.
 
     Args:
         wavlm (nn.Module): a ``transformers`` ``WavLMModel``.
+        normalize (bool): zero-mean unit-variance normalise each clip's waveform first.
     """
 
-    def __init__(self, wavlm: nn.Module):
+    def __init__(self, wavlm: nn.Module, normalize: bool = False):
         super().__init__()
         self.wavlm = wavlm
+        self.normalize = bool(normalize)
 
     @property
     def dim(self) -> int:
@@ -200,6 +228,8 @@ class WavLMAcousticEncoder(nn.Module):
         """
         dtype = next(self.wavlm.parameters()).dtype
         lengths = self.output_lengths(wav_lengths)
+        if self.normalize:
+            wav = zero_mean_unit_var(wav, wav_lengths)
         # clips shorter than the first conv's receptive field (400 samples) get no frames
         run_len = wav_lengths.clamp(min=400, max=wav.shape[1])
         if bool((run_len == run_len[0]).all()):
@@ -277,7 +307,7 @@ def build_wavlm(cfg, dtype: Optional[torch.dtype] = None) -> Optional[WavLMAcous
     if not cfg.use_wavlm:
         return None
     if cfg.wavlm_path:
-        return WavLMAcousticEncoder(load_wavlm(cfg.wavlm_path, dtype))
+        return WavLMAcousticEncoder(load_wavlm(cfg.wavlm_path, dtype), wavlm_normalizes_input(cfg.wavlm_path))
     return WavLMAcousticEncoder(WavLMModel(WavLMConfig(
         hidden_size=cfg.wavlm_hidden, num_hidden_layers=cfg.wavlm_layers, num_attention_heads=cfg.wavlm_heads,
         intermediate_size=cfg.wavlm_ffn_dim, conv_dim=(cfg.wavlm_conv_dim,) * 7,

@@ -45,9 +45,10 @@ class SpeechBranch:
     ``encoder_cache`` (None, or an object with ``key(samples)``, ``get(key)``, ``put(key, arrays)`` and
     ``dtype``: data/encoder_cache.py's ``EncoderCache``) serves the frozen encoders' outputs per clip:
     a clip found there skips both encoders; a clip that is not is encoded with the others that are not
-    and stored. The stored arrays are what the adapters read of the live outputs (the valid frames:
-    past them the adapters see zeros either way), so a float32 cache gives the live numbers (up to the
-    float rounding of encoding a clip in another batch).
+    and stored. The stored arrays are what the adapters read of the live outputs (the valid frames, past
+    which the adapters see zeros either way; of Whisper, a clip over one window keeps its windows whole:
+    ``WhisperSemanticEncoder.frames_read``), so a float32 cache gives the live numbers (up to the float
+    rounding of encoding a clip in another batch).
     """
 
     def speech_frames(self, audio_lengths: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ class SpeechBranch:
         20 ms, with their valid lengths (B,)."""
         if audio.shape[1] < MIN_ENCODER_SAMPLES:  # WavLM's first conv needs 400 samples; lengths stay true
             audio = nn.functional.pad(audio, (0, MIN_ENCODER_SAMPLES - audio.shape[1]))
-        sem, sem_len = self.whisper(audio, audio_lengths)  # (B, Tw, Dw) at 20 ms
+        sem, sem_len = self.whisper(audio, audio_lengths, whole_windows=True)  # (B, Tw, Dw) at 20 ms
         ac = ac_len = None
         if self.wavlm is not None:
             ac, ac_len = self.wavlm(audio, audio_lengths)  # (L+1, B, Tl, Dl) at 20 ms
@@ -121,10 +122,11 @@ class SpeechBranch:
             index = torch.tensor(missing, device=audio.device)
             sub_len = audio_lengths.index_select(0, index)
             sub = audio.index_select(0, index)[:, : int(sub_len.max())]
-            sem, sem_len, ac, ac_len = self._run_encoders(sub, sub_len)
+            sem, _, ac, ac_len = self._run_encoders(sub, sub_len)
+            sem_read = self.whisper.frames_read(sub_len)
             stored = {}  # a clip twice in one batch (sampling with replacement) is stored once
             for j, b in enumerate(missing):
-                arrays = {"whisper": sem[j, : int(sem_len[j])].float().cpu().numpy()}
+                arrays = {"whisper": sem[j, : int(sem_read[j])].float().cpu().numpy()}
                 if ac is not None:
                     arrays["wavlm"] = ac[:, j, : int(ac_len[j])].float().cpu().numpy()
                 if keys[b] not in stored:
@@ -134,8 +136,9 @@ class SpeechBranch:
                 found[b] = stored[keys[b]]
         sem_len = self.whisper.output_lengths(audio_lengths)
         dtype = next(self.whisper.parameters()).dtype
-        sem = _stack_frames([f["whisper"] if f is not None else None for f in found], sem_len, self.whisper.dim,
-                            dtype, audio.device, time_dim=0)  # (B, Tw, Dw)
+        sem = _stack_frames([f["whisper"] if f is not None else None for f in found],
+                            self.whisper.frames_read(audio_lengths), self.whisper.dim, dtype, audio.device,
+                            time_dim=0)  # (B, Tw, Dw)
         ac = ac_len = None
         if self.wavlm is not None:
             ac_len = self.wavlm.output_lengths(audio_lengths)
@@ -146,9 +149,12 @@ class SpeechBranch:
 
     def _semantic_per_window(self, sem: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The semantic adapter over each Whisper window (30 s, ``W`` frames) alone, as the reference
-        encodes a long clip window by window: the adapter's convolutions see zeros at a window's edge,
-        not the next window's frames. (B, T, Dw) -> (B, N, A); a clip within one window is one window.
-        Lengths are those of the whole clip (``W`` is a multiple of the adapter's stride 4)."""
+        encodes a long clip window by window: the adapter's convolutions see zeros at a window's edges,
+        not the neighbouring windows' frames. A clip within one window is one window, read up to its valid
+        frames; a longer clip's windows are read whole, the last one's frames past the valid ones included
+        (``WhisperSemanticEncoder.frames_read``: what the reference's subsampler reads), so ``sem`` must hold
+        them. (B, T, Dw) -> (B, N, A). Lengths are those of the whole clip (``W`` is a multiple of the
+        adapter's stride 4)."""
         W = self.whisper.encoder.config.max_source_positions  # Whisper frames per window
         if sem.shape[1] <= W:
             return self.semantic_adapter(sem, lengths)
@@ -156,7 +162,9 @@ class SpeechBranch:
         n = -(-T // W)
         sem = nn.functional.pad(sem, (0, 0, 0, n * W - T)).reshape(B * n, W, D)
         starts = torch.arange(n, device=lengths.device) * W
-        win_len = (lengths[:, None] - starts[None, :]).clamp(0, W).reshape(-1)  # (B*n,)
+        valid = (lengths[:, None] - starts[None, :]).clamp(0, W)  # (B, n) valid frames of each window
+        windows = (valid > 0).sum(1, keepdim=True)  # (B, 1) windows of each clip
+        win_len = torch.where((windows > 1) & (valid > 0), torch.full_like(valid, W), valid).reshape(-1)  # (B*n,)
         out, _ = self.semantic_adapter(sem, win_len)  # (B*n, W', A)
         out = out.reshape(B, n * out.shape[1], out.shape[2])
         total = self.semantic_adapter.output_lengths(lengths)

@@ -4,122 +4,37 @@ Splits: every split name is a manifest ``<data>/<split>.tsv`` (``valid_asr``, ``
 except the training split (``dataset.train_subset``, default ``train``), which is the curriculum: several
 manifests mixed by weights / temperature with phases that switch the mix at given update numbers
 (``task.curriculum`` YAML, or ``task.train_manifests`` + ``task.train_weights``). See curriculum.py.
+A manifest may also be a fairseq wav2vec/HuBERT manifest or speech_to_text TSV, or be read as the reference
+reads its files (``task.manifest_format``, data/manifest_formats.py); ``task.audio_root`` moves where relative
+audio paths start. The options and their help: tasks/config.py.
 
 Batching is by duration: ``dataset.max_tokens`` counts 16 kHz audio samples (480000 = 30 s, the
-paper's per-GPU batch); text-only rows cost 1280 samples per token.
+paper's per-GPU batch); text-only rows cost 1280 samples per token. fairseq-generate's own limit when given
+neither ``--batch-size`` nor ``--max-tokens`` (12000) becomes 30 s (:func:`batch_max_tokens`).
 """
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
+import numpy as np
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II
 
 from ..data.chat_template import prompt_encoder
 from ..data.curriculum import (CurriculumBatchSampler, CurriculumConfig, CurriculumEpochBatchIterator,
                               curriculum_from_subsets, load_curriculum)
-from ..data.dataset import InstructionDataset, MultiCorpusDataset
-from ..data.encoder_cache import STORE_DTYPES, attach_encoder_cache
+from ..data.dataset import TEXT_TOKEN_COST, InstructionDataset, MultiCorpusDataset
+from ..data.encoder_cache import attach_encoder_cache
 from ..data.manifest import read_manifest
 from ..data.prompt_augment import PromptAugmenter, prompt_pools
-from ..data.prompt_template import DEFAULT_SYSTEM_PROMPT
 from ..data.tokenizer import LlamaDictionary, LlamaTokenizer, SentencePieceDecoder, config_vocab_size
-from ..decoding.options import DECODE_PATHS, DecodingOptions, parse_task_lengths
+from ..decoding.options import DecodingOptions, parse_task_lengths  # noqa: F401  (parse_task_lengths: importable here)
 from ..errors import WavLLMInputError
 from ..models.speech import expected_speech_frames
 from . import fairseq_fixes
+from .config import WavLLMInstructionConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class WavLLMInstructionConfig(FairseqDataclass):
-    """The ``task.*`` options of ``wavllm_instruction``: data, curriculum, template and decoding."""
-
-    data: str = field(
-        default="",
-        metadata={"help": "folder of instruction manifests (<split>.tsv); audio paths in them are relative to it"})
-    tokenizer_dir: str = field(
-        default="",
-        metadata={"help": "folder holding the LLaMA tokenizer.model; empty = model.llama_path"})
-    train_manifests: str = field(
-        default="",
-        metadata={"help": "comma-separated training manifests (names under data/, without .tsv) when no curriculum YAML"
-                          " is given"})
-    train_weights: str = field(
-        default="",
-        metadata={"help": "comma-separated sampling weights for train_manifests (empty = temperature sampling)"})
-    sampling_temperature: float = field(
-        default=1.0,
-        metadata={"help": "temperature over corpus sizes when no weights are given (1 = proportional, "
-                          "large = uniform)"})
-    curriculum: str = field(
-        default="",
-        metadata={"help": "YAML with corpora and phases (weights or temperature from a start_update); relative paths "
-                          "resolve against data/"})
-    updates_per_epoch: int = field(
-        default=1000,
-        metadata={"help": "length of a virtual training epoch (the curriculum draws batches forever)"})
-    max_audio_seconds: float = field(
-        default=0.0,
-        metadata={"help": "longest clip accepted in seconds (longer: error, or skip with skip_bad_rows); 0 = no limit "
-                          "(default): clips over Whisper's 30 s run window by window, as the reference does, and only a"
-                          " row whose prompt + speech + answer exceed the LLM context is refused"})
-    max_text_positions: int = field(
-        default=0,
-        metadata={"help": "context limit for prompt + speech + answer (0 = the LLM's max_position_embeddings)"})
-    skip_bad_rows: bool = field(
-        default=False,
-        metadata={"help": "skip (and count in the log) bad rows and unreadable audio instead of stopping "
-                          "with an error"})
-    check_audio_on_load: bool = field(
-        default=True,
-        metadata={"help": "read every audio header when a manifest loads (true lengths, missing files found before "
-                          "training)"})
-    system_prompt: str = field(
-        default=DEFAULT_SYSTEM_PROMPT,
-        metadata={"help": "the system prompt of the chat template"})
-    chat_template: ChoiceEnum(["reference", "tokenizer"]) = field(
-        default="reference",
-        metadata={"help": "reference: the reference implementation's LLaMA-2 template (token-exact with the released "
-                          "model); tokenizer: the LLM tokenizer's own chat template (tokenizer_config.json), the speech"
-                          " span inside the first user turn, for another chat-tuned LLM (chat_template.py)"})
-    prompt_augment: bool = field(
-        default=False,
-        metadata={"help": "instruction augmentation on the training split: single-task speech prompts get words dropped"
-                          " (one word only that task's prompts use always stays) and words shared by 3+ tasks inserted,"
-                          " so the model keys on task words (prompt_augment.py; not in the paper; toy runs in"
-                          " examples/wavllm/toy/RESULTS.md)"})
-    max_len_per_task: str = field(
-        default="",
-        metadata={"help": "decoding length caps per task, e.g. 'sv:20,er:20,asr:120' (tokens)"})
-    loop_guard_ngram: int = field(
-        default=4,
-        metadata={"help": "decoding: stop a hypothesis whose tail repeats an n-gram (n <= this) 3 times; 0 = off"})
-    repetition_penalty: float = field(
-        default=1.0,
-        metadata={"help": "decoding: CTRL-style repetition penalty (1 = off)"})
-    decode_path: ChoiceEnum(list(DECODE_PATHS)) = field(
-        default="auto",
-        metadata={"help": "decoding: auto = static cache + CUDA graphs on a GPU, dynamic cache on a CPU (the faster "
-                          "on each); static / dynamic force one (both give the same tokens in float32)"})
-    compile_decode_step: bool = field(
-        default=False,
-        metadata={"help": "decoding: torch.compile the static path's layer step (captured as a CUDA graph on a "
-                          "GPU; fused kernels; compiling takes seconds per process and slot-count shape)"})
-    encoder_cache: str = field(
-        default="",
-        metadata={"help": "folder of cached frozen-encoder outputs per clip (filled on first use, or ahead of time by "
-                          "wavllm-cache-encoders); training, validation and decoding read it; empty = encode live"})
-    encoder_cache_dtype: ChoiceEnum(list(STORE_DTYPES)) = field(
-        default="float16",
-        metadata={"help": "what the encoder cache stores: float16 (half the bytes, outputs rounded once) or float32 "
-                          "(the live numbers exactly)"})
-    seed: int = II("common.seed")
-    update_freq: List[int] = II("optimization.update_freq")
 
 
 class _PendingDictionary:
@@ -283,17 +198,20 @@ class WavLLMInstructionTask(FairseqTask):
                                    reason="missing")
         max_seconds = (self.cfg.max_audio_seconds if self.cfg.max_audio_seconds and self.cfg.max_audio_seconds > 0
                        else None)
+        audio_root = self.cfg.audio_root or None
         rows, report = read_manifest(path, check_audio=self.cfg.check_audio_on_load, skip_bad=self.cfg.skip_bad_rows,
-                                     max_audio_seconds=max_seconds, logger=logger)
+                                     max_audio_seconds=max_seconds, fmt=str(self.cfg.manifest_format),
+                                     audio_root=audio_root, prompt_pool=self.cfg.prompt_pool, logger=logger)
         context = self.cfg.max_text_positions or self._context_length
         use_wavlm = self._use_wavlm
         ds = InstructionDataset(rows, path, self._require_tokenizer(), corpus=corpus or os.path.basename(path)[:-4],
                                 max_positions=context, max_audio_seconds=max_seconds,
                                 skip_bad=self.cfg.skip_bad_rows, system_prompt=self.cfg.system_prompt, shuffle=shuffle,
                                 speech_frames=lambda n: expected_speech_frames(n, use_wavlm),
-                                encode=prompt_encoder(self.cfg.chat_template))
+                                encode=prompt_encoder(self.cfg.chat_template), audio_root=audio_root)
         skipped = report.skipped + sum(ds.skipped.values())
-        logger.info(f"{path}: {len(ds)} rows" + (f", {skipped} bad rows skipped" if skipped else ""))
+        read_as = "" if report.format == "instruction manifest" else f" (read as a {report.format})"
+        logger.info(f"{path}: {len(ds)} rows" + (f", {skipped} bad rows skipped" if skipped else "") + read_as)
         return ds
 
     def train_curriculum(self) -> CurriculumConfig:
@@ -343,7 +261,8 @@ class WavLLMInstructionTask(FairseqTask):
             required_batch_size_multiple = 1
         if not isinstance(dataset, MultiCorpusDataset):
             return super().get_batch_iterator(
-                dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=None,
+                dataset, max_tokens=batch_max_tokens(dataset, max_tokens, max_sentences), max_sentences=max_sentences,
+                max_positions=None,
                 ignore_invalid_inputs=ignore_invalid_inputs, required_batch_size_multiple=1, seed=seed,
                 num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
                 data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
@@ -383,3 +302,41 @@ class WavLLMInstructionTask(FairseqTask):
         if args is not None and getattr(args, "_name", None):
             return super().build_tokenizer(args)
         return None
+
+
+FAIRSEQ_GENERATE_MAX_TOKENS = 12000  # what fairseq-generate sets when given neither --batch-size nor --max-tokens
+DEFAULT_MAX_TOKENS = 480000  # 30 s of 16 kHz audio per batch, the paper's
+
+
+def batch_max_tokens(dataset: InstructionDataset, max_tokens: Optional[int],
+                     max_sentences: Optional[int]) -> Optional[int]:
+    """The ``max_tokens`` to batch a manifest by: ``max_tokens`` when its costliest row fits; for fairseq-generate's
+    own 12000 (neither ``--batch-size`` nor ``--max-tokens`` given: 0.75 s of audio) :data:`DEFAULT_MAX_TOKENS`, or
+    the costliest row's cost, with a warning; any other limit a row exceeds is an error saying what to pass.
+
+    Args:
+        dataset (InstructionDataset): the manifest (``sizes``: each row's cost in 16 kHz samples).
+        max_tokens (Optional[int]): ``dataset.max_tokens``.
+        max_sentences (Optional[int]): ``dataset.batch_size``.
+
+    Returns:
+        Optional[int]: the limit to batch by.
+
+    Raises:
+        WavLLMInputError: naming the costliest row, when a limit the user set is below its cost.
+    """
+    if max_tokens is None or not len(dataset) or int(dataset.sizes.max()) <= max_tokens:
+        return max_tokens
+    i = int(np.argmax(dataset.sizes))
+    cost, row = int(dataset.sizes[i]), dataset.rows[i]
+    if max_sentences is None and max_tokens == FAIRSEQ_GENERATE_MAX_TOKENS:
+        chosen = max(DEFAULT_MAX_TOKENS, cost)
+        logger.warning(f"{dataset.manifest_path}: max_tokens={max_tokens} (fairseq-generate's value when neither "
+                       f"--batch-size nor --max-tokens is given) is below row {row.id}'s {cost} samples: batching by "
+                       f"{chosen} samples of 16 kHz audio instead; pass --max-tokens or --batch-size to choose")
+        return chosen
+    raise WavLLMInputError(f"id={row.id}: the row costs {cost} samples (16 kHz audio, or {TEXT_TOKEN_COST} per token "
+                           f"of a text-only row) but dataset.max_tokens is {max_tokens}, so no batch can hold it: "
+                           f"pass --max-tokens {cost} or more (dataset.max_tokens; {DEFAULT_MAX_TOKENS} = 30 s) or "
+                           "--batch-size N (dataset.batch_size) without --max-tokens", file=dataset.manifest_path,
+                           row=row.line, reason="too_long")

@@ -25,8 +25,12 @@ Layout changes:
   ``wk`` with their output rows permuted per head. The LoRA output of q and k gets the same permutation
   (its rows in ``lora_B``); v and o are not rotated and keep their order.
 * LoRA scale: stage 1 uses ``alpha / R`` (read from the source checkpoint's task config, ``lora_alpha``
-  and ``lora_r``, or given with ``--lora-alpha``); stage 2 uses the prompt adapter's ``r`` with no
-  ``alpha / R`` on top, as both implementations do.
+  and ``lora_r``, or given with ``--lora-alpha``; a recorded ``lora_r`` other than the tensors' rank is an
+  error); stage 2 uses the prompt adapter's ``r`` with no ``alpha / R`` on top, as both implementations do
+  (there the recorded ``lora_r`` is not checked).
+* WavLM's weight-normed positional convolution: ``weight_g`` / ``weight_v`` (the names torch 2.0.1, which
+  the reference pins, saves) become ``parametrizations.weight.original0`` / ``original1``, the names of
+  today's module (a release saved by a later torch already has them).
 * Stage-2 scale: the prompt adapter's ``r`` multiplies LoRA outputs feature by feature, and the
   release learnt it against Meta-ordered q/k outputs; the converted config sets
   ``lora_scale_layout=meta`` so q and k read ``r`` through the same row permutation.
@@ -142,6 +146,21 @@ def _recorded_lora(state: dict) -> Dict[str, Optional[float]]:
             if v is not None and found[k] is None:
                 found[k] = float(v)
     return found
+
+
+def _check_recorded_rank(recorded_r: Optional[float], cfg, src_path: str) -> None:
+    """Stage 1 scales LoRA by ``alpha / R``: a task config whose ``lora_r`` is not the tensors' rank means the
+    recorded alpha belongs to another rank, an error. Stage 2 scales it by the prompt adapter's ``r`` alone (no
+    ``alpha / R``, in both implementations), so there a differing ``lora_r`` changes nothing and is only logged."""
+    if recorded_r is None or int(recorded_r) == cfg.lora_rank:
+        return
+    if cfg.prompt_adapter:
+        logger.info(f"{src_path}: task config says lora_r={int(recorded_r)}, the LoRA tensors have rank "
+                    f"{cfg.lora_rank}; stage 2 scales LoRA by the prompt adapter's r, not alpha / r: ignored")
+        return
+    raise CheckpointError(f"task config says lora_r={int(recorded_r)} but the LoRA tensors have rank "
+                          f"{cfg.lora_rank} (stage 1 scales LoRA by lora_alpha / lora_r)", file=src_path,
+                          reason="mismatch")
 
 
 def _hf_config(group: str, path: str):
@@ -266,9 +285,7 @@ def convert_checkpoint(src_path: str, dst_path: str, *, arch: str = "wavllm_7b",
         raise CheckpointError("the checkpoint does not record lora_alpha (task config); pass --lora-alpha",
                               file=src_path, reason="mismatch")
     cfg = target_config(arch, converted, {g: p for g, p in paths.items() if p}, alpha, backbone_dtype)
-    if recorded["lora_r"] is not None and int(recorded["lora_r"]) != cfg.lora_rank:
-        raise CheckpointError(f"task config says lora_r={int(recorded['lora_r'])} but the LoRA tensors have rank "
-                              f"{cfg.lora_rank}", file=src_path, reason="mismatch")
+    _check_recorded_rank(recorded["lora_r"], cfg, src_path)
     try:
         _strict_check(cfg, arch, converted)
     except CheckpointError as e:

@@ -1,40 +1,19 @@
 """``wavllm-convert-s2t-manifest``: a fairseq speech_to_text manifest (id, audio, n_frames, tgt_text, ...)
 -> an instruction manifest of one task, each row given a prompt drawn from a prompt pool (a file of one
-prompt per line, e.g. wavllm_fairseq/data/prompts/asr.seen.txt, or a list), deterministically per utterance id.
+prompt per line, a shipped pool's name such as ``asr.seen``, or a list; data/prompt_pools.py), deterministically
+per utterance id. The task reads such manifests directly too (``task.manifest_format``); this converter writes
+them out once, to edit or to check.
 """
 import argparse
-import hashlib
 import os
 import re
 import sys
 from typing import Dict, List, Optional, Sequence, Union
 
 from ..data.audio import audio_num_frames, parse_audio_spec
-from ..data.manifest import NO_AUDIO_CELLS, decode_text, escape_cell, unescape_cell
+from ..data.manifest import NO_AUDIO_CELLS, decode_text, escape_cell
+from ..data.prompt_pools import pick, read_pool
 from ..errors import AudioError, ManifestError, WavLLMInputError
-
-
-def _prompt_pool(prompts: Union[str, Sequence[str]]) -> List[str]:
-    if isinstance(prompts, str):
-        try:
-            with open(prompts, encoding="utf-8") as f:
-                pool = [unescape_cell(line.rstrip("\r\n")) for line in f]
-        except (OSError, UnicodeDecodeError) as e:
-            raise WavLLMInputError(f"cannot read the prompt file ({e}); give one UTF-8 prompt per line",
-                                   file=prompts, reason="missing") from None
-        pool = [p for p in pool if p.strip()]
-        where = prompts
-    else:
-        pool, where = [p for p in prompts if p.strip()], None
-    if not pool:
-        raise WavLLMInputError("the prompt pool is empty; give at least one prompt", file=where, reason="empty_prompt")
-    return pool
-
-
-def _pick(seed: int, utt_id: str, n: int) -> int:
-    """Deterministic index into a pool of ``n`` for (seed, id): independent of row order and subsetting."""
-    digest = hashlib.sha256(f"{seed}\t{utt_id}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % n
 
 
 def _rebase_audio(cell: str, src_root: str, dst_root: str) -> str:
@@ -64,7 +43,8 @@ def convert_s2t_manifest(src: str, dst: str, *, task: str, prompts: Union[str, S
         src (str): the speech_to_text TSV.
         dst (str): the instruction manifest to write.
         task (str): the ``task`` cell of every row.
-        prompts (Union[str, Sequence[str]]): the prompt pool: a file of one prompt per line, or a list.
+        prompts (Union[str, Sequence[str]]): the prompt pool: a file of one prompt per line, a shipped pool's name
+            (``asr.seen``), or a list.
         seed (int): chooses each row's prompt (deterministic per id).
         with_speech (bool): the ``with_speech`` cell of every row.
         target_column (str): the S2T column that becomes ``tgt_text``.
@@ -74,7 +54,7 @@ def convert_s2t_manifest(src: str, dst: str, *, task: str, prompts: Union[str, S
     Returns:
         Dict[str, int]: ``rows``, ``prompts`` (the pool's size), ``measured`` and ``unreadable`` audio.
     """
-    pool = _prompt_pool(prompts)
+    pool = read_pool(prompts)
     text_lines = _read_lines(src)
     columns = text_lines[0].lstrip("\ufeff").split("\t")
     missing = [c for c in ("id", "audio", "n_frames", target_column) if c not in columns]
@@ -107,7 +87,7 @@ def convert_s2t_manifest(src: str, dst: str, *, task: str, prompts: Union[str, S
                 measured += 1
             except AudioError:
                 unreadable += 1
-        prompt = pool[_pick(seed, r["id"], len(pool))]
+        prompt = pool[pick(seed, r["id"], len(pool))]
         values = [r["id"], audio, n_frames, escape_cell(prompt), escape_cell(r[target_column]), str(with_speech),
                   task] + [escape_cell(r[c]) for c in carried]
         out.append("\t".join(values))
@@ -155,7 +135,8 @@ def convert_s2t_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--input", required=True, help="fairseq S2T TSV")
     p.add_argument("--output", required=True, help="instruction manifest to write")
     p.add_argument("--task", required=True, help="task name written in the task column (asr, st, ...)")
-    p.add_argument("--prompts", required=True, help="file with one instruction per line (\\n, \\t escapes allowed)")
+    p.add_argument("--prompts", required=True, help="file with one instruction per line (\\n, \\t escapes allowed), "
+                                                    "or a shipped pool's name (asr.seen, st.seen, ...)")
     p.add_argument("--seed", type=int, default=0, help="chooses each row's prompt (deterministic per id)")
     p.add_argument("--root", default=None, help="folder the S2T audio paths are relative to (default: its folder)")
     p.add_argument("--target-column", default="tgt_text", help="S2T column that becomes tgt_text (e.g. src_text)")

@@ -4,7 +4,10 @@
 Every source key is mapped by one rule of ``KEY_MAP``; a key no rule covers is reported as unmatched.
 LoRA ``x @ A @ B`` with ``A: (in, R)``, ``B: (R, out)`` becomes ``lora_B(lora_A(x))`` with ``lora_A.weight =
 A.T`` and ``lora_B.weight = B.T``; the q and k outputs (base weights and LoRA rows) go from Meta's
-interleaved rotary layout to Hugging Face's halves (``lora.rotary_meta_to_hf_rows``).
+interleaved rotary layout to Hugging Face's halves (``lora.rotary_meta_to_hf_rows``). WavLM's positional
+convolution is weight-normed: a release saved by torch < 2.1 (the reference pins 2.0.1) names its two tensors
+``weight_g`` / ``weight_v``, a later torch ``parametrizations.weight.original0`` / ``original1``; both become
+the latter, the names the module has today (``hf_folder.LEGACY_WEIGHT_NORM``, as for folders).
 """
 import re
 from typing import Dict, List, Optional, Tuple
@@ -12,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..errors import CheckpointError
+from ..models.hf_folder import LEGACY_WEIGHT_NORM
 from ..models.lora import rotary_meta_to_hf_rows
 
 LLAMA = "gpt_model.model_llama."
@@ -19,10 +23,10 @@ _PROJ = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 _BOTTLENECK = {"down_layer": "down", "up_layer": "up", "layer_norm": "layer_norm"}
 _L = re.escape(LLAMA)
 
-# (source regex, target template, transform, backbone group). ``{b}`` / ``{p}`` in a template are
-# filled from the bottleneck / projection name in group 1 / 2. Backbone groups (whisper, wavlm, llm)
-# are dropped when the matching local directory is given (the model reloads them from there, and they
-# are compared with it); without a directory they are carried into the checkpoint.
+# (source regex, target template, transform, backbone group). ``{b}`` / ``{p}`` / ``{w}`` in a template are
+# filled from the bottleneck / projection / legacy weight-norm name in group 1 / 2 / 2. Backbone groups
+# (whisper, wavlm, llm) are dropped when the matching local directory is given (the model reloads them from
+# there, and they are compared with it); without a directory they are carried into the checkpoint.
 KEY_MAP: List[Tuple[str, str, str, str]] = [
     # semantic branch (Whisper side)
     (r"audio_encoder\.subsample\.conv_layers\.(\d+)\.(weight|bias)", r"semantic_adapter.subsampler.conv_layers.\1.\2",
@@ -51,6 +55,7 @@ KEY_MAP: List[Tuple[str, str, str, str]] = [
     (_L + r"scale_weight_attention\.(weight|bias)", r"prompt_scale.attention.\1", "copy", ""),
     # frozen backbones: Hugging Face module layouts inside both models
     (r"audio_encoder\.model\.(.+)", r"whisper.encoder.\1", "copy", "whisper"),
+    (r"wavlm_encoder\.model\.(.+)\.(weight_g|weight_v)", r"wavlm.wavlm.\1.{w}", "copy", "wavlm"),
     (r"wavlm_encoder\.model\.(.+)", r"wavlm.wavlm.\1", "copy", "wavlm"),
     (_L + r"tok_embeddings\.weight", "llm.model.embed_tokens.weight", "copy", "llm"),
     (_L + r"norm\.weight", "llm.model.norm.weight", "copy", "llm"),
@@ -119,6 +124,8 @@ def convert_state_dict(src: Dict[str, torch.Tensor], n_heads: int, n_kv_heads: O
                 template = template.replace("{b}", _BOTTLENECK[m.group(1)])
             if "{p}" in template:
                 template = template.replace("{p}", _PROJ[m.group(2)])
+            if "{w}" in template:
+                template = template.replace("{w}", LEGACY_WEIGHT_NORM[m.group(2)])
             target = m.expand(template)
             tensor = _transform(how, value, m, n_heads, n_kv_heads)
             if group in reload_groups:
