@@ -26,6 +26,7 @@ setup(
         "transformers>=5.24",
         "sentencepiece",
         "soundfile",
+        "soxr",  # resampling to 16 kHz as close as measured to the reference's SoX `rate` (data/resample.py)
         "scipy",
         "numpy",
         "editdistance",
@@ -37,10 +38,12 @@ setup(
         "scikit-learn",
         "safetensors",
     ],
-    # serve: wavllm-serve (FastAPI + uvicorn, python-multipart for uploads); its tests also drive a browser over
-    # the DevTools protocol (websockets) and call the server with the official OpenAI client
-    extras_require={"test": ["pytest", "fastapi", "uvicorn", "python-multipart", "websockets", "openai", "ruff"],
-                    "serve": ["fastapi", "uvicorn", "python-multipart"],
+    # serve: wavllm-serve (FastAPI + uvicorn, python-multipart for uploads, prometheus-client for /metrics); its
+    # tests also drive a browser over the DevTools protocol (websockets) and call the server with the official
+    # OpenAI client
+    extras_require={"test": ["pytest", "fastapi", "uvicorn", "python-multipart", "prometheus-client", "websockets",
+                             "openai", "ruff"],
+                    "serve": ["fastapi", "uvicorn", "python-multipart", "prometheus-client"],
                     # bertscore: wavllm-score --bertscore-model DIR (bert-score 0.3.13 needs torch, transformers,
                     # pandas, numpy, requests, tqdm, matplotlib, packaging; it caps none of them)
                     "bertscore": ["bert-score"],

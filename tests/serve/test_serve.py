@@ -1,127 +1,22 @@
-"""wavllm-serve through the real server on a loopback port, with a tiny random checkpoint.
+"""wavllm-serve through the real server on a loopback port, with a tiny random checkpoint (conftest.py).
 
 Every endpoint, the streaming format, the OpenAI client, batching invariance on a stage-2 model
 (per-row prompt-aware LoRA scale: concurrent greedy requests answer what each answers alone, through
-the server and through the Python API), sampling with a seed, every
-bad input of the issue (4xx JSON error, the server keeps serving), a client leaving mid-stream, and a
-bounded load test (64 requests from 16 clients).
+the server and through the Python API), sampling with a seed, a bounded load test (64 requests from 16
+clients), the benchmark's report and the command line. Bad input: test_serve_input.py.
 """
 import base64
-import http.client
 import json
-import os
-import socket
 import time
-import urllib.parse
 
-import numpy as np
 import pytest
 import soundfile as sf
 
 from helpers import require_installed
-from wavllm_fairseq.bench.serve import (ServerProcess, chat_body, post_json, presets, run_load, tiny_checkpoint,
-                                        tone_clips, wav_bytes)
+from serve_helpers import answer, chat, health, multipart, sse_events, stream_chat
+from wavllm_fairseq.bench.serve_load import chat_body, post_json, run_load
+from wavllm_fairseq.bench.serve_process import ServerProcess, presets
 from wavllm_fairseq.serve.cli import bind_notice
-
-MAX_AUDIO_S = 5
-MAX_BODY_MB = 1
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    ckpt = tiny_checkpoint(str(tmp), stage=2)
-    clips = tone_clips(8, seed=3)
-    paths = []
-    for i, c in enumerate(clips):
-        paths.append(str(tmp / f"clip{i}.wav"))
-        with open(paths[-1], "wb") as f:
-            f.write(c)
-    # no loop guard: the random model's answers run to max_tokens (the Python API is called the same way)
-    with ServerProcess(ckpt, "--max-batch", "8", "--max-wait-ms", "150", "--threads", "1", "--loop-guard-ngram", "0",
-                       "--max-audio-seconds", str(MAX_AUDIO_S), "--max-body-mb", str(MAX_BODY_MB),
-                       "--default-max-tokens", "12", log_path=str(tmp / "server.log")) as srv:
-        yield {"url": srv.url, "ckpt": ckpt, "clips": clips, "paths": paths, "tmp": tmp, "srv": srv}
-
-
-class _API:
-    """The Python API on the server's checkpoint, decoding as the test server does (no loop guard)."""
-
-    def __init__(self, ckpt):
-        from wavllm_fairseq import WavLLM
-
-        self.m = WavLLM.from_pretrained(ckpt)
-        self.model = self.m.model
-
-    def generate(self, audios, prompts, **kw):
-        return self.m.generate(audios, prompts, loop_guard_ngram=0, **kw)
-
-
-@pytest.fixture(scope="module")
-def api(env):
-    return _API(env["ckpt"])
-
-
-def health(url):
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/health") as r:
-        return json.loads(r.read())
-
-
-def chat(url, audio, instruction, max_tokens=12, **extra):
-    status, body = post_json(url + "/v1/chat/completions", chat_body(audio, instruction, max_tokens, **extra))
-    assert status == 200, body
-    return body
-
-
-def answer(body):
-    return body["choices"][0]["message"]["content"]
-
-
-def expect_error(status_body, status, code, mentions=()):
-    got_status, body = status_body
-    assert got_status == status, body
-    err = body["error"]
-    assert err["code"] == code and err["type"] == "invalid_request_error", err
-    for word in mentions:
-        assert word in err["message"], err["message"]
-    return err
-
-
-def multipart(url, fields, files, path="/v1/audio/instruct"):
-    boundary = "wavllmtestboundary"
-    parts = []
-    for k, v in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
-    for k, (name, data) in files.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
-                     f"Content-Type: audio/wav\r\n\r\n".encode() + data + b"\r\n")
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    u = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    conn.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, (json.loads(data) if r.getheader("content-type", "").startswith("application/json") else data)
-
-
-def sse_events(raw: bytes):
-    events = [e for e in raw.decode().split("\n\n") if e.strip()]
-    assert all(e.startswith("data: ") for e in events), raw[:300]
-    return [e[len("data: "):] for e in events]
-
-
-def stream_chat(url, body):
-    u = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
-    raw = r.read()
-    conn.close()
-    return sse_events(raw)
 
 
 # ---------------------------------------------------------------------------------------------- endpoints
@@ -310,160 +205,16 @@ def test_load_64_requests_16_clients_all_answered_as_sequential(env):
     assert after["largest_batch"] >= 4
 
 
-# ---------------------------------------------------------------------------------------------- bad input
-def audio_chat(url, data_b64, fmt="wav", text="Transcribe the audio."):
-    body = {"model": "wavllm", "max_tokens": 4, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": text}, {"type": "input_audio", "input_audio": {"data": data_b64, "format": fmt}}]}]}
-    return post_json(url + "/v1/chat/completions", body)
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def test_bad_audio_is_a_400_naming_the_field(env):
-    url = env["url"]
-    field = "messages[0].content[1].input_audio.data"
-    err = expect_error(audio_chat(url, b64(os.urandom(3000))), 400, "audio_corrupt", [field, "not audio"])
-    assert err["param"] == field
-    good = env["clips"][0]
-    expect_error(audio_chat(url, b64(good[: len(good) // 2])), 400, "audio_corrupt", ["truncated"])
-    expect_error(audio_chat(url, ""), 400, "audio_empty", ["empty"])
-    header_only = wav_bytes(np.zeros(0, dtype=np.float32))
-    expect_error(audio_chat(url, b64(header_only)), 400, "audio_zero_length")
-    long = wav_bytes(0.1 * np.ones(16000 * (MAX_AUDIO_S + 1), dtype=np.float32))
-    expect_error(audio_chat(url, b64(long)), 400, "audio_too_long", [f"maximum of {MAX_AUDIO_S} s"])
-    expect_error(audio_chat(url, "not base64!"), 400, "invalid_audio", ["base64"])
-    expect_error(audio_chat(url, b64(good), fmt="webm"), 400, "invalid_audio", ["wav"])
-    status, body = post_json(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
-    expect_error((status, body), 400, "invalid_value", ["image_url", "input_audio"])
-    expect_error(post_json(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "audio_url", "audio_url": {"url": "http://example.org/a.wav"}}]}]}), 400, "invalid_audio",
-        ["data: URL"])
-    assert health(url)["status"] == "ok"
-
-
-def test_stereo_44k_and_silence_are_answered(env, api, tmp_path):
-    rng = np.random.default_rng(0)
-    t = np.arange(44100) / 44100
-    stereo = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * rng.standard_normal(len(t))], 1).astype(np.float32)
-    path = str(tmp_path / "stereo44k.flac")
-    sf.write(path, stereo, 44100, format="FLAC")
-    with open(path, "rb") as f:
-        status, body = audio_chat(env["url"], b64(f.read()), fmt="flac")
-    assert status == 200, body
-    assert answer(body) == api.generate([path], ["Transcribe the audio."], max_len_b=4)[0]
-    status, body = audio_chat(env["url"], b64(wav_bytes(np.zeros(8000, dtype=np.float32))))
-    assert status == 200, body  # silence is valid audio (SPEC section 9)
-
-
-def test_bad_requests_are_4xx_json(env):
-    url = env["url"] + "/v1/chat/completions"
-    u = urllib.parse.urlparse(env["url"])
-
-    def raw_post(data: bytes, headers):
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-        conn.request("POST", "/v1/chat/completions", data, headers)
-        r = conn.getresponse()
-        out = r.status, json.loads(r.read())
-        conn.close()
-        return out
-
-    expect_error(raw_post(b'{"messages": [', {"Content-Type": "application/json"}), 400, "invalid_json")
-    expect_error(raw_post(b"\xff\xfe", {"Content-Type": "application/json"}), 400, "invalid_json")
-    expect_error(post_json(url, [1, 2]), 400, "invalid_json", ["JSON object"])
-    expect_error(post_json(url, {"model": "wavllm"}), 400, "invalid_value", ["messages"])
-    err = expect_error(post_json(url, chat_body(None, "hi", 4, model="gpt-4o")), 404, "model_not_found", ["gpt-4o"])
-    assert err["param"] == "model"
-    expect_error(post_json(url, chat_body(None, "", 4)), 400, "missing_instruction", ["instruction"])
-    expect_error(post_json(url, chat_body(None, "   ", 4)), 400, "missing_instruction")
-    expect_error(post_json(url, chat_body(None, "hi", 4, n=2)), 400, "invalid_value", ["n must be 1"])
-    expect_error(post_json(url, chat_body(None, "hi", 0)), 400, "invalid_value", ["max_tokens"])
-    expect_error(post_json(url, {**chat_body(None, "hi", 4), "temperature": "hot"}), 400, "invalid_value",
-                 ["temperature"])
-    expect_error(post_json(url, {**chat_body(None, "hi", 4), "stream": "yes"}), 400, "invalid_value", ["stream"])
-    expect_error(post_json(url, {**chat_body(None, "hi", 4), "stop": ["\n"]}), 400, "unsupported_parameter", ["stop"])
-    # multipart endpoint: missing instruction / file, malformed body
-    expect_error(multipart(env["url"], {}, {"file": ("a.wav", env["clips"][0])}), 400, "missing_instruction")
-    expect_error(multipart(env["url"], {"instruction": " "}, {"file": ("a.wav", env["clips"][0])}), 400,
-                 "missing_instruction")
-    expect_error(multipart(env["url"], {"instruction": "Transcribe the audio."}, {}), 400, "missing_file")
-    expect_error(multipart(env["url"], {"instruction": "x", "max_tokens": "many"},
-                           {"file": ("a.wav", env["clips"][0])}),
-                 400, "invalid_value", ["max_tokens"])
-    expect_error(multipart(env["url"], {"instruction": "x"}, {"file": ("a.wav", b"")}), 400, "audio_empty")
-    assert health(env["url"])["status"] == "ok"
-
-
-def test_body_over_the_limit_is_413_by_header_and_while_streaming_in(env):
-    u = urllib.parse.urlparse(env["url"])
-    big = json.dumps(chat_body(os.urandom(MAX_BODY_MB * 2 ** 20), "Transcribe the audio.", 4)).encode()
-    expect_error(post_json(env["url"] + "/v1/chat/completions", json.loads(big)), 413, "body_too_large",
-                 ["--max-body-mb"])
-    # a declared size far over the limit is answered before any of the body is sent
-    s = socket.create_connection((u.hostname, u.port), timeout=30)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 100000000\r\n\r\n")
-    reply = b""
-    while not reply.endswith(b"}}"):  # headers, then the JSON error; the server closes after it
-        data = s.recv(65536)
-        if not data:
-            break
-        reply += data
-    s.close()
-    assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply
-    # chunked upload without Content-Length: cut off once the limit is passed
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    conn.putrequest("POST", "/v1/chat/completions")
-    conn.putheader("Content-Type", "application/json")
-    conn.putheader("Transfer-Encoding", "chunked")
-    conn.endheaders()
-    try:
-        for i in range(0, len(big), 65536):
-            piece = big[i: i + 65536]
-            conn.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
-        conn.send(b"0\r\n\r\n")
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server answered and closed before the upload ended
-    r = conn.getresponse()
-    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "body_too_large"
-    conn.close()
-    assert health(env["url"])["status"] == "ok"
-
-
-def test_client_leaving_mid_stream_ends_its_row_and_the_server_goes_on(env):
-    before = health(env["url"])["stats"]
-    body = json.dumps(chat_body(env["clips"][5], "Transcribe the audio.", 400, stream=True)).encode()
-    u = urllib.parse.urlparse(env["url"])
-    s = socket.create_connection((u.hostname, u.port), timeout=30)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    got = b""
-    while got.count(b"data: ") < 3:  # the role chunk and two content chunks
-        data = s.recv(4096)
-        assert data, got
-        got += data
-    assert b"200 OK" in got
-    s.close()
-    deadline = time.time() + 30
-    while health(env["url"])["stats"]["cancelled"] == before["cancelled"]:
-        assert time.time() < deadline, "the row of the departed client was not cancelled"
-        time.sleep(0.1)
-    spent = health(env["url"])["stats"]["answer_tokens"] - before["answer_tokens"]
-    assert 2 <= spent < 400  # ended early, not run to max_tokens
-    assert answer(chat(env["url"], env["clips"][1], "Transcribe the audio.", max_tokens=3))  # and it still serves
-
-
 @pytest.mark.slow
 def test_bench_serve_reports_the_gain_and_equal_answers(capsys):
     from wavllm_fairseq.bench.serve import main
 
-    assert main(["--requests", "8", "--concurrency", "4", "--max-tokens", "4", "--threads", "1"]) == 0
+    assert main(["--requests", "8", "--rates", "20,inf", "--max-tokens", "2,6", "--threads", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-2] == "answers_equal True" and out[-1].startswith("throughput_gain ")
-    assert float(out[-1].split()[1]) > 0
-    assert any(line.startswith("batched ") and "requests=8" in line for line in out)
+    assert out[-3] == "answers_equal True" and out[-1].startswith("throughput_gain ")
+    assert float(out[-1].split()[1]) > 0 and out[-2].split()[0] == "p99_lower_at_every_rate"
+    for scheduler in ("batch", "continuous"):
+        assert sum(line.split()[1:2] == [scheduler] and "requests=8" in line for line in out) == 2
 
 
 def test_bind_notice_only_off_loopback():

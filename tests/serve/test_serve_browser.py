@@ -20,7 +20,8 @@ import urllib.request
 import pytest
 
 from helpers import not_installed
-from wavllm_fairseq.bench.serve import ServerProcess, chat_body, post_json, tiny_checkpoint, tone_clips
+from wavllm_fairseq.bench.serve_load import chat_body, post_json
+from wavllm_fairseq.bench.serve_process import ServerProcess, tiny_checkpoint, tone_clips
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -179,4 +180,36 @@ def test_page_upload_preset_record_and_streamed_answers(tmp_path, chromium):
             with open(os.environ["WAVLLM_SCREENSHOT"], "wb") as f:
                 f.write(png)
         errors = cdp.errors()
+        assert not errors, errors
+
+
+@pytest.mark.slow
+def test_page_asks_for_the_api_key_and_answers_with_it(tmp_path, chromium):
+    """A server started with an API key: the page says it needs one, refuses a wrong one, and with the right
+    one streams the answer the API gives to a request with the key."""
+    cdp = chromium
+    ckpt = tiny_checkpoint(str(tmp_path))
+    with ServerProcess(ckpt, "--threads", "1", "--default-max-tokens", "12", env={"WAVLLM_API_KEY": "s3cret"},
+                       log_path=str(tmp_path / "server.log")) as srv:
+        for domain in ("Runtime", "Log", "Page"):
+            cdp(domain + ".enable")
+        cdp("Page.navigate", url=srv.url + "/")
+        cdp.wait_for("document.getElementById('model').textContent === 'this server needs an API key'")
+        assert cdp.eval("document.getElementById('key-form').hidden") is False
+        cdp.eval("document.getElementById('api-key').value = 'wrong'")
+        cdp.eval("document.getElementById('use-key').click()")
+        cdp.wait_for("document.getElementById('model').textContent === 'wrong API key'")
+        cdp.eval("document.getElementById('api-key').value = 's3cret'")
+        cdp.eval("document.getElementById('use-key').click()")
+        cdp.wait_for("document.getElementById('model').textContent === 'model: wavllm'")
+        assert cdp.eval("document.getElementById('key-form').hidden") is True
+        cdp.eval("document.getElementById('instruction').value = 'Is there only one speaker in the audio clip?'")
+        cdp.eval("document.getElementById('ask').click()")
+        cdp.wait_for("document.querySelector('#history .exchange')?.dataset.state === 'done'")
+        shown = cdp.eval("document.querySelector('#history .exchange .answer').textContent")
+        status, body = post_json(srv.url + "/v1/chat/completions",
+                                 chat_body(None, "Is there only one speaker in the audio clip?", 12),
+                                 headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and shown == body["choices"][0]["message"]["content"] and shown
+        errors = [e for e in cdp.errors() if "401" not in e]  # the refused fetches are logged by chromium
         assert not errors, errors

@@ -9,9 +9,11 @@ exactly what it computes alone.
 
 The prefix is run once (prefill) and its keys/values cached; each step then feeds only the new
 tokens. Rows that finish are dropped from the batch (and the cache), so a batch costs what its
-unfinished rows cost. ``use_cache=False`` recomputes the whole sequence every step (the reference
-for the "cached equals uncached" test and the benchmark). What one call decodes with (the per-row
-caps, the mask, the cache or the static decoder) is a ``DecodeState`` (state.py), made per call.
+unfinished rows cost. Greedy decoding and sampling run a ``RunningBatch`` (running.py), which rows may
+also join between steps (``join``: continuous batching in a server). ``use_cache=False`` recomputes the
+whole sequence every step (the reference for the "cached equals uncached" test and the benchmark). What
+one call decodes with (the per-row caps, the mask, the cache or the static decoder) is a ``DecodeState``
+(state.py), made per call.
 
 fairseq-generate protocol: ``generate(models, sample, **kw)`` returns, per sentence, an n-best list
 of ``{"tokens", "score", "positional_scores", "alignment"}`` with ``tokens`` ending in ``</s>``.
@@ -28,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.wavllm import GenerationPrefix
-from .beam import BeamSearch, hypothesis
+from .beam import BeamSearch
 from .kv_cache import GrowingCache, GrowingLayer
-from .processing import block_repeated_ngrams, loop_length, penalize_repetitions, sample_next
+from .processing import block_repeated_ngrams, penalize_repetitions, sample_next
+from .running import decode_rows
 from .state import DecodeState
 from .static_decode import decoder_for, supported
 
@@ -55,7 +58,7 @@ class WavLLMGenerator:
                  no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0, loop_guard_ngram: int = 0,
                  max_len_per_task: Optional[Dict[str, int]] = None, nbest: int = 1, use_cache: bool = True,
                  static: Optional[bool] = None, cuda_graphs: Optional[bool] = None, compile_step: bool = False,
-                 ban_unk: bool = True):
+                 ban_unk: bool = True, max_len_counts_prompt: bool = False):
         models = list(models) if isinstance(models, (list, tuple)) else [models]
         if len(models) != 1:
             raise ValueError("WavLLM decoding supports a single model (no ensembles)")
@@ -66,6 +69,7 @@ class WavLLMGenerator:
         self.symbols_to_strip_from_output = {self.eos}
         self.beam_size = max(1, int(beam_size))
         self.max_len_a, self.max_len_b, self.min_len = float(max_len_a), int(max_len_b), int(min_len)
+        self.max_len_counts_prompt = bool(max_len_counts_prompt)
         self.normalize_scores, self.len_penalty = normalize_scores, float(len_penalty)
         self.temperature = float(temperature)
         if self.temperature <= 0:
@@ -123,12 +127,25 @@ class WavLLMGenerator:
         was_training = model.training
         model.eval()
         try:
-            prefix = model.build_generation_prefix(sample["net_input"])
-            caps, cap_is_task = self._length_caps(sample, prefix)
+            prefix, caps, cap_is_task = self.build_prefix(sample)
             ids = sample["id"].tolist() if "id" in sample else None
             return self.decode(prefix, caps, ids, cap_is_task=cap_is_task, on_step=on_step)
         finally:
             model.train(was_training)
+
+    def build_prefix(self, sample) -> Tuple[GenerationPrefix, List[int], List[bool]]:
+        """The model's prefix of ``sample`` (its encoders run here) and the rows' length caps.
+
+        Args:
+            sample (dict): the collater's batch, as :meth:`generate` takes it (the model in eval mode)
+
+        Returns:
+            Tuple[GenerationPrefix, List[int], List[bool]]: the prefix (embeds (B, L, D), mask (B, L), lora_scale
+            (B, D)), new tokens at most per row (B) and whether each row's cap is its task's
+        """
+        prefix = self.model.build_generation_prefix(sample["net_input"])
+        caps, cap_is_task = self._length_caps(sample, prefix)
+        return prefix, caps, cap_is_task
 
     @torch.no_grad()
     def decode(self, prefix: GenerationPrefix, caps: Sequence[int], ids: Optional[Sequence[int]] = None, *,
@@ -149,7 +166,7 @@ class WavLLMGenerator:
         state = DecodeState(caps=list(caps), cap_is_task=list(cap_is_task) if cap_is_task is not None else [False] * B)
         ids = list(ids) if ids is not None else list(range(B))
         if self.beam_size == 1:
-            return self._greedy(prefix, state, ids, on_step)
+            return decode_rows(self, prefix, state.caps, ids, state.cap_is_task, on_step)
         if on_step is not None:
             raise ValueError("on_step (streaming) works with greedy decoding and sampling, not with beam search")
         return self._beam(prefix, state, ids, self.beam_size)
@@ -159,6 +176,9 @@ class WavLLMGenerator:
         B = prefix.embeds.shape[0]
         lens = prefix.attention_mask.sum(1).tolist()
         caps = [max(1, int(self.max_len_a * n + self.max_len_b)) for n in lens]
+        post = sample.get("net_input", {}).get("prompt_post_lengths")
+        if self.max_len_counts_prompt and post is not None:  # the post-speech prompt less its first token
+            caps = [max(1, c - max(0, int(p) - 1)) for c, p in zip(caps, post.tolist())]
         tasks = sample.get("task_names") or [None] * B
         cap_is_task = [False] * B
         for i, t in enumerate(tasks):
@@ -223,9 +243,16 @@ class WavLLMGenerator:
             return self.static
         return device.type == "cuda" and supported(self.model.llm) is None
 
-    def _prefill(self, prefix: GenerationPrefix, state: DecodeState) -> torch.Tensor:
+    def prefill(self, prefix: GenerationPrefix, state: DecodeState) -> torch.Tensor:
         """Prefill, and fill ``state``: the dynamic cache, or a static decoder that took it over.
-        Returns the next-token logits (B, V)."""
+
+        Args:
+            prefix (GenerationPrefix): embeds (B, L, D) left-padded, attention_mask (B, L), lora_scale (B, D)
+            state (DecodeState): a fresh state (its ``caps`` set)
+
+        Returns:
+            torch.Tensor: the next-token logits (B, V)
+        """
         logits, cache, mask = self._start(prefix)
         state.mask, state.cache, state.r = mask, cache, prefix.lora_scale
         state.embeds = None if cache is not None else prefix.embeds
@@ -243,11 +270,37 @@ class WavLLMGenerator:
             state.static, state.cache, state.mask = dec, None, None
         return logits
 
+    def join(self, prefix: GenerationPrefix, state: DecodeState, room: int) -> torch.Tensor:
+        """Prefill ``prefix``'s rows and add them after the rows ``state`` decodes (continuous batching).
+
+        Args:
+            prefix (GenerationPrefix): the newcomers: embeds (M, L', D) left-padded, attention_mask (M, L'),
+                lora_scale (M, D)
+            state (DecodeState): the running rows' state (filled by :meth:`prefill`, on either path)
+            room (int): the most tokens any row, running or new, may still add
+
+        Returns:
+            torch.Tensor: the newcomers' next-token logits (M, V)
+        """
+        if not self.use_cache:
+            raise ValueError("rows join a running batch through its key/value cache; decode with use_cache=True")
+        logits, cache, mask = self._start(prefix)
+        state.join(cache, mask, prefix.lora_scale, room)
+        return logits
+
     def _num_layers(self) -> int:
         return self.model.llm.config.num_hidden_layers
 
-    def _step(self, state: DecodeState, new_tokens: torch.Tensor) -> torch.Tensor:
-        """Append ``new_tokens`` (N,) to every row; returns next-token logits (N, V)."""
+    def step(self, state: DecodeState, new_tokens: torch.Tensor) -> torch.Tensor:
+        """One LLM step: append a token to every live row.
+
+        Args:
+            state (DecodeState): the live rows' state
+            new_tokens (torch.Tensor): one token per live row, shape (N,)
+
+        Returns:
+            torch.Tensor: next-token logits (N, V)
+        """
         if state.static is not None:
             return state.static.step(new_tokens)
         emb = self._embed(new_tokens[:, None])  # (N, 1, D)
@@ -260,14 +313,20 @@ class WavLLMGenerator:
         return self._logits(state.embeds, state.mask, None, state.r, positions)
 
     # ------------------------------------------------------------------ logit processing (processing.py)
-    def _process(self, lprobs: torch.Tensor, histories: List[List[int]], step: int) -> torch.Tensor:
-        """Repetition penalty, n-gram blocking and the minimum length, on (N, V) log-probs or logits."""
+    def _process(self, lprobs: torch.Tensor, histories: List[List[int]], step) -> torch.Tensor:
+        """Repetition penalty, n-gram blocking and the minimum length, on (N, V) log-probs or logits; ``step``
+        is the tokens generated so far, one int for every row or a list of N (rows that joined at other steps)."""
         if self.repetition_penalty != 1.0:
             penalize_repetitions(lprobs, histories, self.repetition_penalty)
         if self.no_repeat_ngram_size > 0:
             block_repeated_ngrams(lprobs, histories, self.no_repeat_ngram_size)
-        if step < self.min_len:
-            lprobs[:, self.eos] = -math.inf
+        if isinstance(step, int):
+            if step < self.min_len:
+                lprobs[:, self.eos] = -math.inf
+        else:
+            short = [i for i, n in enumerate(step) if n < self.min_len]
+            if short:
+                lprobs[short, self.eos] = -math.inf
         if self.banned:
             lprobs[:, self.banned] = -math.inf
         return lprobs
@@ -277,76 +336,44 @@ class WavLLMGenerator:
             return logits.argmax(-1)
         return sample_next(logits, self.temperature, self.topk, self.topp)
 
-    def _guard(self, idx: int, reason: str, detail: str = "") -> None:
+    def pick(self, logits: torch.Tensor, histories: List[List[int]]) -> Tuple[torch.Tensor, List[float]]:
+        """Greedy or sampled choice of each live row's next token, after the logit processors.
+
+        Args:
+            logits (torch.Tensor): next-token logits with shape (N, V), changed in place by the processors
+            histories (List[List[int]]): each row's tokens so far (N); their lengths are the rows' steps
+
+        Returns:
+            Tuple[torch.Tensor, List[float]]: the tokens (N,) and their log-probs at the temperature (N), the
+            scores reported, as the reference reports them
+        """
+        logits = self._process(logits, histories, [len(h) for h in histories])
+        lprobs = F.log_softmax(logits / self.temperature, dim=-1)
+        nxt = self._choose(logits)
+        return nxt, lprobs.gather(1, nxt[:, None]).squeeze(1).tolist()
+
+    def guard(self, idx: int, reason: str, detail: str = "") -> None:
+        """Count and log a guard that stopped a hypothesis (``guard id=<idx> reason=<why>``).
+
+        Args:
+            idx (int): the row's id
+            reason (str): why (``loop``, ``task_max_len``)
+            detail (str): more, e.g. ``ngram=2``
+        """
         self.guard_counts[reason] = self.guard_counts.get(reason, 0) + 1
         logger.info(f"guard id={idx} reason={reason}" + (f" {detail}" if detail else ""))
-
-    # ------------------------------------------------------------------ greedy / sampling
-    def _greedy(self, prefix: GenerationPrefix, state: DecodeState, ids: List[int], on_step=None):
-        B = prefix.embeds.shape[0]
-        logits = self._prefill(prefix, state)
-        caps = state.caps
-        active = list(range(B))  # original row of each current batch row
-        tokens: List[List[int]] = [[] for _ in range(B)]
-        scores: List[List[float]] = [[] for _ in range(B)]
-        step = 0
-        while active:
-            hist = [tokens[b] for b in active]
-            logits = self._process(logits, hist, step)
-            lprobs = F.log_softmax(logits / self.temperature, dim=-1)  # the scores reported, as the reference
-            nxt = self._choose(logits)
-            chosen = lprobs.gather(1, nxt[:, None]).squeeze(1).tolist()
-            nxt_list = nxt.tolist()
-            stop = set(on_step(list(active), nxt_list) or ()) if on_step is not None else ()
-            keep = []
-            for j, b in enumerate(active):
-                tokens[b].append(nxt_list[j])
-                scores[b].append(chosen[j])
-                if nxt_list[j] == self.eos:
-                    continue
-                if b in stop:
-                    self._close(tokens[b], scores[b])
-                    continue
-                if len(tokens[b]) >= caps[b]:
-                    if state.cap_is_task[b]:
-                        self._guard(ids[b], "task_max_len", f"len={caps[b]}")
-                    self._close(tokens[b], scores[b])
-                    continue
-                if self.loop_guard_ngram and loop_length(tokens[b], self.loop_guard_ngram):
-                    self._guard(ids[b], "loop", f"ngram={loop_length(tokens[b], self.loop_guard_ngram)}")
-                    self._close(tokens[b], scores[b])
-                    continue
-                keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=nxt.device)
-                state.select(index)
-                nxt = nxt.index_select(0, index)
-                active = [active[j] for j in keep]
-            step += 1
-            logits = self._step(state, nxt)
-        return [[self._hypo(tokens[b], scores[b])] for b in range(B)]
-
-    def _close(self, toks: List[int], sc: List[float]) -> None:
-        toks.append(self.eos)
-        sc.append(0.0)
-
-    def _hypo(self, toks: List[int], sc: List[float]) -> dict:
-        score = float(torch.tensor(sc, dtype=torch.float32).sum())
-        return hypothesis(toks, sc, score / (len(sc) ** self.len_penalty if self.normalize_scores else 1.0))
 
     # ------------------------------------------------------------------ beam search (beam.py)
     def _beam(self, prefix: GenerationPrefix, state: DecodeState, ids: List[int], K: int):
         """Standard beam search; beams share the prefix cache (expanded K times after prefill)."""
         B = prefix.embeds.shape[0]
-        logits = self._prefill(prefix, state)
+        logits = self.prefill(prefix, state)
         expand = torch.arange(B, device=logits.device).repeat_interleave(K)
         state.select(expand)
         logits = logits.index_select(0, expand)
         search = BeamSearch(K, state.caps, state.cap_is_task, ids, eos=self.eos, nbest=self.nbest,
                             normalize_scores=self.normalize_scores, len_penalty=self.len_penalty,
-                            loop_guard_ngram=self.loop_guard_ngram, guard=self._guard)
+                            loop_guard_ngram=self.loop_guard_ngram, guard=self.guard)
         step = 0
         while search.active:
             lprobs = F.log_softmax(self._process(logits, search.histories(), step).float() / self.temperature,
@@ -357,5 +384,5 @@ class WavLLMGenerator:
             rows, tokens = chosen
             state.select(torch.tensor(rows, device=lprobs.device))
             step += 1
-            logits = self._step(state, torch.tensor(tokens, device=lprobs.device))
+            logits = self.step(state, torch.tensor(tokens, device=lprobs.device))
         return search.results()

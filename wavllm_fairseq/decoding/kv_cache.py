@@ -2,7 +2,8 @@
 
 ``DynamicLayer`` concatenates the whole cache at every step; ``GrowingLayer`` writes each step in place
 and doubles its buffer when it runs out of room. It also places a row's prefill right-aligned into a
-batch cache (``place``) and reorders rows for beam search.
+batch cache (``place``), joins left-padded caches into one (``join_left_padded``: rows that join a running
+batch, decoding/running.py) and reorders rows for beam search.
 The static path for accelerators is static_decode.py.
 """
 import torch
@@ -48,21 +49,21 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def place(self, row: int, batch: int, length: int, keys, values):
-        """Place one row's prefill right-aligned (left-padded) into a ``batch``-row cache of ``length`` positions.
+        """Place rows' keys and values right-aligned (left-padded) into a ``batch``-row cache of ``length`` positions.
 
         Args:
-            row (int): the batch row
+            row (int): the first batch row written
             batch (int): rows of the cache (allocated on the first call)
             length (int): positions of the cache (L)
-            keys (torch.Tensor): the row's keys with shape (1, Hkv, n, hd), n <= L
-            values (torch.Tensor): its values, (1, Hkv, n, hd)
+            keys (torch.Tensor): the rows' keys with shape (n_rows, Hkv, n, hd), n <= L
+            values (torch.Tensor): their values, (n_rows, Hkv, n, hd)
         """
         if self._k is None:
             self._alloc(keys, batch, length + self.reserve)
             self._n = length
-        n = keys.shape[2]
-        self._k[row, :, length - n: length] = keys[0]
-        self._v[row, :, length - n: length] = values[0]
+        rows, n = keys.shape[0], keys.shape[2]
+        self._k[row: row + rows, :, length - n: length] = keys
+        self._v[row: row + rows, :, length - n: length] = values
         self._views()
 
     def get_seq_length(self) -> int:
@@ -78,7 +79,6 @@ class GrowingLayer(DynamicLayer):
     batch_select_indices = reorder_cache
 
 
-
 class GrowingCache(Cache):
     """A ``Cache`` of ``GrowingLayer``s.
 
@@ -91,3 +91,36 @@ class GrowingCache(Cache):
     def __init__(self, num_layers: int = 0, reserve: int = 64, layers=None):
         super().__init__(layers=layers if layers is not None
                                 else [GrowingLayer(reserve) for _ in range(num_layers)])
+
+
+def join_left_padded(parts, reserve: int = 64):
+    """One left-padded cache from several: each part's rows keep their last token in the last column.
+
+    Leading columns that every row of a part masks (the padding left behind by rows that finished) are
+    dropped first; the joined cache is as long as the longest part that remains.
+
+    Args:
+        parts: a list of ``(layers, mask)``: per layer its ``(keys, values)``, each with shape (n_i, Hkv, L_i, hd),
+            left-padded, and the attention mask (n_i, L_i), 0 on padding
+        reserve (int): columns allocated beyond the joined length (the layers' ``reserve``)
+
+    Returns:
+        Tuple[GrowingCache, torch.Tensor]: the cache of ``sum(n_i)`` rows and L columns, and its mask (sum(n_i), L)
+    """
+    trimmed = []
+    for layers, mask in parts:
+        seen = mask.bool().any(0)
+        lead = int(seen.long().argmax()) if bool(seen.any()) else mask.shape[1]
+        trimmed.append(([(k[:, :, lead:], v[:, :, lead:]) for k, v in layers], mask[:, lead:]))
+    B = sum(mask.shape[0] for _, mask in trimmed)
+    L = max(mask.shape[1] for _, mask in trimmed)
+    out = [GrowingLayer(reserve) for _ in trimmed[0][0]]
+    joined = trimmed[0][1].new_zeros(B, L)
+    row = 0
+    for layers, mask in trimmed:
+        n, width = mask.shape
+        for layer, (k, v) in zip(out, layers):
+            layer.place(row, B, L, k, v)
+        joined[row: row + n, L - width:] = mask
+        row += n
+    return GrowingCache(layers=out), joined

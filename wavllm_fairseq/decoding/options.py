@@ -75,6 +75,10 @@ class DecodingOptions:
         cuda_graphs (Optional[bool]): capture the static step as CUDA graphs (None: on CUDA)
         compile_step (bool): ``torch.compile`` the static path's layer step
         ban_unk (bool): ban ``<unk>`` at every step, as the reference does
+        max_len_counts_prompt (bool): the reference's length rule: ``max_len_a * prefix length + max_len_b``
+            also counts the prompt tokens after the speech span but their first (``</SPEECH> {instruction}
+            [/INST]``, which the reference's generator forces as a prefix inside its length), so a row's new
+            tokens at most are that many fewer
     """
 
     beam_size: int = 1
@@ -97,12 +101,14 @@ class DecodingOptions:
     cuda_graphs: Optional[bool] = None
     compile_step: bool = False
     ban_unk: bool = True
+    max_len_counts_prompt: bool = False
 
     @classmethod
     def from_fairseq_args(cls, args, task_cfg) -> "DecodingOptions":
         """fairseq-generate's options: the generation arguments (``--beam``, ``--max-len-b``, ``--sampling`` ...;
         fairseq's defaults where one is absent) and the task's decoding fields (``task.loop_guard_ngram``,
-        ``repetition_penalty``, ``max_len_per_task``, ``decode_path``, ``compile_decode_step``).
+        ``repetition_penalty``, ``max_len_per_task``, ``decode_path``, ``compile_decode_step``,
+        ``max_len_counts_prompt``).
 
         Args:
             args: fairseq's generation config (a namespace or an omegaconf node)
@@ -121,7 +127,8 @@ class DecodingOptions:
                    repetition_penalty=task_cfg.repetition_penalty, loop_guard_ngram=task_cfg.loop_guard_ngram,
                    max_len_per_task=parse_task_lengths(task_cfg.max_len_per_task) or None,
                    nbest=getattr(args, "nbest", 1), static=static_for(task_cfg.decode_path),
-                   compile_step=task_cfg.compile_decode_step)
+                   compile_step=task_cfg.compile_decode_step,
+                   max_len_counts_prompt=getattr(task_cfg, "max_len_counts_prompt", False))
 
     def build(self, models, tgt_dict) -> WavLLMGenerator:
         """A generator with these options.

@@ -1,13 +1,14 @@
 """What one decoding call carries from step to step (:class:`DecodeState`): made per ``generate`` /
 ``decode`` call by the generator (generator.py), filled by its prefill, passed to every step and to the
-greedy and beam loops, so that nothing of a call is kept on the generator.
+greedy and beam loops, so that nothing of a call is kept on the generator. Rows joining a running batch
+(decoding/running.py) are added to it with :meth:`DecodeState.join`.
 """
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
-from .kv_cache import GrowingCache
+from .kv_cache import GrowingCache, join_left_padded
 from .static_decode import StaticDecoder
 
 
@@ -50,3 +51,24 @@ class DecodeState:
             self.cache.reorder_cache(index)
         else:
             self.embeds = self.embeds.index_select(0, index)
+
+    def join(self, cache: GrowingCache, mask: torch.Tensor, r: Optional[torch.Tensor], room: int) -> None:
+        """Add prefilled rows after the live ones (continuous batching): the two caches are placed left-padded into
+        one, so every row's last token stays in the last column.
+
+        Args:
+            cache (GrowingCache): the newcomers' prefilled cache, (M, Hkv, L', hd) per layer
+            mask (torch.Tensor): their attention mask (M, L'), 0 on padding
+            r (Optional[torch.Tensor]): their stage-2 LoRA scale (M, D), or None
+            room (int): the most tokens any row, live or new, may still add (the static cache's capacity)
+        """
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if self.static is not None:
+            self.static.join(layers, mask, r, room)
+            return
+        if self.cache is None:
+            raise ValueError("rows join a running batch through its key/value cache; decode with use_cache=True")
+        live = [(layer.keys, layer.values) for layer in self.cache.layers]
+        self.cache, self.mask = join_left_padded([(live, self.mask), (layers, mask)])
+        if self.r is not None:
+            self.r = torch.cat([self.r, r.to(self.r.dtype)])

@@ -23,7 +23,8 @@ their slot (a slot map, no copy) until the live rows fit in half the slots; then
 gathered into the buffers of the next power-of-two slot count, which has its own captured graph
 (finished rows stop costing attention and activations; the weight reads, the bulk of a step, do not
 shrink). Beam search reorders rows every step: a reordering with repeats gathers the cache in place,
-as any beam search over a cache does.
+as any beam search over a cache does. Rows that join a running batch (``join``, continuous batching in a
+server) are placed with the live rows, left-padded, into one cache over which the step starts again.
 
 Buffers and graphs are kept per slot count and reused by the next batch while its prefix + answer
 fit the capacity (rounded up to ``CAPACITY_STEP`` columns), so a graph is captured once per slot
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from ..models.lora import lora_modules
+from .kv_cache import join_left_padded
 
 ARCH_TYPES = ("llama", "qwen2", "mistral")
 
@@ -197,7 +199,8 @@ class StaticDecoder:
             self.sets[S] = _Slots(S, len(self.llm.model.layers), self.n_kv, self.C, k0.shape[-1], self._dim_r, k0)
         return self.sets[S]
 
-    def start(self, layers, mask: torch.Tensor, r: Optional[torch.Tensor], capacity: int) -> None:
+    def start(self, layers, mask: torch.Tensor, r: Optional[torch.Tensor], capacity: int,
+              slots: Optional[int] = None) -> None:
         """Take over a prefilled cache.
 
         Args:
@@ -205,6 +208,7 @@ class StaticDecoder:
             mask (torch.Tensor): attention mask (B, L), 0 on padding
             r (Optional[torch.Tensor]): stage-2 LoRA scale (B, D), or None
             capacity (int): columns needed: L + the most tokens any row may add
+            slots (Optional[int]): the slot count to use (default B); the slots past B repeat row 0
         """
         B, L = mask.shape
         k0 = layers[0][0]
@@ -216,18 +220,53 @@ class StaticDecoder:
             self.C = -(-int(capacity) // CAPACITY_STEP) * CAPACITY_STEP
             self._like, self._dim_r = k0, key[3]
             self.col = torch.zeros(1, dtype=torch.long, device=k0.device)  # the column written next
-        cur = self.cur = self._slots(B)
+        S = max(B, slots or B)
+        fill = torch.cat([torch.arange(B), torch.zeros(S - B, dtype=torch.long)]).to(k0.device)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if S == B else t.index_select(0, fill)
+
+        cur = self.cur = self._slots(S)
         for i, (k, v) in enumerate(layers):
-            cur.k[i][:, :, :L].copy_(k)
-            cur.v[i][:, :, :L].copy_(v)
+            cur.k[i][:, :, :L].copy_(rows(k))
+            cur.v[i][:, :, :L].copy_(rows(v))
         cur.mask.fill_(torch.finfo(cur.mask.dtype).min)  # columns past the prefix stay closed until written
-        cur.mask[:, 0, 0, :L].masked_fill_(mask.bool(), 0.0)
-        cur.pos.copy_(mask.long().sum(1, keepdim=True))  # the next token's position per row
+        cur.mask[:, 0, 0, :L].masked_fill_(rows(mask).bool(), 0.0)
+        cur.pos.copy_(rows(mask).long().sum(1, keepdim=True))  # the next token's position per row
         if r is not None:
-            cur.r.copy_(r)
+            cur.r.copy_(rows(r))
         self.col.fill_(L)
         self.written = L  # the same, counted on the host (no device sync per step)
         self.rows = torch.arange(B, device=k0.device)  # slot of each live row, in the generator's row order
+
+    def join(self, layers, mask: torch.Tensor, r: Optional[torch.Tensor], room: int) -> None:
+        """Rows join the live ones at a step boundary: both caches are placed left-padded into one
+        (``join_left_padded``), over which decoding starts again with the next power-of-two slot count (each slot
+        count keeps its buffers and graph). The newcomers come after the live rows, in the generator's row order.
+
+        Args:
+            layers: the newcomers' prefill, per layer (keys, values) with shape (M, Hkv, L', hd), left-padded
+            mask (torch.Tensor): their attention mask (M, L'), 0 on padding
+            r (Optional[torch.Tensor]): their stage-2 LoRA scale (M, D), or None
+            room (int): the most tokens any row, live or new, may still add
+        """
+        live, live_mask, live_r = self._live_rows()
+        cache, joined = join_left_padded([(live, live_mask), (layers, mask)], reserve=1)
+        r = None if r is None else torch.cat([live_r, r.to(live_r.dtype)])
+        self.start([(layer.keys, layer.values) for layer in cache.layers], joined, r,
+                   capacity=joined.shape[1] + room + 1, slots=_buckets(joined.shape[0]))
+
+    def _live_rows(self):
+        """The live rows' cache, as :meth:`start` takes it.
+
+        Returns:
+            Tuple[list, torch.Tensor, Optional[torch.Tensor]]: per layer (keys, values) with shape (n, Hkv, W, hd)
+            (copies; W the columns written), the attention mask (n, W) long, and the LoRA scale (n, D) or None
+        """
+        cur, rows, W = self.cur, self.rows, self.written
+        layers = [(k.index_select(0, rows)[:, :, :W], v.index_select(0, rows)[:, :, :W]) for k, v in zip(cur.k, cur.v)]
+        mask = (cur.mask[:, 0, 0, :W].index_select(0, rows) == 0).long()
+        return layers, mask, None if cur.r is None else cur.r.index_select(0, rows)
 
     @property
     def slots(self) -> int:

@@ -25,7 +25,7 @@ import binascii
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -38,13 +38,17 @@ AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3", "aiff")
 
 
 class APIError(Exception):
-    """A request the server refuses: HTTP ``status``, machine-readable ``code``, the offending ``param``."""
+    """A request the server refuses: HTTP ``status``, machine-readable ``code``, the offending ``param``, and
+    response ``headers`` (``Retry-After`` on a 503)."""
 
-    def __init__(self, status: int, message: str, code: str, param: Optional[str] = None):
+    def __init__(self, status: int, message: str, code: str, param: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = dict(headers or {})
 
     def body(self) -> dict:
+        """Returns: dict: OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
@@ -61,6 +65,8 @@ class Limits:
 
 @dataclass
 class ChatRequest:
+    """A checked request, whichever endpoint it came to: the template's turns, the clip and the settings."""
+
     turns: List[Tuple[str, Optional[str]]]  # [(instruction, answer)], the last answer None
     audio: Optional[np.ndarray]
     system: Optional[str]
@@ -77,6 +83,14 @@ def decode_audio(data: bytes, where: str, max_seconds: Optional[float]) -> np.nd
     Reuses audio.load_audio's checks (empty, truncated, corrupt, unsupported, too long) through a
     temporary file, with ``where`` (the request field) in place of the file name. Silence is answered
     (load_audio only warns).
+
+    Args:
+        data (bytes): the uploaded file
+        where (str): the request field it came in (named in errors)
+        max_seconds (Optional[float]): longer clips are refused
+
+    Returns:
+        np.ndarray: the waveform with shape (T,)
     """
     if not data:
         raise APIError(400, f"{where}: the audio is empty (0 bytes); send a wav/flac/ogg/mp3 file", "audio_empty",
@@ -144,7 +158,15 @@ UNSUPPORTED = ("stop", "tools", "tool_choice", "functions", "response_format", "
 
 
 def decoding_from(body: dict, limits: Limits) -> Tuple[int, Decoding]:
-    """``max_tokens`` (or ``max_completion_tokens``) and the decoding settings of a request body."""
+    """``max_tokens`` (or ``max_completion_tokens``) and the decoding settings of a request body.
+
+    Args:
+        body (dict): the request's fields (JSON, or a form's converted to numbers)
+        limits (Limits): the server's limits (the default and largest ``max_tokens``)
+
+    Returns:
+        Tuple[int, Decoding]: the answer's cap and the decoding settings
+    """
     for key in UNSUPPORTED:
         if body.get(key) not in (None, False, 0, [], {}):
             raise APIError(400, f"{key} is not supported by this server (it takes temperature, top_p, max_tokens, "
@@ -194,7 +216,15 @@ def _content(msg: dict, i: int, limits: Limits, audio_allowed: bool) -> Tuple[st
 
 
 def parse_chat(body: Any, limits: Limits) -> ChatRequest:
-    """Check a ``/v1/chat/completions`` body and turn it into template turns + audio + settings."""
+    """Check a ``/v1/chat/completions`` body and turn it into template turns + audio + settings.
+
+    Args:
+        body (Any): the parsed JSON body
+        limits (Limits): the server's limits
+
+    Returns:
+        ChatRequest: the checked request
+    """
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", "invalid_json")
     model = body.get("model")
@@ -250,7 +280,20 @@ def parse_chat(body: Any, limits: Limits) -> ChatRequest:
 def encode(tokenizer, turns, audio: Optional[np.ndarray], system: str, speech_tokens: int, limits: Limits,
            chat_template: str = "reference"):
     """The template's token ids (``task.chat_template``, as the Python API encodes them); refuses a prompt
-    that leaves no room for an answer in the LLM context."""
+    that leaves no room for an answer in the LLM context.
+
+    Args:
+        tokenizer: the model's tokenizer
+        turns (List[Tuple[str, Optional[str]]]): the conversation, the last answer None
+        audio (Optional[np.ndarray]): the clip (T,), or None
+        system (str): the system prompt
+        speech_tokens (int): the LLM positions the clip takes
+        limits (Limits): the server's limits (its context length)
+        chat_template (str): the task's chat template name
+
+    Returns:
+        EncodedPrompt: the prompt's ``pre`` and ``post`` token ids
+    """
     enc = prompt_encoder(chat_template)(tokenizer, turns, with_speech=audio is not None, system=system)
     used = len(enc.pre) + len(enc.post) + speech_tokens
     if used >= limits.context_length:

@@ -1,24 +1,51 @@
 // The wavllm-serve page: pick a clip (upload or microphone), an instruction (preset or typed), and
 // watch the answer stream in from /v1/chat/completions (server-sent events). No libraries, no build.
+// A server started with --api-key answers 401 without it: the page then asks for the key, keeps it for
+// the tab (sessionStorage) and sends it as a bearer token.
 "use strict";
 
 const KEEP = 5;  // exchanges kept on the page
+const KEY = "wavllm-api-key";
 const $ = (id) => document.getElementById(id);
 let clip = null;  // {name, format, bytes: ArrayBuffer}
 let modelName = "wavllm";
 
 function status(text) { $("status").textContent = text; }
 
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY);
+  return key ? {"Authorization": "Bearer " + key} : {};
+}
+
+function askForKey(message) {
+  $("key-form").hidden = false;
+  $("model").textContent = message;
+  $("api-key").focus();
+}
+
 async function loadModel() {
   try {
-    const r = await fetch("/v1/models");
+    const r = await fetch("/v1/models", {headers: authHeaders()});
+    if (r.status === 401) {
+      askForKey(sessionStorage.getItem(KEY) ? "wrong API key" : "this server needs an API key");
+      return;
+    }
     const models = await r.json();
     modelName = models.data[0].id;
     $("model").textContent = "model: " + modelName;
+    $("key-form").hidden = true;
   } catch (e) {
     $("model").textContent = "server not reachable";
   }
 }
+
+$("key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const key = $("api-key").value.trim();
+  if (key) sessionStorage.setItem(KEY, key); else sessionStorage.removeItem(KEY);
+  $("api-key").value = "";
+  loadModel();
+});
 
 async function loadPresets() {
   const r = await fetch("/static/presets.json");
@@ -138,7 +165,7 @@ async function ask(instruction) {
   const t0 = performance.now();
   const res = await fetch("/v1/chat/completions", {
     method: "POST",
-    headers: {"Content-Type": "application/json"},
+    headers: {"Content-Type": "application/json", ...authHeaders()},
     body: JSON.stringify({model: modelName, messages: [{role: "user", content}], stream: true,
                           stream_options: {include_usage: true}}),
   });
@@ -147,6 +174,7 @@ async function ask(instruction) {
     try { message = (await res.json()).error.message; } catch (e) { /* not JSON */ }
     el.dataset.state = "error";
     answer.textContent = message;
+    if (res.status === 401) askForKey("this server needs an API key");
     return;
   }
   const reader = res.body.getReader();
