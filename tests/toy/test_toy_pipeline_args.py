@@ -90,17 +90,20 @@ def test_a_malformed_override_is_refused_before_any_work(tmp_path):
 
 def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, monkeypatch):
     from wavllm_fairseq.tools import small_backbones
-    from wavllm_fairseq.toy import corpus, pipeline, stage0
+    from wavllm_fairseq.toy import corpus, pipeline, references, stage0
 
-    monkeypatch.setattr(corpus, "main", lambda argv: 0)
-    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed: {})
+    seen = {}
+    monkeypatch.setattr(corpus, "main", lambda argv: seen.setdefault("corpus", argv) and 0)
+    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed, only: seen.setdefault("only", only) and {})
     monkeypatch.setattr(small_backbones, "require_packages", lambda: None)
     prepared = (str(tmp_path / "real" / "whisper-tiny.en"), str(tmp_path / "real" / "smollm2"))
     monkeypatch.setattr(small_backbones, "prepare", lambda out: prepared)
-    seen = {}
-    # the converted Whisper transcribes the corpus's own test_asr rows as a check
-    monkeypatch.setattr(small_backbones, "manifest_clips", lambda manifest, n: seen.setdefault("check", (manifest, n)))
-    monkeypatch.setattr(small_backbones, "whisper_wer", lambda whisper, clips: (50.0, []))
+    # what the backbones do alone: Whisper on the corpus's own test_asr clips, SmolLM2 on the questions as text
+    monkeypatch.setattr(references, "whisper_ceiling",
+                        lambda whisper, manifest: seen.setdefault("ceiling", (whisper, manifest)) and
+                        {"wer": 5.0, "clips": 3})
+    monkeypatch.setattr(pipeline, "_fill_encoder_cache",
+                        lambda corpus, recipe, seed, log_path: seen.setdefault("cache", recipe.encoder_cache))
 
     class Stop(Exception):
         pass
@@ -111,14 +114,20 @@ def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, 
 
     monkeypatch.setattr(pipeline, "train_stage", train_stage)
     with pytest.raises(Stop):
-        pipeline.main(["--work", str(tmp_path), "--recipe", "small_real"])
+        pipeline.main(["--work", str(tmp_path), "--corpus", str(tmp_path / "corpus")])  # small_real: the default
     recipe = seen["recipe"]
     assert os.path.basename(recipe.config_dir) == "small_real" and recipe.config_name(1) == "small_real_stage1"
     assert os.path.isfile(os.path.join(recipe.config_dir, recipe.config_name(2) + ".yaml"))
     assert recipe.backbones == {"whisper": prepared[0], "llama": prepared[1],
                                 "wavlm": os.path.join(str(tmp_path), "backbones", "wavlm")}
-    assert recipe.decode_args == ["--chat-template", "tokenizer"]  # SmolLM2 was trained with its own template
-    assert seen["check"] == (os.path.join(os.path.abspath("manifests"), "toy", "test_asr.tsv"), pipeline.CHECK_ROWS)
+    # SmolLM2 was trained with its own chat template; decoding gives it the system prompt the yamls train with
+    assert recipe.decode_args == ["--chat-template", "tokenizer", "--system-prompt", pipeline.REAL_SYSTEM_PROMPT,
+                                  "--encoder-cache", os.path.join(str(tmp_path), "encoder_cache")]
+    assert seen["corpus"][seen["corpus"].index("--voices") + 1] == "flite"
+    assert seen["only"] == ("wavlm",)  # the real Whisper and SmolLM2 need no stand-ins
+    assert seen["ceiling"] == (prepared[0], str(tmp_path / "corpus" / "test_asr.tsv"))
+    assert seen["cache"] == os.path.join(str(tmp_path), "encoder_cache")
+    assert any(o.startswith("task.encoder_cache=") for o in recipe.overrides())
 
 
 def test_decode_stages_are_checked():

@@ -48,9 +48,9 @@ import soundfile as sf
 
 from ..data.audio import resample_to_16k
 from ..data.manifest import escape_cell
-from . import tables
+from . import flite, flite_corpus, tables
 from .espeak import synthesize
-from .rows import task_manifests, write_manifest
+from .rows import real_task_manifests, task_manifests, write_manifest
 from .tables import (  # noqa: F401  (the tables' names, as other modules and tests import them from here)
     ACCENTS, ADJS, CONNECTORS, DE, DE_PLACES, DETS, FEMALE, IT_TEMPLATES_SEEN, IT_TEMPLATES_UNSEEN, IT_WORDS, MALE,
     MARKERS, MULTI, NOUNS, OBJECTS, PLACES, STYLES, TEST_VARIANTS, VERBS, _h, all_sentences, is_train_sentence,
@@ -66,6 +66,13 @@ def __getattr__(name: str):  # ``PROMPTS`` (tables.PROMPTS), read on first use
 SIZES = {"small": dict(train=160, test=24, valid=12, sv_train=40, multi_train=80, multi_test=16, it_train=60),
          "default": dict(train=1500, test=100, valid=40, sv_train=800, multi_train=900, multi_test=60,
                          it_train=500)}
+# the flite corpus (--voices flite, the real small recipe): fewer clips, since a real Whisper costs more per
+# clip; SQQA questions spoken sqqa_repeats times in training; CoT on the last cot_train training clips
+FLITE_SIZES = {"small": dict(train=120, test=24, valid=8, sv_train=40, sv_test=16, multi_train=80, multi_test=16,
+                             it_train=60, sqqa_repeats=1, cot_train=40),
+               "default": dict(train=800, test=60, valid=16, sv_train=240, sv_test=40, multi_train=600, multi_test=40,
+                               it_train=300, sqqa_repeats=2, cot_train=200)}
+VOICES = ("espeak", "flite")
 
 FORMAT = 3  # 3: word alignments and what the clip holds (word_samples, transcript, style, n_speakers); a cached
 # corpus of another format is rebuilt
@@ -98,7 +105,7 @@ def synth_clip(job) -> Tuple[str, int, List[List[int]]]:
     pieces, spans, offset = [], [], 0
     for k, (text, accent, variant, pitch, speed, amp) in enumerate(parts):
         raw, sr, starts = synthesize(text, f"{accent}+{variant}", pitch, speed, amp)
-        wav = resample_to_16k(raw.astype(np.float32) / 32768.0, sr)
+        wav = resample_to_16k(raw.astype(np.float32) / 32768.0, sr, method="poly")  # the corpus as generated so far
         starts16 = [int(round(s * 16000 / sr)) for s in starts]
         nz = np.flatnonzero(np.abs(wav) > 1e-3)  # trim espeak's leading/trailing silence
         lo, hi = (max(0, nz[0] - 800), nz[-1] + 800) if len(nz) else (0, len(wav))
@@ -190,13 +197,15 @@ def draw_sv_clips(split: str, n: int, sents, rng: np.random.Generator) -> List[d
     return clips
 
 
-def _synthesize(out: str, clips: Sequence[dict], jobs: int, t0: float) -> None:
-    """Synthesize every clip into ``out`` on ``jobs`` processes; set its ``n_frames`` and ``word_samples``."""
-    log(f"synthesizing {len(clips)} clips with espeak-ng on {jobs} processes")
+def _synthesize(out: str, clips: Sequence[dict], jobs: int, t0: float, engine: str = "espeak") -> None:
+    """Synthesize every clip into ``out`` on ``jobs`` processes; set its ``n_frames`` and ``word_samples``
+    (word spans for espeak-ng, utterance spans for flite)."""
+    log(f"synthesizing {len(clips)} clips with {'espeak-ng' if engine == 'espeak' else 'flite'} on {jobs} processes")
     work = [(os.path.join(out, c["audio"]), c["synth"]) for c in clips]
     lengths, spans = {}, {}
+    synth = synth_clip if engine == "espeak" else flite.synth_clip
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for k, (path, n, words) in enumerate(pool.map(synth_clip, work, chunksize=16)):
+        for k, (path, n, words) in enumerate(pool.map(synth, work, chunksize=16)):
             lengths[path], spans[path] = n, words
             if (k + 1) % 500 == 0 or k + 1 == len(work):
                 log(f"progress {k + 1}/{len(work)} clips ({time.time() - t0:.0f} s)")
@@ -205,12 +214,13 @@ def _synthesize(out: str, clips: Sequence[dict], jobs: int, t0: float) -> None:
         c["word_samples"] = json.dumps(spans[os.path.join(out, c["audio"])], separators=(",", ":"))
 
 
-def _write_prompts_and_lm_text(out: str, manifests: Dict[str, List[dict]]) -> None:
-    """``prompts/<task>.{seen,unseen}.txt`` (the speech tasks' pools and the IT templates) and ``lm_text.txt``
-    (every training prompt and answer)."""
+def _write_prompts_and_lm_text(out: str, manifests: Dict[str, List[dict]], extra_tasks: Sequence[str] = ()) -> None:
+    """``prompts/<task>.{seen,unseen}.txt`` (the speech tasks' pools, ``extra_tasks``' and the IT templates)
+    and ``lm_text.txt`` (every training prompt and answer)."""
     os.makedirs(os.path.join(out, "prompts"), exist_ok=True)
     it_pools = ([t for t, _ in IT_TEMPLATES_SEEN], [t for t, _ in IT_TEMPLATES_UNSEEN])
-    for task, (seen, unseen) in list(prompt_pools().items()) + [("it", it_pools)]:
+    extra = [(t, (tables.task_pool(t, "seen"), tables.task_pool(t, "unseen"))) for t in extra_tasks]
+    for task, (seen, unseen) in list(prompt_pools().items()) + extra + [("it", it_pools)]:
         for pool, items in (("seen", seen), ("unseen", unseen)):
             with open(os.path.join(out, "prompts", f"{task}.{pool}.txt"), "w", encoding="utf-8") as f:
                 f.write("\n".join(escape_cell(p) for p in items) + "\n")
@@ -224,7 +234,7 @@ def _write_prompts_and_lm_text(out: str, manifests: Dict[str, List[dict]]) -> No
 
 
 # ------------------------------------------------------------------ main
-def build(out: str, seed: int, size: str, jobs: int) -> dict:
+def build(out: str, seed: int, size: str, jobs: int, synth: str = "espeak") -> dict:
     """Draw, synthesize and write the whole corpus into ``out``.
 
     Args:
@@ -232,17 +242,20 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
         seed (int): the corpus seed (the same seed and size give the same files, byte for byte).
         size (str): a key of ``SIZES``.
         jobs (int): synthesis processes.
+        synth (str): ``espeak`` (the toy's stand-ins) or ``flite`` (the real small recipe, flite_corpus.py).
 
     Returns:
         dict: what ``corpus.json`` records besides seed, size and format (row counts, voices, sentences, hours).
     """
     t0 = time.time()
-    sz = SIZES[size]
+    sz = SIZES[size] if synth == "espeak" else FLITE_SIZES[size]
     rng = np.random.default_rng(seed)
     sentences = all_sentences()
     train_s = [s for s in sentences if is_train_sentence(seed, s[0])]
     test_s = [s for s in sentences if not is_train_sentence(seed, s[0])]
     os.makedirs(os.path.join(out, "wav"), exist_ok=True)
+    if synth == "flite":
+        return _build_flite(out, seed, sz, jobs, train_s, test_s, rng, t0)
     clips = {"train": draw_clips("train", sz["train"], train_s, rng),
              "test": draw_clips("test", sz["test"], test_s, rng),
              "valid": draw_clips("valid", sz["valid"], test_s, rng),
@@ -261,14 +274,31 @@ def build(out: str, seed: int, size: str, jobs: int) -> dict:
                 hours_train_asr=round(sum(c["n_frames"] for c in clips["train"]) / 16000 / 3600, 3))
 
 
-def _is_cached(out: str, seed: int, size: str) -> bool:
-    """Whether ``out`` holds a complete corpus of this seed, size and format."""
+def _build_flite(out: str, seed: int, sz: dict, jobs: int, train_s, test_s, rng, t0: float) -> dict:
+    """``build`` for ``synth="flite"``: flite_corpus.py's clips, rows.real_task_manifests."""
+    clips = flite_corpus.draw_all(seed, sz, train_s, test_s, rng)
+    _synthesize(out, [c for split in clips.values() for c in split], jobs, t0, engine="flite")
+    manifests = real_task_manifests(clips, sz, rng)
+    for name, rows in manifests.items():
+        write_manifest(os.path.join(out, name + ".tsv"), rows)
+    _write_prompts_and_lm_text(out, manifests, extra_tasks=("sqqa", "cot"))
+    return dict(counts={k: len(v) for k, v in manifests.items()}, voices="flite",
+                train_voices=[flite.speaker_name(s) for s in flite.speakers("train")],
+                test_voices=[flite.speaker_name(s) for s in flite.speakers("test")],
+                train_sentences=len(train_s), test_sentences=len(test_s),
+                test_questions=[q for q, _, _ in flite_corpus.question_split(seed)["test"]],
+                hours_train_asr=round(sum(c["n_frames"] for c in clips["train"]) / 16000 / 3600, 3))
+
+
+def _is_cached(out: str, seed: int, size: str, voices: str = "espeak") -> bool:
+    """Whether ``out`` holds a complete corpus of this seed, size, voices and format."""
     meta_path = os.path.join(out, "corpus.json")
     if not os.path.isfile(meta_path):
         return False
     meta = json.load(open(meta_path))
-    return meta.get("seed") == seed and meta.get("size") == size and meta.get("format") == FORMAT and all(
-        os.path.isfile(os.path.join(out, n + ".tsv")) for n in meta.get("counts", {}))
+    return (meta.get("seed") == seed and meta.get("size") == size and meta.get("format") == FORMAT
+            and meta.get("voices", "espeak") == voices
+            and all(os.path.isfile(os.path.join(out, n + ".tsv")) for n in meta.get("counts", {})))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -280,14 +310,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--voices", choices=VOICES, default="espeak",
+                   help="espeak: the toy's espeak-ng voices; flite: flite speakers the real Whisper hears, with SQQA "
+                        "and CoT (the real small recipe)")
     p.add_argument("--force", action="store_true", help="rebuild even when a corpus with this seed and size exists")
     args = p.parse_args(argv)
-    if shutil.which("espeak-ng") is None:
+    if args.voices == "espeak" and shutil.which("espeak-ng") is None:
         print("espeak-ng not found: install it (Debian: apt-get install espeak-ng) or run "
               "examples/wavllm/scripts/install.sh", file=sys.stderr)
         return 2
+    if args.voices == "flite" and flite.check_flite():
+        print(flite.check_flite(), file=sys.stderr)
+        return 2
     out = os.path.abspath(args.out)
-    if not args.force and _is_cached(out, args.seed, args.size):
+    if not args.force and _is_cached(out, args.seed, args.size, args.voices):
         log(f"cached: {out} (seed {args.seed}, size {args.size}); --force rebuilds")
         return 0
     if os.path.isdir(out):
@@ -297,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    meta = build(out, args.seed, args.size, args.jobs)
+    meta = build(out, args.seed, args.size, args.jobs, args.voices)
     meta.update(seed=args.seed, size=args.size, format=FORMAT, seconds=round(time.time() - t0, 1))
     with open(os.path.join(out, "corpus.json"), "w") as f:
         json.dump(meta, f, indent=1)

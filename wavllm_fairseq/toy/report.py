@@ -16,6 +16,21 @@ TARGETS = {
     ("test_asr_unseen", "asr", "wer"): "within 3 of test_asr",
 }
 
+# the real small recipe's targets (issue 31): Whisper's own WER and the LLM's text accuracy are the references
+REAL_TARGETS = {
+    ("test_asr", "asr", "wer"): "within 3 of Whisper tiny.en alone",
+    ("test_asr", "asr", "wer_unseen"): "within 3 of seen",
+    ("test_st", "st", "bleu"): ">= 40",
+    ("test_sv", "sv", "accuracy"): ">= 0.9",
+    ("test_er", "er", "accuracy"): ">= 0.85",
+    ("test_gender", "gender", "accuracy"): ">= 0.95",
+    ("test_sqa", "sqa", "accuracy"): ">= 0.85",
+    ("test_sqqa", "sqqa", "accuracy"): ">= the LLM on the questions as text - 0.10",
+    ("test_multi", "multi", "ifr"): ">= 0.9 (and > stage 1)",
+    ("test_multi", "multi", "ifr_seen"): ">= 0.9",
+    ("test_multi", "multi", "ifr_unseen"): ">= 0.9",
+}
+
 SKIP_METRICS = {"n", "missing"}
 
 
@@ -44,17 +59,21 @@ STANDIN_CHECKS = [("whisper_ctc_wer_valid", "Whisper stand-in: CTC greedy WER % 
                   ("llama_notag_loss_valid", "LLaMA stand-in: style/gender/SV answer loss, words only in the span")]
 
 
-def format_table(results, times, standins: Optional[dict] = None) -> str:
-    """The pipeline's markdown report: scores per stage with the targets, stand-in checks, wall times.
+def format_table(results, times, standins: Optional[dict] = None, refs: Optional[dict] = None,
+                 recipe: str = "toy") -> str:
+    """The pipeline's markdown report: scores per stage with the targets, references, stand-in checks, wall times.
 
     Args:
         results (Dict[str, dict]): {stage: {subset: {task: {metric: value}}}}.
         times (Dict[str, float]): step -> seconds.
         standins (Optional[dict]): stage 0's result (its held-out checks).
+        refs (Optional[dict]): what the real backbones score alone (references.py).
+        recipe (str): ``toy`` or ``small_real`` (whose targets the table shows).
 
     Returns:
         str: the tables.
     """
+    targets = REAL_TARGETS if recipe == "small_real" else TARGETS
     stages = sorted(results)
     lines = ["| test set | task | metric | " + " | ".join(stages) + " | target |",
              "|---|---|---|" + "---|" * len(stages) + "---|"]
@@ -65,7 +84,16 @@ def format_table(results, times, standins: Optional[dict] = None) -> str:
             vals.append("" if v is None
                         else (f"{v:.2f}" if metric in ("wer", "bleu") or "wer" in metric else f"{v:.4g}"))
         lines.append(f"| {subset} | {task} | {metric} | " + " | ".join(vals)
-                     + f" | {TARGETS.get((subset, task, metric), '')} |")
+                     + f" | {targets.get((subset, task, metric), '')} |")
+    if refs:
+        lines += ["", "| reference: the real backbones alone | value |", "|---|---|"]
+        if "whisper_wer" in refs:
+            r = refs["whisper_wer"]
+            lines.append(f"| Whisper tiny.en's own WER % on the test_asr clips ({r['clips']} clips) | {r['wer']:.2f} |")
+        if "llm_text_sqqa" in refs:
+            r = refs["llm_text_sqqa"]
+            lines.append(f"| SmolLM2's accuracy on the test_sqqa questions as text ({r['questions']}) "
+                         f"| {r['accuracy']:.4g} |")
     if standins:
         lines += ["", "| stage-0 stand-in check | value |", "|---|---|"]
         lines += [f"| {name} | {standins[key]} |" for key, name in STANDIN_CHECKS if key in standins]
@@ -170,7 +198,8 @@ def _save(plt, fig, ax, path: str) -> str:
     return path
 
 
-def write_report(work: str, results, times, standins: Optional[dict] = None) -> str:
+def write_report(work: str, results, times, standins: Optional[dict] = None, refs: Optional[dict] = None,
+                 recipe: str = "toy") -> str:
     """``results.json``, ``results.md`` and the plots under ``work``.
 
     Args:
@@ -178,16 +207,19 @@ def write_report(work: str, results, times, standins: Optional[dict] = None) -> 
         results (Dict[str, dict]): {stage: {subset: {task: {metric: value}}}}.
         times (Dict[str, float]): step -> seconds.
         standins (Optional[dict]): stage 0's result.
+        refs (Optional[dict]): the references (small_real).
+        recipe (str): ``toy`` or ``small_real``.
 
     Returns:
         str: the tables (``format_table``).
     """
-    table = format_table(results, times, standins)
+    table = format_table(results, times, standins, refs, recipe)
     with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "results": results, "times_s": times,
+        json.dump({"date": time.strftime("%Y-%m-%d"), "recipe": recipe, "results": results, "times_s": times,
+                   "references": refs or {},
                    "stage0": {k: standins[k] for k, _ in STANDIN_CHECKS if standins and k in standins}}, f, indent=1)
     with open(os.path.join(work, "results.md"), "w") as f:
-        f.write(f"Toy WavLLM results, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
+        f.write(f"WavLLM {recipe} results, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
     for p in plot(work, results):
         print(f"wrote {p}")
     return table

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.manifest import escape_cell
-from .tables import CONNECTORS, IT_TEMPLATES_SEEN, IT_TEMPLATES_UNSEEN, IT_WORDS, MARKERS, MULTI, pool_prompts
+from .tables import (CONNECTORS, IT_TEMPLATES_SEEN, IT_TEMPLATES_UNSEEN, IT_WORDS, MARKERS, MULTI, pool_prompts,
+                     task_pool)
 
 HEADER = ["id", "audio", "n_frames", "prompt", "tgt_text", "with_speech", "task", "speaker", "gender", "label",
           "prompt_pool", "subtasks", "sub_markers", "sub_targets", "word_samples", "transcript", "style", "n_speakers"]
@@ -62,6 +63,10 @@ def answer(task: str, clip: dict) -> Tuple[str, Optional[str]]:
     if task == "sv":
         return ("Yes, there is only one speaker." if clip["same"] else "No, there are two speakers."), (
             "yes" if clip["same"] else "no")
+    if task == "sqqa":  # the spoken question's answer; the label: the words any of which makes an answer right
+        return f"The answer is {clip['answer']}.", "|".join(clip["answer_words"])
+    if task == "cot":  # the steps in the order the instruction asks for them
+        return f"Transcription: {clip['text']}. German: {clip['de']}. Object: {clip['obj']}.", None
     raise ValueError(task)
 
 
@@ -112,7 +117,7 @@ def single_rows(task: str, clips: List[dict], pool: str, rng: np.random.Generato
     Returns:
         List[dict]: the rows.
     """
-    prompts = pool_prompts(task, pool)
+    prompts = task_pool(task, pool) if task in ("sqqa", "cot") else pool_prompts(task, pool)
     rows = []
     for c in clips:
         tgt, label = answer(task, c)
@@ -235,4 +240,28 @@ def task_manifests(clips: Dict[str, List[dict]], sizes: dict, rng: np.random.Gen
     manifests["valid_multi"] = multi_rows(valid, sv_valid, len(valid), "seen", rng, words)
     manifests["test_multi"] = (multi_rows(test, sv_test, sizes["multi_test"], "seen", rng, words)
                                + multi_rows(test, sv_test, sizes["multi_test"], "unseen", rng, words))
+    return manifests
+
+
+def real_task_manifests(clips: Dict[str, List[dict]], sizes: dict, rng: np.random.Generator) -> Dict[str, List[dict]]:
+    """The flite corpus's manifests: ``task_manifests``, then SQQA (spoken questions) and CoT (one instruction
+    asking for transcription, German and the object, in that order) for training, validation and test.
+
+    Args:
+        clips (Dict[str, List[dict]]): ``task_manifests``'s clips and ``sqqa_train``, ``sqqa_valid``, ``sqqa_test``.
+        sizes (dict): ``task_manifests``'s counts and ``cot_train``.
+        rng (np.random.Generator): the corpus's generator.
+
+    Returns:
+        Dict[str, List[dict]]: manifest name -> rows.
+    """
+    manifests = task_manifests(clips, sizes, rng)
+    train, test, valid = clips["train"], clips["test"], clips["valid"]
+    manifests["train_sqqa"] = single_rows("sqqa", clips["sqqa_train"], "seen", rng)
+    manifests["valid_sqqa"] = single_rows("sqqa", clips["sqqa_valid"], "seen", rng)
+    manifests["test_sqqa"] = (single_rows("sqqa", clips["sqqa_test"], "seen", rng)
+                              + single_rows("sqqa", clips["sqqa_test"], "unseen", rng))
+    manifests["train_cot"] = single_rows("cot", train[-sizes["cot_train"]:], "seen", rng)
+    manifests["valid_cot"] = single_rows("cot", valid, "seen", rng)
+    manifests["test_cot"] = single_rows("cot", test, "seen", rng) + single_rows("cot", test, "unseen", rng)
     return manifests

@@ -30,6 +30,8 @@ def _data(name: str) -> dict:
 
 
 _LEXICON, _VOICES, _TASKS = _data("lexicon.json"), _data("voices.json"), _data("tasks.json")
+# spoken questions of the SQQA task: (question, answer, words any of which makes an answer right)
+SQQA_QUESTIONS: List[Tuple[str, str, List[str]]] = [tuple(q) for q in _data("sqqa.json")["questions"]]
 
 # language: the grammar's words and their German
 DETS: List[str] = _LEXICON["dets"]
@@ -48,6 +50,8 @@ FEMALE: List[str] = _VOICES["female"]
 MALE: List[str] = _VOICES["male"]
 TEST_VARIANTS: List[str] = _VOICES["test_variants"]
 STYLES: Dict[str, Tuple[int, float, int]] = {k: tuple(v) for k, v in _VOICES["styles"].items()}
+# the real small recipe's flite speakers and styles (flite.py)
+FLITE: dict = _VOICES["flite"]
 
 # tasks: answer markers, multi-task combinations and connectors, text-only instruction templates
 MARKERS: Dict[str, str] = _TASKS["markers"]
@@ -118,6 +122,20 @@ def pool_prompts(task: str, pool: str) -> List[str]:
         List[str]: the pool's prompts.
     """
     return prompt_pools()[task][0 if pool == "seen" else 1]
+
+
+@functools.lru_cache(maxsize=None)
+def task_pool(task: str, pool: str) -> List[str]:
+    """One pool of any task with a pool file (``SPEECH_TASKS`` and the real recipe's ``sqqa`` and ``cot``).
+
+    Args:
+        task (str): the task.
+        pool (str): ``seen`` or ``unseen``.
+
+    Returns:
+        List[str]: the pool's prompts.
+    """
+    return read_prompt_file(os.path.join(PROMPT_DIR, f"{task}.{pool}.txt"))
 
 
 def __getattr__(name: str):  # ``PROMPTS``, read on first use (a missing prompt file fails there, naming it)

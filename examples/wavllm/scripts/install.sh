@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what wavllm_fairseq needs on a fresh Debian + Python 3.11 machine; a no-op when present.
-#   espeak-ng (Debian)      - synthesizes the toy corpus (through its library libespeak-ng, a dependency)
+#   espeak-ng (Debian)      - synthesizes the toy recipe's corpus (through its library libespeak-ng, a dependency)
+#   flite (Debian)          - synthesizes the real small recipe's corpus (voices slt, rms, awb: the real Whisper hears them)
 #   torch==2.13.0 (CPU)     - from the local wheel pip is configured to find (no CUDA downloads)
 #   fairseq-fixed 0.12.3.1  - the `fairseq` import name; upstream fairseq 0.12.2 does not import on 3.11
 #   chromium (Debian)       - the headless browser the serving page's test drives
@@ -15,6 +16,11 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   echo "[install] espeak-ng (Debian)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+fi
+if ! command -v flite >/dev/null 2>&1; then
+  echo "[install] flite (Debian)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq flite >/dev/null
 fi
 if ! command -v chromium >/dev/null 2>&1; then
   # tests/test_serve_browser.py drives the wavllm-serve page in it, headless (about 115 MB, 15 s)
@@ -35,9 +41,9 @@ fi
 # removes it again, and anything running meanwhile would fail to import transformers models.
 if $PY -I - "$PWD" <<'PYEOF' >/dev/null 2>&1  # -I: not the cwd copy, the installed one
 import os, sys, importlib.metadata as md
-import wavllm_fairseq, fairseq, torch, transformers, sentencepiece, soundfile, scipy, numpy, editdistance
+import wavllm_fairseq, fairseq, torch, transformers, sentencepiece, soundfile, soxr, scipy, numpy, editdistance
 import sacrebleu, rouge_score, hydra, omegaconf, matplotlib, sklearn, safetensors, pytest
-import fastapi, uvicorn, python_multipart, websockets, openai  # the serve extra and its tests
+import fastapi, uvicorn, python_multipart, prometheus_client, websockets, openai  # the serve extra and its tests
 assert os.path.dirname(os.path.dirname(os.path.abspath(wavllm_fairseq.__file__))) == os.path.abspath(sys.argv[1])
 md.distribution("wavllm_fairseq")
 # what setup.py declares now (it may be newer than the install): every requirement of the package and of the

@@ -105,7 +105,8 @@ def code_digest(files: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(corpus: str, size: str, seed: int, files: Optional[Sequence[str]] = None) -> str:
+def fingerprint(corpus: str, size: str, seed: int, files: Optional[Sequence[str]] = None,
+                only: Sequence[str] = BACKBONES) -> str:
     """Key of a stage-0 result: the settings and seed, the source of stage 0 and every corpus file it
     reads (training manifests, held-out checks, the LM text).
 
@@ -114,12 +115,14 @@ def fingerprint(corpus: str, size: str, seed: int, files: Optional[Sequence[str]
         size (str): a key of ``SETTINGS``.
         seed (int): the stage-0 seed.
         files (Optional[Sequence[str]]): the source files (default: ``code_files()``).
+        only (Sequence[str]): the stand-ins trained (all three: the key of every earlier result).
 
     Returns:
         str: 16 hex digits.
     """
     code = code_digest(code_files() if files is None else files)
-    h = hashlib.sha1(json.dumps([size, seed, SETTINGS[size], code], sort_keys=True).encode())
+    key = [size, seed, SETTINGS[size], code] + ([] if tuple(only) == BACKBONES else [sorted(only)])
+    h = hashlib.sha1(json.dumps(key, sort_keys=True).encode())
     for name in sorted(os.listdir(corpus)):
         if (name.startswith("train_") and name.endswith(".tsv")) or name in CORPUS_FILES:
             with open(os.path.join(corpus, name), "rb") as f:
@@ -128,8 +131,9 @@ def fingerprint(corpus: str, size: str, seed: int, files: Optional[Sequence[str]
 
 
 # ------------------------------------------------------------------ main
-def pretrain(corpus: str, out: str, size: str = "default", seed: int = 1, force: bool = False) -> dict:
-    """Train the three stand-ins on the corpus and save them under ``out`` (or reuse a cached result).
+def pretrain(corpus: str, out: str, size: str = "default", seed: int = 1, force: bool = False,
+             only: Sequence[str] = BACKBONES) -> dict:
+    """Train the stand-ins on the corpus and save them under ``out`` (or reuse a cached result).
 
     Args:
         corpus (str): the toy corpus folder (with ``corpus.json``).
@@ -137,6 +141,8 @@ def pretrain(corpus: str, out: str, size: str = "default", seed: int = 1, force:
         size (str): a key of ``SETTINGS``.
         seed (int): seed of every stand-in's initialisation and batches.
         force (bool): retrain even when ``stage0.json`` holds the same key.
+        only (Sequence[str]): which of ``BACKBONES`` to train (the real small recipe: ``wavlm``, the acoustic
+            branch no pretrained model on pip provides).
 
     Returns:
         dict: what ``stage0.json`` records (key, settings, held-out checks, seconds per model).
@@ -144,25 +150,32 @@ def pretrain(corpus: str, out: str, size: str = "default", seed: int = 1, force:
     corpus, out = os.path.abspath(corpus), os.path.abspath(out)
     if not os.path.isfile(os.path.join(corpus, "corpus.json")):
         raise SystemExit(f"{corpus} is not a toy corpus (no corpus.json): run wavllm-make-toy-corpus first")
-    fp = fingerprint(corpus, size, seed)
+    unknown = sorted(set(only) - set(BACKBONES))
+    if unknown or not only:
+        raise SystemExit(f"stage 0 trains {', '.join(BACKBONES)}; got {sorted(only)}")
+    fp = fingerprint(corpus, size, seed, only=only)
     done_path = os.path.join(out, "stage0.json")
     if not force and os.path.isfile(done_path):
         with open(done_path) as f:
             done = json.load(f)
-        if done.get("fingerprint") == fp and all(os.path.isdir(os.path.join(out, d)) for d in BACKBONES):
+        if done.get("fingerprint") == fp and all(os.path.isdir(os.path.join(out, d)) for d in only):
             log(f"cached: {out} (same corpus, settings and code); --force retrains")
             return done
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
     cfg = SETTINGS[size]
     t0 = time.time()
-    tok = train_sentencepiece(tokenizer_texts(corpus), os.path.join(out, "llama"), vocab_size=cfg["vocab"])
-    log(f"tokenizer: {len(tok)} pieces -> {tok.path}")
-    result = {"fingerprint": fp, "corpus": corpus, "size": size, "seed": seed, "settings": cfg}
+    tok = None
+    if "llama" in only:
+        tok = train_sentencepiece(tokenizer_texts(corpus), os.path.join(out, "llama"), vocab_size=cfg["vocab"])
+        log(f"tokenizer: {len(tok)} pieces -> {tok.path}")
+    result = {"fingerprint": fp, "corpus": corpus, "size": size, "seed": seed, "settings": cfg, "trained": list(only)}
     timings = {}
     for name, fn in (("llama", lambda: train_llama(corpus, out, cfg["llama"], seed, tok)),
                      ("whisper", lambda: train_whisper(corpus, out, cfg["whisper"], seed)),
                      ("wavlm", lambda: train_wavlm(corpus, out, cfg["wavlm"], seed))):
+        if name not in only:
+            continue
         t = time.time()
         result.update(fn())
         timings[name] = round(time.time() - t, 1)
@@ -171,7 +184,7 @@ def pretrain(corpus: str, out: str, size: str = "default", seed: int = 1, force:
     with open(done_path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(done_path + ".tmp", done_path)
-    log(f"done in {result['total_seconds']} s -> {out}/{{whisper,wavlm,llama}}")
+    log(f"done in {result['total_seconds']} s -> {out}/{{{','.join(only)}}}")
     return result
 
 
@@ -184,6 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--size", choices=sorted(SETTINGS), default="default")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--force", action="store_true", help="retrain even when a cached result matches")
+    p.add_argument("--only", default=",".join(BACKBONES),
+                   help="comma list of the stand-ins to train (default: all; the real small recipe: wavlm)")
     args = p.parse_args(argv)
-    pretrain(args.corpus, args.out, args.size, args.seed, args.force)
+    pretrain(args.corpus, args.out, args.size, args.seed, args.force,
+             only=tuple(b for b in args.only.split(",") if b))
     return 0
