@@ -1,6 +1,6 @@
-"""The toy default end to end, reduced: corpus -> stage 0 -> stage 1 -> stage 2 -> generate -> score.
+"""The stand-in recipe end to end, reduced: corpus -> stage 0 -> stage 1 -> stage 2 -> generate -> score.
 
-Runs ``python -m wavllm_fairseq.toy.pipeline --size small`` (the README's main job at its small size) and
+Runs ``python -m wavllm_fairseq.toy.pipeline --recipe toy --size small`` (the main job's steps on the stand-ins) and
 checks what it promises: backbones saved with save_pretrained and loadable through the config paths, a
 cached second stage 0, frozen backbones, one score table for every test set and stage, plots, and that
 stage 1 beats the untrained model on ASR.
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     work = tmp_path_factory.mktemp("toy")
-    cmd = [sys.executable, "-m", "wavllm_fairseq.toy.pipeline", "--size", "small", "--work", str(work),
-           "--corpus", str(work / "corpus")]
+    cmd = [sys.executable, "-m", "wavllm_fairseq.toy.pipeline", "--recipe", "toy", "--size", "small",
+           "--work", str(work), "--corpus", str(work / "corpus")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500,
                          env={**os.environ, "PYTHONHASHSEED": "0"})
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]

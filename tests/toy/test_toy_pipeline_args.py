@@ -13,7 +13,8 @@ def test_train_seed_and_overrides_reach_both_training_stages_only(tmp_path, monk
 
     seen = {}
     monkeypatch.setattr(corpus, "main", lambda argv: seen.setdefault("corpus", argv) and 0)
-    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed: seen.setdefault("stage0_seed", seed) and {})
+    monkeypatch.setattr(stage0, "pretrain",
+                        lambda corpus, out, size, seed, only: seen.setdefault("stage0_seed", seed) and {})
 
     class Stop(Exception):
         pass
@@ -27,7 +28,7 @@ def test_train_seed_and_overrides_reach_both_training_stages_only(tmp_path, monk
 
     monkeypatch.setattr(pipeline, "train_stage", train_stage)
     with pytest.raises(Stop):
-        pipeline.main(["--work", str(tmp_path), "--seed", "1", "--train-seed", "2",
+        pipeline.main(["--recipe", "toy", "--work", str(tmp_path), "--seed", "1", "--train-seed", "2",
                        "--override", "task.prompt_augment=true", "--override", "optimization.lr=[1e-4]"])
     assert seen["corpus"][seen["corpus"].index("--seed") + 1] == "1" and seen["stage0_seed"] == 1
     for stage in (1, 2):
@@ -36,10 +37,10 @@ def test_train_seed_and_overrides_reach_both_training_stages_only(tmp_path, monk
 
 
 def test_stage_updates_set_that_stage_and_a_tenth_of_it_as_warm_up(tmp_path, monkeypatch):
-    from wavllm_fairseq.toy import corpus, pipeline, stage0
+    from wavllm_fairseq.toy import corpus, pipeline, stage0, steps
 
     monkeypatch.setattr(corpus, "main", lambda argv: 0)
-    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed: {})
+    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed, only: {})
     calls, cmds = {}, []
 
     class Stop(Exception):
@@ -54,13 +55,13 @@ def test_stage_updates_set_that_stage_and_a_tenth_of_it_as_warm_up(tmp_path, mon
     real_train_stage = pipeline.train_stage
     monkeypatch.setattr(pipeline, "train_stage", train_stage)
     with pytest.raises(Stop):
-        pipeline.main(["--work", str(tmp_path), "--stage2-updates", "1000"])
+        pipeline.main(["--recipe", "toy", "--work", str(tmp_path), "--stage2-updates", "1000"])
     assert calls == {1: (None, None), 2: (1000, 100)}
     with pytest.raises(Stop):
-        pipeline.main(["--work", str(tmp_path), "--size", "small", "--stage1-updates", "5"])
+        pipeline.main(["--recipe", "toy", "--work", str(tmp_path), "--size", "small", "--stage1-updates", "5"])
     assert calls == {1: (5, 1), 2: (pipeline.SIZES["small"]["stage2_updates"], None)}
     # the numbers reach fairseq-hydra-train's command line, before the user's overrides (which win)
-    monkeypatch.setattr(pipeline, "run", lambda cmd, log_path, env=None, echo=True: cmds.append(cmd))
+    monkeypatch.setattr(steps, "run", lambda cmd, log_path, env=None, echo=True: cmds.append(cmd))
     (tmp_path / "s2").mkdir()
     (tmp_path / "s2" / "checkpoint_last.pt").write_bytes(b"")
     recipe = pipeline.Recipe("toy", {k: f"B/{k}" for k in ("whisper", "wavlm", "llama")})
