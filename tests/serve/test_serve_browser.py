@@ -55,13 +55,18 @@ class DevTools:
         return r["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 60):
-        deadline = time.time() + timeout
+        """Evaluate ``expression`` until it is truthy; an exception counts as not yet (right after
+        Page.navigate the old or an empty document may still be there), the last one is raised at the end."""
+        deadline, error = time.time() + timeout, None
         while time.time() < deadline:
-            value = self.eval(expression)
+            try:
+                value = self.eval(expression)
+            except RuntimeError as e:
+                value, error = None, e
             if value:
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {expression}")
+        raise AssertionError(f"timed out waiting for {expression}" + (f" (last error: {error})" if error else ""))
 
     def errors(self):
         out = []

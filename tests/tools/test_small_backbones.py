@@ -16,6 +16,7 @@ from wavllm_fairseq.tools import small_backbones
 from wavllm_fairseq.tools.ct2_whisper import convert_ct2_whisper, read_ct2_model
 from wavllm_fairseq.errors import CheckpointError
 from wavllm_fairseq.toy import corpus
+from wavllm_fairseq.toy.steps import REAL_SYSTEM_PROMPT  # the small_real yamls' task.system_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
@@ -236,7 +237,8 @@ def test_wavllm_small_real_trains_stage_1_and_2_and_decodes_from_the_prepared_fo
     assert state["cfg"]["model"]["prompt_adapter"]
 
     gen = ["fairseq-generate", data, "--user-dir", os.path.join(ROOT, "wavllm_fairseq"), "--task",
-           "wavllm_instruction", "--chat-template", "tokenizer", "--gen-subset", "test_asr",
+           "wavllm_instruction", "--chat-template", "tokenizer", "--system-prompt", REAL_SYSTEM_PROMPT,
+           "--gen-subset", "test_asr",
            "--path", str(tmp_path / "ckpt2" / "checkpoint_last.pt"), "--beam", "1", "--batch-size", "2",
            "--max-len-b", "6", "--cpu", "--required-batch-size-multiple", "1"]
     out = subprocess.run(gen, capture_output=True, text=True, cwd=ROOT, timeout=600)
