@@ -187,12 +187,14 @@ def manifest_clips(manifest: str, n: int) -> List[Tuple[str, str]]:
     return clips
 
 
-def whisper_wer(whisper_dir: str, clips: Sequence[Tuple[str, str]]) -> Tuple[float, List[str]]:
+def whisper_wer(whisper_dir: str, clips: Sequence[Tuple[str, str]],
+                batch: Optional[int] = None) -> Tuple[float, List[str]]:
     """Transcribe clips with a Hugging Face Whisper folder (transformers' generate, greedy).
 
     Args:
         whisper_dir (str): the Whisper folder.
         clips (Sequence[Tuple[str, str]]): (audio path, reference transcript) pairs.
+        batch (Optional[int]): clips per ``generate`` call (default: all at once); the model loads once.
 
     Returns:
         Tuple[float, List[str]]: the WER in % and the transcripts.
@@ -200,11 +202,14 @@ def whisper_wer(whisper_dir: str, clips: Sequence[Tuple[str, str]]) -> Tuple[flo
     proc = WhisperProcessor.from_pretrained(whisper_dir, local_files_only=True)
     model = WhisperForConditionalGeneration.from_pretrained(whisper_dir, local_files_only=True,
                                                             dtype=torch.float32).eval()
-    audio = [load_audio(p, "") for p, _ in clips]
-    feats = proc.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
-    with torch.inference_mode():
-        ids = model.generate(feats, max_new_tokens=60)
-    hyps = [h.strip() for h in proc.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    step = batch or max(1, len(clips))
+    hyps: List[str] = []
+    for i in range(0, len(clips), step):
+        audio = [load_audio(p, "") for p, _ in clips[i: i + step]]
+        feats = proc.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.inference_mode():
+            ids = model.generate(feats, max_new_tokens=60)
+        hyps += [h.strip() for h in proc.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return wer([t for _, t in clips], hyps), hyps
 
 
