@@ -43,7 +43,8 @@ def test_config_composes_and_starts_with_its_command(path):
     assert any("fairseq-hydra-train" in line for line in first_lines), "the yaml must start with its launch command"
     cfg = compose(path)
     assert cfg["task"]["_name"] == "wavllm_instruction"
-    assert cfg["criterion"]["_name"] == "wavllm_cross_entropy"
+    align = path.endswith("_align.yaml")  # stage 1a: CTC alignment of the speech span, before stage 1
+    assert cfg["criterion"]["_name"] == ("wavllm_ctc_align" if align else "wavllm_cross_entropy")
     assert cfg["dataset"]["required_batch_size_multiple"] == 1  # fairseq would drop a last partial batch
     assert cfg["common"]["user_dir"].endswith("wavllm_fairseq")
     assert cfg["optimizer"]["adam_betas"] == "(0.9,0.98)"

@@ -148,6 +148,7 @@ class WavLLMInstructionTask(FairseqTask):
             attach_encoder_cache(model, self.cfg.encoder_cache, str(self.cfg.encoder_cache_dtype))
         self._context_length = model.context_length
         self._use_wavlm = model.wavlm is not None
+        self.llm_dim = model.llm_dim  # what a criterion with parameters at the LLM's width reads
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):

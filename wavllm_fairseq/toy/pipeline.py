@@ -1,15 +1,19 @@
-"""The embedded default, end to end: corpus -> backbones -> encoder cache -> stage 1 -> stage 2 -> decode -> score.
+"""The embedded default, end to end: corpus -> backbones -> encoder cache -> [stage 1a: CTC alignment] -> stage 1
+-> stage 2 -> decode -> score.
 
     python -m wavllm_fairseq.toy.pipeline [--recipe small_real|toy] [--work DIR] [--corpus DIR]
         [--size default|small] [--seed 1] [--train-seed N] [--stage1-updates N] [--stage2-updates N]
-        [--override KEY=VALUE ...] [--skip-train]   # --skip-train reuses the checkpoints found in --work
+        [--align on|off] [--align-updates N] [--override KEY=VALUE ...]
+        [--skip-train]   # --skip-train reuses the checkpoints found in --work
 
 ``--recipe small_real`` (the default; ``config/small_real``, architecture ``wavllm_small_real``): real
 Whisper tiny.en and SmolLM2-135M-Instruct converted from the pip packages by ``wavllm-prepare-small-backbones``
 (under ``--work``/real_backbones), a WavLM stand-in trained by stage 0 on the corpus for the acoustic branch
 (no WavLM ships on pip), SmolLM2's own chat template, a corpus spoken by flite voices the real Whisper
 hears (``wavllm-make-toy-corpus --voices flite``: every task of the paper, SQQA and CoT included), the
-frozen encoders' outputs cached once (``wavllm-cache-encoders``). It also measures what the backbones do
+frozen encoders' outputs cached once (``wavllm-cache-encoders``), then stage 1a (``small_real_align.yaml``,
+criterion ``wavllm_ctc_align``): the adapters and the projector trained with CTC against SmolLM2's own token
+embeddings, without the LLM, so that stage 1 starts from a speech span the LLM can read. It also measures what the backbones do
 alone: Whisper tiny.en's own WER on the ASR test clips and the LLM's accuracy on the SQQA questions as
 text (references.py). ``--recipe toy``: every backbone a stand-in trained from scratch by stage 0, on the
 espeak-ng corpus (the fast tests' recipe).
@@ -39,7 +43,8 @@ from .steps import (REAL_SYSTEM_PROMPT, Recipe, decode_all, decode_one, log, run
 
 
 # settings of the two toy sizes: (stage-1 updates, stage-2 updates)
-SIZES = {"default": dict(stage1_updates=None, stage2_updates=None), "small": dict(stage1_updates=30, stage2_updates=20)}
+SIZES = {"default": dict(align_updates=None, stage1_updates=None, stage2_updates=None),
+         "small": dict(align_updates=20, stage1_updates=30, stage2_updates=20)}
 RECIPES = ("small_real", "toy")
 DEFAULTS = {"small_real": dict(work="work_real", corpus=os.path.join("manifests", "real"), voices="flite"),
             "toy": dict(work="work_toy", corpus=os.path.join("manifests", "toy"), voices="espeak")}
@@ -77,6 +82,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.add_argument(f"--stage{stage}-updates", type=int, default=None, metavar="N",
                        help=f"stage-{stage} updates (default: the toy config's, or the --size preset); "
                             "warm-up 10%% of N")
+    p.add_argument("--align", default="on", choices=["on", "off"],
+                   help="stage 1a, the CTC alignment warm-up before stage 1, where the recipe has one (small_real)")
+    p.add_argument("--align-updates", type=int, default=None, metavar="N",
+                   help="stage-1a updates (default: the config's, or the --size preset); warm-up 10%% of N")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra hydra override for both training stages, e.g. task.prompt_augment=true (repeatable)")
     args = p.parse_args(argv)
@@ -86,13 +95,14 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.encoder_cache = (args.encoder_cache or ("on" if args.recipe == "small_real" else "off")) == "on"
     args.baseline = (args.baseline or ("on" if args.recipe == "toy" else "off")) == "on"
     args.train_seed = args.seed if args.train_seed is None else args.train_seed
+    args.align = args.align == "on"
     args.decode_stages = sorted({int(s) for s in args.decode_stages.split(",") if s.strip()})
     if not args.decode_stages or any(s not in (1, 2) for s in args.decode_stages):
         p.error("--decode-stages takes 1, 2 or 1,2")
     if any("=" not in o for o in args.override):
         p.error("--override takes KEY=VALUE")
-    if any(n is not None and n < 1 for n in (args.stage1_updates, args.stage2_updates)):
-        p.error("--stage1-updates / --stage2-updates take a positive number of updates")
+    if any(n is not None and n < 1 for n in (args.align_updates, args.stage1_updates, args.stage2_updates)):
+        p.error("--align-updates / --stage1-updates / --stage2-updates take a positive number of updates")
     return args
 
 
@@ -154,10 +164,29 @@ def _fill_encoder_cache(corpus: str, recipe: Recipe, seed: int, log_path: str) -
     run([sys.executable, "-m", "wavllm_fairseq.tools.cache_encoders", *argv], log_path)
 
 
+def _align(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, times: Dict[str, float]) -> Optional[str]:
+    """The CTC alignment warm-up before stage 1 (small_real's ``small_real_align.yaml``), unless ``--align off``
+    or the recipe has none; its checkpoint (stage 1 starts from it) or None."""
+    if not (args.align and recipe.has_align):
+        return None
+    t = time.time()
+    out = os.path.join(work, "align")
+    ckpt = os.path.join(out, "checkpoint_last.pt")
+    if not (args.skip_train and os.path.isfile(ckpt)):
+        log(f"stage 1a: CTC alignment of the speech embeddings to the LLM's token embeddings -> {out}")
+        asked = args.align_updates or SIZES[args.size]["align_updates"]
+        ckpt = train_stage("align", corpus, recipe, out, asked, None, [f"common.seed={args.train_seed}"],
+                           warmup=max(1, round(asked / 10)) if asked else None)
+    times["stage1a (CTC alignment)"] = time.time() - t
+    return ckpt
+
+
 def _train(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, times: Dict[str, float]) -> Dict[int, str]:
-    """Stages 1 and 2 (or their checkpoints in ``work`` with ``--skip-train``); stage -> checkpoint."""
+    """The alignment warm-up, then stages 1 and 2 (or their checkpoints in ``work`` with ``--skip-train``);
+    stage -> checkpoint."""
     size = SIZES[args.size]
     ckpts: Dict[int, str] = {}
+    aligned = _align(args, work, corpus, recipe, times)
     for stage in (1, 2):
         t = time.time()
         out = os.path.join(work, f"stage{stage}")
@@ -168,7 +197,7 @@ def _train(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, tim
             # --stageN-updates keeps the configs' warm-up of 10% of max_update; the --size preset does not touch it
             asked = getattr(args, f"stage{stage}_updates")
             ckpts[stage] = train_stage(stage, corpus, recipe, out, asked or size[f"stage{stage}_updates"],
-                                       ckpts.get(1) if stage == 2 else None,
+                                       ckpts.get(1) if stage == 2 else aligned,
                                        [f"common.seed={args.train_seed}"] + args.override,
                                        warmup=max(1, round(asked / 10)) if asked else None)
         times[f"stage{stage}"] = time.time() - t

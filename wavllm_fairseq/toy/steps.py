@@ -40,16 +40,21 @@ class Recipe:
         out = [f"model.whisper_path={b['whisper']}", f"model.wavlm_path={b['wavlm']}", f"model.llama_path={b['llama']}"]
         return out + ([f"task.encoder_cache={self.encoder_cache}"] if self.encoder_cache else [])
 
-    def config_name(self, stage: int) -> str:
+    def config_name(self, stage) -> str:
         """The yaml of a stage in ``config_dir``.
 
         Args:
-            stage (int): 1 or 2.
+            stage (int or str): 1 or 2, or ``"align"`` (the CTC alignment warm-up before stage 1).
 
         Returns:
             str: its name without ``.yaml``.
         """
-        return f"{self.name}_stage{stage}"
+        return f"{self.name}_align" if stage == "align" else f"{self.name}_stage{stage}"
+
+    @property
+    def has_align(self) -> bool:
+        """Whether the recipe has a CTC alignment warm-up before stage 1 (``<name>_align.yaml``)."""
+        return os.path.isfile(os.path.join(self.config_dir, self.config_name("align") + ".yaml"))
 
 
 def log(msg: str) -> None:
@@ -109,12 +114,12 @@ def test_manifests(corpus: str) -> List[str]:
     return names
 
 
-def train_stage(stage: int, corpus: str, recipe: Recipe, out: str, updates: Optional[int], init: Optional[str],
+def train_stage(stage, corpus: str, recipe: Recipe, out: str, updates: Optional[int], init: Optional[str],
                 extra: List[str], echo: bool = True, warmup: Optional[int] = None) -> str:
     """Train one stage with ``fairseq-hydra-train`` on the recipe's yaml.
 
     Args:
-        stage (int): 1 or 2.
+        stage (int or str): 1 or 2, or ``"align"``.
         corpus (str): the corpus folder (``task.data``).
         recipe (Recipe): the configs and backbone folders.
         out (str): the checkpoint folder.
