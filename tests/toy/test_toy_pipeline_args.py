@@ -131,6 +131,42 @@ def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, 
     assert any(o.startswith("task.encoder_cache=") for o in recipe.overrides())
 
 
+@pytest.mark.parametrize("flag", ["on", "off"])
+def test_small_real_aligns_first_and_stage1_starts_from_the_alignment(tmp_path, monkeypatch, flag):
+    from wavllm_fairseq.tools import small_backbones
+    from wavllm_fairseq.toy import corpus, pipeline, references, stage0
+
+    monkeypatch.setattr(corpus, "main", lambda argv: 0)
+    monkeypatch.setattr(stage0, "pretrain", lambda corpus, out, size, seed, only: {})
+    monkeypatch.setattr(small_backbones, "require_packages", lambda: None)
+    monkeypatch.setattr(small_backbones, "prepare", lambda out: ("W", "L"))
+    monkeypatch.setattr(references, "whisper_ceiling", lambda whisper, manifest: {"wer": 5.0, "clips": 3})
+    monkeypatch.setattr(pipeline, "_fill_encoder_cache", lambda corpus, recipe, seed, log_path: None)
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def train_stage(stage, corpus, recipe, out, updates, init, extra, echo=True, warmup=None):
+        calls.append((stage, recipe.config_name(stage), os.path.basename(out), updates, warmup, init))
+        if stage == 2:
+            raise Stop
+        return f"{out}/checkpoint_last.pt"
+
+    monkeypatch.setattr(pipeline, "train_stage", train_stage)
+    with pytest.raises(Stop):
+        pipeline.main(["--work", str(tmp_path), "--corpus", str(tmp_path / "corpus"), "--align", flag,
+                       "--align-updates", "40"])
+    if flag == "on":
+        assert calls[0] == ("align", "small_real_align", "align", 40, 4, None)
+        assert calls[1][:3] == (1, "small_real_stage1", "stage1")
+        assert calls[1][5] == os.path.join(str(tmp_path), "align", "checkpoint_last.pt")
+    else:
+        assert [c[0] for c in calls] == [1, 2] and calls[0][5] is None
+    assert os.path.isfile(os.path.join(pipeline.Recipe("small_real", {}).config_dir, "small_real_align.yaml"))
+    assert not pipeline.Recipe("toy", {}).has_align  # the toy recipe has no stage 1a
+
+
 def test_decode_stages_are_checked():
     from wavllm_fairseq.toy import pipeline
 

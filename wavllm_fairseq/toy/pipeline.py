@@ -13,10 +13,10 @@ Whisper tiny.en and SmolLM2-135M-Instruct converted from the pip packages by ``w
 hears (``wavllm-make-toy-corpus --voices flite``: every task of the paper, SQQA and CoT included), the
 frozen encoders' outputs cached once (``wavllm-cache-encoders``), then stage 1a (``small_real_align.yaml``,
 criterion ``wavllm_ctc_align``): the adapters and the projector trained with CTC against SmolLM2's own token
-embeddings, without the LLM, so that stage 1 starts from a speech span the LLM can read. It also measures what the backbones do
-alone: Whisper tiny.en's own WER on the ASR test clips and the LLM's accuracy on the SQQA questions as
-text (references.py). ``--recipe toy``: every backbone a stand-in trained from scratch by stage 0, on the
-espeak-ng corpus (the fast tests' recipe).
+embeddings, without the LLM, so that stage 1 starts from a speech span the LLM can read. It also measures
+what the backbones do alone: Whisper tiny.en's own WER on the ASR test clips and the LLM's accuracy on the
+SQQA questions as text (references.py). ``--recipe toy``: every backbone a stand-in trained from scratch by
+stage 0, on the espeak-ng corpus (the fast tests' recipe).
 
 Every step is the real tool a user runs: ``wavllm-make-toy-corpus``, ``wavllm-toy-pretrain``,
 ``fairseq-hydra-train`` (the yamls of ``config/toy``, package data of ``wavllm_fairseq.toy``),

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Stage 1a's effect on ASR: CTC alignment (small_real_align.yaml), its own greedy CTC WER on test_asr, then a
+short ASR-only stage 1 from it, decoded and scored; with ``--no-align`` the same stage 1 from scratch.
+
+    python examples/wavllm/scripts/align_ablation.py ARM [--align-updates 600] [--stage1-updates 150] [--no-align]
+
+Reuses a finished main job's folders (work_real: backbones, encoder cache) and manifests/real; writes
+work_real_ablation/ARM. Stage 1 as in asr_only_ablation.py (ASR alone, warm-up a tenth, no validation).
+"""
+import argparse
+import csv
+import json
+import os
+
+import torch
+
+from wavllm_fairseq.data.audio import load_audio
+from wavllm_fairseq.data.encoder_cache import attach_encoder_cache
+from wavllm_fairseq.evaluation.metrics import wer
+from wavllm_fairseq.hub import WavLLM
+from wavllm_fairseq.toy import steps
+
+W = os.path.abspath("work_real")  # run from the repository root, after the main job
+CORPUS = os.path.abspath(os.path.join("manifests", "real"))
+
+
+def ctc_greedy_wer(ckpt: str, clips: int = 40) -> dict:
+    """Greedy CTC decoding of stage 1a's scores (blank + the embedding table) on the first unique test_asr clips."""
+    m = WavLLM.from_pretrained(ckpt, merge_lora=False, trust_checkpoint=True)
+    attach_encoder_cache(m.model, os.path.join(W, "encoder_cache"), "float16")
+    crit = torch.load(ckpt, map_location="cpu", weights_only=False)["criterion"]
+    table = m.model.llm.get_input_embeddings().weight.float()
+    unique = {}
+    with open(os.path.join(CORPUS, "test_asr.tsv")) as f:
+        for r in csv.DictReader(f, delimiter="\t"):
+            unique.setdefault(r["audio"], r)
+    refs, hyps, norms = [], [], []
+    with torch.no_grad():
+        for r in list(unique.values())[:clips]:
+            a = torch.from_numpy(load_audio(r["audio"], CORPUS))[None]
+            x, n = m.model.encode_speech(a, torch.tensor([a.shape[1]]))
+            x = x[0, : int(n[0])].float()
+            scores = torch.cat([(x @ crit["blank"] + crit["blank_bias"])[:, None], x @ table.t()], 1)
+            out, prev = [], None
+            for i in scores.argmax(1).tolist():
+                if i != prev and i != 0:
+                    out.append(i - 1)
+                prev = i
+            hyps.append(m.tokenizer.decode(out))
+            refs.append(r["tgt_text"])
+            norms.append(float(x.norm(dim=1).mean()))
+    return {"ctc_greedy_wer": round(wer(refs, hyps), 2), "clips": len(refs),
+            "speech_norm": round(sum(norms) / len(norms), 2),
+            "embedding_norm": round(float(table.norm(dim=1).mean()), 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("arm")
+    p.add_argument("--align-updates", type=int, default=600)
+    p.add_argument("--stage1-updates", type=int, default=150)
+    p.add_argument("--no-align", action="store_true")
+    args = p.parse_args()
+    recipe = steps.Recipe("small_real", {"whisper": f"{W}/real_backbones/whisper-tiny.en",
+                                         "wavlm": f"{W}/backbones/wavlm",
+                                         "llama": f"{W}/real_backbones/smollm2-135m-instruct"})
+    recipe.use_encoder_cache(f"{W}/encoder_cache")
+    out = os.path.abspath(os.path.join("work_real_ablation", args.arm))
+    result = {}
+    init = None
+    if not args.no_align:
+        init = steps.train_stage("align", CORPUS, recipe, f"{out}/align", args.align_updates, None,
+                                 ["common.seed=1"], echo=False, warmup=max(1, args.align_updates // 20))
+        result["align"] = ctc_greedy_wer(init)
+    ck = steps.train_stage(1, CORPUS, recipe, f"{out}/stage1", args.stage1_updates, init,
+                           ["common.seed=1", "task.train_manifests=train_asr", "task.train_weights=1",
+                            "dataset.validate_interval_updates=0", "dataset.disable_validation=true"],
+                           echo=False, warmup=max(1, args.stage1_updates // 10))
+    gen = {"test_asr": steps.decode_one(CORPUS, ck, "test_asr", f"{out}/decode", 60, recipe.decode_args)}
+    result["stage1"] = steps.score_all(CORPUS, gen, f"{out}/decode")["test_asr"]["asr"]
+    print(args.arm, json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
