@@ -241,9 +241,15 @@ def _prompt_tsne(work: str, corpus: str, ckpt: str, times: Dict[str, float]) -> 
     """``wavllm-plot-prompt-tsne`` of the stage-2 model on every test set -> ``work/prompt_tsne.png``."""
     t = time.time()
     manifests = [os.path.join(corpus, s + ".tsv") for s in test_manifests(corpus)]
-    run([sys.executable, "-m", "wavllm_fairseq.evaluation.tsne", "--checkpoint", ckpt, "--manifests", *manifests,
-         "--out", os.path.join(work, "prompt_tsne.png")], os.path.join(work, "tsne.log"), echo=False)
-    log(f"wrote {os.path.join(work, 'prompt_tsne.png')} (prompt adapter outputs r by task, paper figure 2)")
+    log_path = os.path.join(work, "tsne.log")
+    try:
+        run([sys.executable, "-m", "wavllm_fairseq.evaluation.tsne", "--checkpoint", ckpt, "--manifests", *manifests,
+             "--out", os.path.join(work, "prompt_tsne.png")], log_path, echo=False)
+        log(f"wrote {os.path.join(work, 'prompt_tsne.png')} (prompt adapter outputs r by task, paper figure 2)")
+    except SystemExit:  # a plot that cannot be drawn (e.g. the same r for every prompt) is reported, not fatal
+        with open(log_path) as f:
+            last = [line for line in f.read().splitlines() if line.strip()][-1:]
+        log(f"no t-SNE plot: {last[0] if last else 'see ' + log_path}")
     times["t-SNE of prompt adapter outputs"] = time.time() - t
 
 
