@@ -87,7 +87,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--align-updates", type=int, default=None, metavar="N",
                    help="stage-1a updates (default: the config's, or the --size preset); warm-up 10%% of N")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra hydra override for both training stages, e.g. task.prompt_augment=true (repeatable)")
+                   help="extra hydra override for stages 1 and 2 (not stage 1a), e.g. task.prompt_augment=true "
+                        "(repeatable)")
     args = p.parse_args(argv)
     defaults = DEFAULTS[args.recipe]
     args.work = args.work or defaults["work"]
@@ -164,47 +165,33 @@ def _fill_encoder_cache(corpus: str, recipe: Recipe, seed: int, log_path: str) -
     run([sys.executable, "-m", "wavllm_fairseq.tools.cache_encoders", *argv], log_path)
 
 
-def _align(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, times: Dict[str, float]) -> Optional[str]:
-    """The CTC alignment warm-up before stage 1 (small_real's ``small_real_align.yaml``), unless ``--align off``
-    or the recipe has none; its checkpoint (stage 1 starts from it) or None."""
-    if not (args.align and recipe.has_align):
-        return None
-    t = time.time()
-    out = os.path.join(work, "align")
-    ckpt = os.path.join(out, "checkpoint_last.pt")
-    if not (args.skip_train and os.path.isfile(ckpt)):
-        log(f"stage 1a: CTC alignment of the speech embeddings to the LLM's token embeddings -> {out}")
-        asked = args.align_updates or SIZES[args.size]["align_updates"]
-        ckpt = train_stage("align", corpus, recipe, out, asked, None, [f"common.seed={args.train_seed}"],
-                           warmup=max(1, round(asked / 10)) if asked else None)
-    times["stage1a (CTC alignment)"] = time.time() - t
-    return ckpt
-
-
-def _train(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, times: Dict[str, float]) -> Dict[int, str]:
-    """The alignment warm-up, then stages 1 and 2 (or their checkpoints in ``work`` with ``--skip-train``);
-    stage -> checkpoint."""
+def _train(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, times: Dict[str, float]) -> dict:
+    """Stage 1a where the recipe has one (``<recipe>_align.yaml``, unless ``--align off``), then stages 1 and 2,
+    each starting from the checkpoint of the one before (or the checkpoints in ``work`` with ``--skip-train``);
+    stage ("align", 1, 2) -> checkpoint."""
     size = SIZES[args.size]
-    ckpts: Dict[int, str] = {}
-    aligned = _align(args, work, corpus, recipe, times)
-    for stage in (1, 2):
+    stages = (["align"] if args.align and recipe.has_align else []) + [1, 2]
+    ckpts: dict = {}
+    init: Optional[str] = None
+    for stage in stages:
+        name = "align" if stage == "align" else f"stage{stage}"  # its folder, --<name>-updates, SIZES key
         t = time.time()
-        out = os.path.join(work, f"stage{stage}")
-        if args.skip_train and os.path.isfile(os.path.join(out, "checkpoint_last.pt")):
-            ckpts[stage] = os.path.join(out, "checkpoint_last.pt")
-        else:
-            log(f"stage {stage} training -> {out}")
-            # --stageN-updates keeps the configs' warm-up of 10% of max_update; the --size preset does not touch it
-            asked = getattr(args, f"stage{stage}_updates")
-            ckpts[stage] = train_stage(stage, corpus, recipe, out, asked or size[f"stage{stage}_updates"],
-                                       ckpts.get(1) if stage == 2 else aligned,
-                                       [f"common.seed={args.train_seed}"] + args.override,
-                                       warmup=max(1, round(asked / 10)) if asked else None)
-        times[f"stage{stage}"] = time.time() - t
+        out = os.path.join(work, name)
+        ckpt = os.path.join(out, "checkpoint_last.pt")
+        if not (args.skip_train and os.path.isfile(ckpt)):
+            what = "stage 1a (CTC alignment to the LLM's token embeddings)" if stage == "align" else f"stage {stage}"
+            log(f"{what} training -> {out}")
+            # --<name>-updates keeps the configs' warm-up of 10% of max_update; the --size preset does not touch it
+            asked = getattr(args, f"{name}_updates")
+            extra = [f"common.seed={args.train_seed}"] + ([] if stage == "align" else args.override)
+            ckpt = train_stage(stage, corpus, recipe, out, asked or size[f"{name}_updates"], init, extra,
+                               warmup=max(1, round(asked / 10)) if asked else None)
+        ckpts[stage] = init = ckpt
+        times["stage1a (CTC alignment)" if stage == "align" else name] = time.time() - t
     return ckpts
 
 
-def _evaluate(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, ckpts: Dict[int, str],
+def _evaluate(args: argparse.Namespace, work: str, corpus: str, recipe: Recipe, ckpts: dict,
               times: Dict[str, float]) -> dict:
     """The untrained baseline on test_asr (``--baseline``), then the test sets decoded and scored with each
     decoded stage (small_real's stage 1: ``REAL_STAGE1_TESTS``)."""
