@@ -14,9 +14,8 @@ target is the answer without the tokens that decode to nothing (end-of-turn, eos
 whitespace only. CTC alone sharpens its scores by growing the frames' norm past that of any token (measured:
 37 against 3.2 after 600 updates); ``criterion.norm_weight > 0`` scores each frame rescaled to the embeddings'
 mean norm (times a learned scale) and penalises the norm instead. The loss is summed over rows and divided by
-the target tokens. The learned blank (a
-vector and a bias) belongs to this criterion, so fairseq optimises it with the model and stores it in
-the checkpoint's ``criterion`` entry; stage 1 reads only the model.
+the target tokens. The learned blank (a vector and a bias) belongs to this criterion, so fairseq optimises it
+with the model and stores it in the checkpoint's ``criterion`` entry; stage 1 reads only the model.
 """
 import math
 from dataclasses import dataclass, field

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from wavllm_fairseq.criterions.ctc_align import WavLLMCTCAlign
 from wavllm_fairseq.data.audio import load_audio
 from wavllm_fairseq.data.encoder_cache import attach_encoder_cache
 from wavllm_fairseq.evaluation.metrics import wer
@@ -25,11 +26,14 @@ CORPUS = os.path.abspath(os.path.join("manifests", "real"))
 
 
 def ctc_greedy_wer(ckpt: str, clips: int = 40) -> dict:
-    """Greedy CTC decoding of stage 1a's scores (blank + the embedding table) on the first unique test_asr clips."""
+    """Greedy CTC decoding of stage 1a's scores (the criterion's own, from its stored blank) on the first unique
+    test_asr clips."""
     m = WavLLM.from_pretrained(ckpt, merge_lora=False, trust_checkpoint=True)
     attach_encoder_cache(m.model, os.path.join(W, "encoder_cache"), "float16")
-    crit = torch.load(ckpt, map_location="cpu", weights_only=False)["criterion"]
-    table = m.model.llm.get_input_embeddings().weight.float()
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    m.task.llm_dim = m.model.llm_dim  # what task.build_model sets in training
+    crit = WavLLMCTCAlign(m.task, **{k: state["cfg"]["criterion"][k] for k in ("tasks", "norm_weight")})
+    crit.load_state_dict(state["criterion"])
     unique = {}
     with open(os.path.join(CORPUS, "test_asr.tsv")) as f:
         for r in csv.DictReader(f, delimiter="\t"):
@@ -38,17 +42,18 @@ def ctc_greedy_wer(ckpt: str, clips: int = 40) -> dict:
     with torch.no_grad():
         for r in list(unique.values())[:clips]:
             a = torch.from_numpy(load_audio(r["audio"], CORPUS))[None]
-            x, n = m.model.encode_speech(a, torch.tensor([a.shape[1]]))
-            x = x[0, : int(n[0])].float()
-            scores = torch.cat([(x @ crit["blank"] + crit["blank_bias"])[:, None], x @ table.t()], 1)
+            lengths = torch.tensor([a.shape[1]])
+            lprobs, n, _ = crit.frame_log_probs(m.model, {"audio": a, "audio_lengths": lengths})  # (N, 1, V + 1)
             out, prev = [], None
-            for i in scores.argmax(1).tolist():
+            for i in lprobs[: int(n[0]), 0].argmax(-1).tolist():
                 if i != prev and i != 0:
                     out.append(i - 1)
                 prev = i
             hyps.append(m.tokenizer.decode(out))
             refs.append(r["tgt_text"])
-            norms.append(float(x.norm(dim=1).mean()))
+            x, k = m.model.encode_speech(a, lengths)
+            norms.append(float(x[0, : int(k[0])].float().norm(dim=1).mean()))
+    table = m.model.llm.get_input_embeddings().weight.float()
     return {"ctc_greedy_wer": round(wer(refs, hyps), 2), "clips": len(refs),
             "speech_norm": round(sum(norms) / len(norms), 2),
             "embedding_norm": round(float(table.norm(dim=1).mean()), 2)}
