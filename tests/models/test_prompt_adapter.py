@@ -111,3 +111,23 @@ def test_stage2_on_a_grouped_query_llm_trains_and_starts_where_stage1_ended(tmp_
         assert g is not None and g.abs().sum() > 0, n
         torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
 
+
+
+def test_prompt_scale_can_read_the_states_after_the_final_norm():
+    """``prompt_adapter_input=final_norm``: the adapter reads the LLM's output after its final RMSNorm (every
+    position at the norm's scale), not the last layer's pre-norm states; the default stays the reference's."""
+    torch.manual_seed(2)
+    model = tiny(prompt_adapter=True, prompt_adapter_init="random", prompt_adapter_input="final_norm").eval()
+    assert tiny(prompt_adapter=True).cfg.prompt_adapter_input == "last_layer"
+    instr = torch.randint(3, VOCAB, (2, 5))
+    lengths = torch.tensor([5, 3])
+    mask = torch.arange(5)[None] < lengths[:, None]
+    with torch.no_grad(), lora_disabled(model.llm):
+        normed = model.llm.model(input_ids=instr, attention_mask=mask.long()).last_hidden_state
+        pre_norm = _last_layer_states(model, instr)
+        expected = model.prompt_scale(normed, mask)
+        reference_input = model.prompt_scale(pre_norm, mask)
+        got = model.prompt_lora_scale(instr, lengths)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(normed[mask], model.llm.model.norm(pre_norm)[mask])  # the same states, normed
+    assert not torch.allclose(got, reference_input)

@@ -24,12 +24,14 @@ CHOICES: Dict[str, tuple] = {
     "lora_a_init": A_INITS,
     "lora_scale_layout": ("hf", "meta"),
     "prompt_adapter_init": ("stage1_scale", "random"),
+    "prompt_adapter_input": ("last_layer", "final_norm"),
 }
 DTYPE_CHOICES = ChoiceEnum(CHOICES["backbone_dtype"])
 BOTTLENECK_NORM_CHOICES = ChoiceEnum(CHOICES["bottleneck_norm"])
 LORA_A_INIT_CHOICES = ChoiceEnum(CHOICES["lora_a_init"])
 LORA_SCALE_LAYOUT_CHOICES = ChoiceEnum(CHOICES["lora_scale_layout"])
 PROMPT_ADAPTER_INIT_CHOICES = ChoiceEnum(CHOICES["prompt_adapter_init"])
+PROMPT_ADAPTER_INPUT_CHOICES = ChoiceEnum(CHOICES["prompt_adapter_input"])
 
 
 @dataclass
@@ -142,6 +144,12 @@ class WavLLMConfig(FairseqDataclass):
     prompt_adapter_clamp: float = field(
         default=3.0,
         metadata={"help": "r = clamp(relu(r), max=this) as the reference does; <= 0 disables"})
+    prompt_adapter_input: PROMPT_ADAPTER_INPUT_CHOICES = field(
+        default="last_layer",
+        metadata={"help": "what the prompt adapter reads: last_layer (the last decoder layer's output before the "
+                          "final norm, the reference's) or final_norm (after the LLM's final RMSNorm: every position "
+                          "at the norm's scale; SmolLM2's pre-norm states have norms of 600-5600, which leave P_u "
+                          "untrainable at stage-2 learning rates)"})
     # ---- training
     activation_checkpointing: bool = field(
         default=False,

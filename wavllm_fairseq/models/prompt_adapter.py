@@ -1,7 +1,8 @@
 """The prompt-aware LoRA weight adapter (WavLLM stage 2, paper section 3.1).
 
 For the instruction tokens (length M) take their representation ``t`` from the frozen LLM run
-WITHOUT LoRA (last decoder layer, before the final norm, as in the reference), then
+WITHOUT LoRA (last decoder layer, before the final norm, as in the reference; ``model.prompt_adapter_input=
+final_norm`` reads it after the final norm instead), then
 
     o = P_u GELU(P_d t)                     (B, M, D)   P_d: D -> K, P_u: K -> D
     a = softmax_m(W_A o)                    (B, M, 1)   padded positions masked out

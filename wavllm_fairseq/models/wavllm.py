@@ -204,7 +204,8 @@ class WavLLMModel(SpeechBranch, CheckpointState, BaseFairseqModel):
         """Stage 2: the LoRA scale r from the instruction's frozen-LLM (no LoRA) last-layer states.
 
         The instruction tokens are the reference's adapter input ('"' + instruction + '"', no <s>),
-        pooled over every position (prompt_adapter.py).
+        pooled over every position (prompt_adapter.py). ``model.prompt_adapter_input``: the last decoder
+        layer's output before the final norm (``last_layer``, the reference's) or after it (``final_norm``).
 
         Args:
             instruction_tokens (torch.Tensor): token ids with shape (B, M), right-padded.
@@ -217,15 +218,17 @@ class WavLLMModel(SpeechBranch, CheckpointState, BaseFairseqModel):
             return None
         mask = (torch.arange(instruction_tokens.shape[1], device=instruction_tokens.device)[None]
                 < instruction_lengths[:, None])
+        after_norm = self.cfg.prompt_adapter_input == "final_norm"
         captured = {}
-        hook = self.llm.model.layers[-1].register_forward_hook(
+        hook = None if after_norm else self.llm.model.layers[-1].register_forward_hook(
             lambda m, i, o: captured.__setitem__("h", o[0] if isinstance(o, tuple) else o))
         try:
             with torch.no_grad(), lora_disabled(self.llm):
-                self.llm.model(input_ids=instruction_tokens, attention_mask=mask.long(), use_cache=False)
+                out = self.llm.model(input_ids=instruction_tokens, attention_mask=mask.long(), use_cache=False)
         finally:
-            hook.remove()
-        return self.prompt_scale(captured["h"], mask)  # (B, D)
+            if hook is not None:
+                hook.remove()
+        return self.prompt_scale(out.last_hidden_state if after_norm else captured["h"], mask)  # (B, D)
 
     def lora_scale_context(self, r: Optional[torch.Tensor]):
         """Within the block every LoRA layer of the LLM is scaled by r (see lora.lora_scale_context).
