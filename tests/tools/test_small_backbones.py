@@ -197,6 +197,43 @@ def test_shipped_smollm2_folder_loads_and_answers(prepared):
     assert (enc.config.d_model, enc.config.encoder_layers) == (384, 4)
 
 
+def test_sqqa_training_targets_become_smollm2s_own_answers(prepared, tmp_path):
+    """references.self_answer_manifest: every SQQA target becomes SmolLM2's greedy answer to its question as
+    text, asked for one short sentence (one answer per distinct question, the same for its repeats); every
+    other cell stays as it was."""
+    from wavllm_fairseq.data.manifest import read_manifest
+    from wavllm_fairseq.toy import references
+    from wavllm_fairseq.toy.rows import HEADER, write_manifest as write_toy_manifest
+
+    questions = ["What is the capital of France?", "How many legs does a dog have?", "What is the capital of France?"]
+    rows = [{**{k: "" for k in HEADER}, "id": f"q{i}", "audio": f"wav/q{i}.wav", "n_frames": "16000",
+             "prompt": "Answer the question you hear.", "tgt_text": "The answer is Paris." if i != 1 else
+             "The answer is four.", "with_speech": "True", "task": "sqqa", "label": "paris" if i != 1 else "four|4",
+             "transcript": q} for i, q in enumerate(questions)]
+    src, out = str(tmp_path / "train_sqqa.tsv"), str(tmp_path / "train_sqqa_llm.tsv")
+    write_toy_manifest(src, rows)
+    system = "You are a helpful speech assistant."
+    info = references.self_answer_manifest(prepared["llm"], src, out, system)
+    assert info == {"rows": 3, "questions": 2, "kept": 0, "out": out}
+    answers = references.llm_text_answers(prepared["llm"], [q + references.BRIEF for q in questions[:2]], system)
+    got, _ = read_manifest(out)
+    before, _ = read_manifest(src)
+    assert [r.tgt_text for r in got] == [answers[0], answers[1], answers[0]]
+    assert answers[0] == "The capital of France is Paris." and "four" in answers[1].lower()
+    for a, b in zip(got, before):
+        assert (a.id, a.audio, a.prompt, a.task, a.extra) == (b.id, b.audio, b.prompt, b.task, b.extra)
+
+
+def test_a_self_answer_row_without_its_question_is_named(tmp_path):
+    from wavllm_fairseq.toy import references
+
+    src = tmp_path / "train_sqqa.tsv"
+    src.write_text("id\taudio\tn_frames\ttgt_text\ttranscript\nq0\ta.wav\t16000\tx\tWhat?\nq1\tb.wav\t16000\tx\t\n")
+    with pytest.raises(ValueError, match=r"train_sqqa.tsv, line 3: .*'transcript'"):
+        references.self_answer_manifest(str(tmp_path / "no_llm"), str(src), str(tmp_path / "out.tsv"), "")
+    assert not (tmp_path / "out.tsv").exists()
+
+
 def test_wavllm_small_real_trains_stage_1_and_2_and_decodes_from_the_prepared_folders(prepared, tmp_path):
     """The stage-1 then stage-2 yaml through fairseq-hydra-train, one update each, then fairseq-generate:
     real Whisper tiny.en encoder, SmolLM2 with its chat template and LoRA, a random WavLM stand-in of the

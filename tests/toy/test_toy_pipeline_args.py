@@ -105,6 +105,12 @@ def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, 
                         {"wer": 5.0, "clips": 3})
     monkeypatch.setattr(pipeline, "_fill_encoder_cache",
                         lambda corpus, recipe, seed, log_path: seen.setdefault("cache", recipe.encoder_cache))
+    # SQQA trains on SmolLM2's own answers: the pipeline writes train_sqqa_llm.tsv, which the yamls read
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "train_sqqa.tsv").write_text("id\taudio\n")
+    monkeypatch.setattr(references, "self_answer_manifest",
+                        lambda llm, src, out, system: seen.setdefault("self_answers", (llm, src, out, system))
+                        and {"questions": 1, "out": out})
 
     class Stop(Exception):
         pass
@@ -129,6 +135,13 @@ def test_small_real_recipe_trains_its_configs_on_the_prepared_folders(tmp_path, 
     assert seen["ceiling"] == (prepared[0], str(tmp_path / "corpus" / "test_asr.tsv"))
     assert seen["cache"] == os.path.join(str(tmp_path), "encoder_cache")
     assert any(o.startswith("task.encoder_cache=") for o in recipe.overrides())
+    corpus_dir = tmp_path / "corpus"
+    assert seen["self_answers"] == (prepared[1], str(corpus_dir / "train_sqqa.tsv"),
+                                    str(corpus_dir / "train_sqqa_llm.tsv"), pipeline.REAL_SYSTEM_PROMPT)
+    for stage in (1, 2):
+        with open(os.path.join(recipe.config_dir, recipe.config_name(stage) + ".yaml")) as f:
+            manifests = next(line for line in f if line.strip().startswith("train_manifests:")).split(":")[1]
+        assert "train_sqqa_llm" in manifests.split(",") and "train_sqqa" not in manifests.strip().split(",")
 
 
 @pytest.mark.parametrize("flag", ["on", "off"])

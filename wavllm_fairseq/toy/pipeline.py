@@ -142,7 +142,8 @@ def _backbones(args: argparse.Namespace, work: str, corpus: str,
 
 def _small_real_recipe(work: str, corpus: str, wavlm: str) -> Tuple[Recipe, dict]:
     """Convert the real small backbones into ``work/real_backbones``; Whisper's own WER on test_asr and the
-    LLM's accuracy on the test_sqqa questions as text."""
+    LLM's accuracy on the test_sqqa questions as text; ``train_sqqa_llm.tsv``, the SQQA training rows with
+    the LLM's own answers for targets."""
     small_backbones.require_packages()
     log(f"real small backbones -> {os.path.join(work, 'real_backbones')}")
     whisper_dir, llm_dir = small_backbones.prepare(os.path.join(work, "real_backbones"))
@@ -154,6 +155,12 @@ def _small_real_recipe(work: str, corpus: str, wavlm: str) -> Tuple[Recipe, dict
         refs["llm_text_sqqa"] = references.llm_text_accuracy(llm_dir, sqqa, REAL_SYSTEM_PROMPT)
         log(f"SmolLM2 alone, questions as text: accuracy {refs['llm_text_sqqa']['accuracy']:.3f} on the "
             f"{refs['llm_text_sqqa']['questions']} test_sqqa questions")
+    train_sqqa = os.path.join(corpus, "train_sqqa.tsv")
+    if os.path.isfile(train_sqqa):  # the yamls train SQQA on the LLM's own answers (references.py)
+        info = references.self_answer_manifest(llm_dir, train_sqqa, os.path.join(corpus, "train_sqqa_llm.tsv"),
+                                               REAL_SYSTEM_PROMPT)
+        log(f"SQQA training targets: SmolLM2's own answers to the {info['questions']} questions as text -> "
+            f"{info['out']}")
     return Recipe("small_real", {"whisper": whisper_dir, "wavlm": wavlm, "llama": llm_dir}), refs
 
 
