@@ -180,7 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="the SQQA training manifest with the chat LLM's own answers to the "
                                             "questions as text for targets (what the small_real yamls train on)")
     p.add_argument("--llm", required=True, help="the Hugging Face chat LLM folder the model is built on")
-    p.add_argument("--sqqa-train", required=True, help="the SQQA training manifest (e.g. manifests/real/train_sqqa.tsv)")
+    p.add_argument("--sqqa-train", required=True,
+                   help="the SQQA training manifest (e.g. manifests/real/train_sqqa.tsv)")
     p.add_argument("--out", required=True, help="the manifest to write (e.g. manifests/real/train_sqqa_llm.tsv)")
     p.add_argument("--system-prompt", default="You are a helpful speech assistant.",
                    help="the system turn the task trains with (the small_real yamls': the default)")
