@@ -136,6 +136,18 @@ def test_a_changed_source_byte_setting_seed_or_corpus_file_changes_the_cache_key
     assert stage0.fingerprint(toy_corpus, "small", 1, files) != key
 
 
+def test_a_manifest_derived_beside_the_corpus_keeps_the_key(toy_corpus):
+    """Only the training manifests the corpus tool wrote (corpus.json's counts) are in the key: the pipeline's
+    train_sqqa_llm.tsv, written after stage 0, must not retrain it on the next run."""
+    with open(os.path.join(toy_corpus, "corpus.json"), "w") as f:
+        json.dump({"counts": {"train_asr": 1, "valid_asr": 1}}, f)
+    key = stage0.fingerprint(toy_corpus, "small", 1)
+    open(os.path.join(toy_corpus, "train_sqqa_llm.tsv"), "w").write("derived\n")
+    assert stage0.fingerprint(toy_corpus, "small", 1) == key
+    open(os.path.join(toy_corpus, "train_asr.tsv"), "a").write("x\n")
+    assert stage0.fingerprint(toy_corpus, "small", 1) != key
+
+
 def test_a_missing_source_file_is_named(tmp_path, toy_corpus):
     with pytest.raises(FileNotFoundError, match="gone.py"):
         stage0.fingerprint(toy_corpus, "small", 1, [str(tmp_path / "gone.py")])
