@@ -124,6 +124,11 @@ def test_changed_audio_or_encoder_weights_are_other_keys(tmp_path):
     assert bf.encoder_fingerprint()[0] != model.encoder_fingerprint()[0]
     # and the same weights rebuilt from the seed: the same fingerprint (records are found again)
     assert tiny().encoder_fingerprint()[0] == model.encoder_fingerprint()[0]
+    # also loaded from another folder (a copied work dir): the path is not content
+    moved = tiny()
+    moved.whisper.encoder.config._name_or_path = str(tmp_path / "copy" / "whisper")
+    moved.wavlm.wavlm.config._name_or_path = str(tmp_path / "copy" / "wavlm")
+    assert moved.encoder_fingerprint()[0] == model.encoder_fingerprint()[0]
 
 
 def test_a_corrupt_or_truncated_record_is_recomputed_and_named(tmp_path, caplog):

@@ -323,7 +323,8 @@ def encoder_fingerprint(whisper: "WhisperSemanticEncoder",
     """A digest of everything the frozen encoders' outputs depend on besides the audio: every weight
     tensor (names, dtypes, shapes, bytes), each backbone's config, the wrappers' settings, and the source
     of the code that runs them (this module and the log-mel front end), so a changed backbone folder,
-    dtype or encoder code never reads another's records.
+    dtype or encoder code never reads another's records. Not where the folder is: the config's
+    ``_name_or_path`` is left out, so the same weights copied or moved elsewhere find their records.
 
     Args:
         whisper (WhisperSemanticEncoder): the semantic encoder.
@@ -347,7 +348,8 @@ def encoder_fingerprint(whisper: "WhisperSemanticEncoder",
         settings = {k: v for k, v in vars(enc).items()
                     if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
         config = inner.config.to_dict()
-        h.update(json.dumps([name, type(enc).__name__, settings, config], sort_keys=True, default=str).encode())
+        hashed = {k: v for k, v in config.items() if k != "_name_or_path"}  # a path, not content
+        h.update(json.dumps([name, type(enc).__name__, settings, hashed], sort_keys=True, default=str).encode())
         for key, tensor in sorted(enc.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
