@@ -112,7 +112,6 @@ def test_stage2_on_a_grouped_query_llm_trains_and_starts_where_stage1_ended(tmp_
         torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
 
 
-
 def test_prompt_scale_can_read_the_states_after_the_final_norm():
     """``prompt_adapter_input=final_norm``: the adapter reads the LLM's output after its final RMSNorm (every
     position at the norm's scale), not the last layer's pre-norm states; the default stays the reference's."""
