@@ -37,7 +37,7 @@ from ...data import audio, manifest, prompt_template, tokenizer
 from ...data.tokenizer import train_sentencepiece
 from ...models import encoders, frontend
 from .. import tables
-from .data import second_utterance  # noqa: F401  (this package's names, as other modules and tests import them)
+from .data import second_utterance, train_manifests  # noqa: F401  (this package's names, as other modules and tests import them)
 from .llama import (SECOND_SPEAKER_TAG, SPAN_REPEATS, TAG_SCALE, embed_with_tags, lm_sequences,  # noqa: F401
                     text_span, tokenizer_texts, train_llama, word_tags)
 from .loop import log
@@ -105,22 +105,11 @@ def code_digest(files: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _corpus_manifests(corpus: str) -> Optional[set]:
-    """The manifests the corpus tool wrote (``corpus.json``'s ``counts``), or None where it does not say."""
-    try:
-        with open(os.path.join(corpus, "corpus.json")) as f:
-            counts = json.load(f).get("counts")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return set(counts) if isinstance(counts, dict) else None
-
-
 def fingerprint(corpus: str, size: str, seed: int, files: Optional[Sequence[str]] = None,
                 only: Sequence[str] = BACKBONES) -> str:
     """Key of a stage-0 result: the settings and seed, the source of stage 0 and every corpus file it
-    reads (training manifests, held-out checks, the LM text). The training manifests are those the corpus
-    tool wrote (``corpus.json``'s ``counts``; every ``train_*.tsv`` without it): a manifest derived later
-    beside them (the pipeline's ``train_sqqa_llm.tsv``) does not retrain stage 0.
+    reads (the training manifests of ``data.train_manifests``, held-out checks, the LM text): a manifest derived
+    later beside them (the pipeline's ``train_sqqa_llm.tsv``) does not retrain stage 0.
 
     Args:
         corpus (str): the toy corpus folder.
@@ -135,10 +124,9 @@ def fingerprint(corpus: str, size: str, seed: int, files: Optional[Sequence[str]
     code = code_digest(code_files() if files is None else files)
     key = [size, seed, SETTINGS[size], code] + ([] if tuple(only) == BACKBONES else [sorted(only)])
     h = hashlib.sha1(json.dumps(key, sort_keys=True).encode())
-    written = _corpus_manifests(corpus)
+    read = {m + ".tsv" for m in train_manifests(corpus)} | set(CORPUS_FILES)
     for name in sorted(os.listdir(corpus)):
-        if (name.startswith("train_") and name.endswith(".tsv") and (written is None or name[:-4] in written)
-                or name in CORPUS_FILES):
+        if name in read:
             with open(os.path.join(corpus, name), "rb") as f:
                 h.update(name.encode() + f.read())
     return h.hexdigest()[:16]

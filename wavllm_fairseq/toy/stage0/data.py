@@ -1,5 +1,6 @@
 """What the stage-0 stand-ins read from the toy corpus: manifest rows, their audio, padded batches, where
 the second utterance of a two-utterance clip starts."""
+import json
 import os
 from typing import List, Sequence, Tuple
 
@@ -8,6 +9,26 @@ import torch
 
 from ...data.audio import load_audio
 from ...data.manifest import ManifestRow, read_manifest
+
+
+def train_manifests(corpus: str) -> List[str]:
+    """The names (without ``.tsv``) of the training manifests the corpus tool wrote, sorted: the ``train_*.tsv``
+    of the folder that ``corpus.json``'s ``counts`` lists (all of them where it lists none), so a manifest
+    derived later beside them (the pipeline's ``train_sqqa_llm.tsv``) is neither read nor in the cache key.
+
+    Args:
+        corpus (str): the toy corpus folder.
+
+    Returns:
+        List[str]: e.g. ``["train_asr", "train_er", ...]``.
+    """
+    try:
+        with open(os.path.join(corpus, "corpus.json")) as f:
+            counts = json.load(f).get("counts")
+    except (OSError, ValueError, AttributeError):
+        counts = None
+    names = [n[:-4] for n in sorted(os.listdir(corpus)) if n.startswith("train_") and n.endswith(".tsv")]
+    return [n for n in names if n in counts] if isinstance(counts, dict) else names
 
 
 def rows(corpus: str, name: str) -> List[ManifestRow]:

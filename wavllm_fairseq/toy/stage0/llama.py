@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ...data.prompt_template import (DEFAULT_SYSTEM_PROMPT, INST_CLOSE, INST_OPEN, SPEECH_CLOSE, SPEECH_OPEN,
                                 encode_example)
 from ..tables import all_sentences, is_train_sentence, prompt_pools, translate
-from .data import rows, second_utterance
+from .data import rows, second_utterance, train_manifests
 from .loop import Batches, log, train_steps
 
 
@@ -116,12 +116,11 @@ def lm_sequences(corpus: str, tok, seed: int = 1, n_span: int = 3000) -> List[Sp
     sentences = [(t, parts) for t, parts in all_sentences() if is_train_sentence(corpus_seed, t)]
     rng = random.Random(seed)
     seqs: List[Span] = []
-    for name in sorted(os.listdir(corpus)):
-        if name.startswith("train_") and name.endswith(".tsv"):
-            for r in rows(corpus, name[:-4]):
-                e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=r.with_speech)
-                span = text_span(tok, r.extra["transcript"], rng, word_tags(tok, r)) if r.with_speech else ([], [])
-                seqs.append(with_span(e, span))
+    for name in train_manifests(corpus):
+        for r in rows(corpus, name):
+            e = encode_example(tok, r.turns or [(r.prompt, r.tgt_text)], with_speech=r.with_speech)
+            span = text_span(tok, r.extra["transcript"], rng, word_tags(tok, r)) if r.with_speech else ([], [])
+            seqs.append(with_span(e, span))
     for _ in range(n_span):
         text, parts = sentences[rng.randrange(len(sentences))]
         task = rng.choice(("asr", "asr", "st", "sqa"))
