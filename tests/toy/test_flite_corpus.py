@@ -13,7 +13,7 @@ from wavllm_fairseq.toy import flite, flite_corpus, tables
 
 # a corpus of a few clips per role: what the checks below need, in seconds of synthesis
 TINY = dict(train=10, test=6, valid=2, sv_train=4, sv_test=4, multi_train=6, multi_test=4, it_train=4,
-            sqqa_repeats=1, cot_train=4)
+            sqqa_repeats=1, cot_train=4, prose_train=4, prose_test=2, prose_valid=1)
 
 
 def _require_flite():
@@ -70,7 +70,7 @@ def test_drawn_clips_keep_test_speakers_sentences_and_questions_out_of_training(
     test_s = [s for s in sents if not tables.is_train_sentence(0, s[0])]
     clips = flite_corpus.draw_all(0, dict(TINY, train=60, test=30), train_s, test_s, rng)
     test_names = {flite.speaker_name(s) for s in flite.speakers("test")}
-    train_texts = {c["text"] for k in ("train", "sv_train", "sqqa_train") for c in clips[k]}
+    train_texts = {c["text"] for k in ("train", "sv_train", "sqqa_train", "prose_train") for c in clips[k]}
     for role, cs in clips.items():
         utter_speakers = {flite.speaker_name(tuple(p[1])) for c in cs for p in c["synth"]}
         if role.endswith("train") or role == "train":
@@ -80,6 +80,10 @@ def test_drawn_clips_keep_test_speakers_sentences_and_questions_out_of_training(
             assert not {c["text"] for c in cs} & train_texts, role
     for c in clips["sqqa_test"]:
         assert c["answer"] and c["answer_words"]
+    prose = flite_corpus.prose_split(0)
+    assert not set(prose["train"]) & set(prose["test"]) and len(prose["test"]) > 20
+    assert {c["text"] for c in clips["prose_train"]} <= set(prose["train"])
+    assert not {c["text"] for c in clips["prose_test"]} & {c["text"] for c in clips["prose_valid"]}
     sv = clips["sv_test"]
     assert {c["same"] for c in sv} == {True, False}
     for c in sv:
@@ -116,6 +120,21 @@ def test_the_built_corpus_covers_every_task_with_seen_and_unseen_tests(built):
         unseen = {r["prompt"] for r in rows if r["prompt_pool"] == "unseen"}
         assert not seen & unseen, task
     assert meta["voices"] == "flite" and not set(meta["train_voices"]) & set(meta["test_voices"])
+
+
+def test_asr_rows_go_beyond_the_grammar_with_held_out_prose_in_valid_and_test(built):
+    out, _ = built
+    grammar = {t for t, _ in tables.all_sentences()}
+    train = {r["transcript"] for r in _rows(out, "train_asr")}
+    held = {q for q, _, _ in flite_corpus.question_split(3)["test"]}
+    questions = {q for q, _, _ in tables.SQQA_QUESTIONS[:14]} - held  # the fixture's training questions
+    assert questions and questions <= train  # the spoken training questions, as ASR rows
+    prose_train = train - grammar - questions
+    assert len(prose_train) == TINY["prose_train"] and prose_train <= set(tables.PROSE)
+    for split, n in (("valid", TINY["prose_valid"]), ("test", 2 * TINY["prose_test"])):
+        rows = [r for r in _rows(out, f"{split}_asr") if r["transcript"] not in grammar]
+        assert len(rows) == n and all(r["tgt_text"] == r["transcript"] for r in rows), split
+        assert not {r["transcript"] for r in rows} & train, split
 
 
 def test_sqqa_rows_answer_the_spoken_question_and_cot_rows_give_the_steps_in_order(built):

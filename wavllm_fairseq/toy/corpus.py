@@ -67,15 +67,17 @@ SIZES = {"small": dict(train=160, test=24, valid=12, sv_train=40, multi_train=80
          "default": dict(train=1500, test=100, valid=40, sv_train=800, multi_train=900, multi_test=60,
                          it_train=500)}
 # the flite corpus (--voices flite, the real small recipe): fewer clips, since a real Whisper costs more per
-# clip; SQQA questions spoken sqqa_repeats times in training; CoT on the last cot_train training clips
+# clip; SQQA questions spoken sqqa_repeats times in training; CoT on the last cot_train training clips; prose_*:
+# clips of prose sentences (ASR rows only)
 FLITE_SIZES = {"small": dict(train=120, test=24, valid=8, sv_train=40, sv_test=16, multi_train=80, multi_test=16,
-                             it_train=60, sqqa_repeats=1, cot_train=40),
+                             it_train=60, sqqa_repeats=1, cot_train=40, prose_train=40, prose_test=8, prose_valid=4),
                "default": dict(train=800, test=60, valid=16, sv_train=240, sv_test=40, multi_train=600, multi_test=40,
-                               it_train=300, sqqa_repeats=2, cot_train=200)}
+                               it_train=300, sqqa_repeats=2, cot_train=200, prose_train=400, prose_test=40,
+                               prose_valid=8)}
 VOICES = ("espeak", "flite")
 
-FORMAT = 3  # 3: word alignments and what the clip holds (word_samples, transcript, style, n_speakers); a cached
-# corpus of another format is rebuilt
+FORMAT = 4  # 3: word alignments and what the clip holds (word_samples, transcript, style, n_speakers); 4: the flite
+# corpus's prose and spoken-question ASR rows; a cached corpus of another format is rebuilt
 # what a build writes into --out (and a rebuild removes first), besides the manifests
 OUTPUTS = ("wav", "prompts", "corpus.json", "lm_text.txt")
 
@@ -287,6 +289,8 @@ def _build_flite(out: str, seed: int, sz: dict, jobs: int, train_s, test_s, rng,
                 test_voices=[flite.speaker_name(s) for s in flite.speakers("test")],
                 train_sentences=len(train_s), test_sentences=len(test_s),
                 test_questions=[q for q, _, _ in flite_corpus.question_split(seed)["test"]],
+                train_prose_sentences=len(flite_corpus.prose_split(seed)["train"]),
+                test_prose_sentences=len({c["text"] for c in clips["prose_test"] + clips["prose_valid"]}),
                 hours_train_asr=round(sum(c["n_frames"] for c in clips["train"]) / 16000 / 3600, 3))
 
 

@@ -2,17 +2,20 @@
 
 The same grammar, translations and tasks as the espeak-ng toy corpus (corpus.py, rows.py), spoken by flite
 speakers (flite.py) that the real Whisper tiny.en hears, plus spoken questions (SQQA: the question is the
-audio, ``data/sqqa.json``; a seeded share of the questions is held out for the test set) and CoT rows. Test
-and validation clips use the held-out speakers and sentences.
+audio, ``data/sqqa.json``; a seeded share of the questions is held out for the test set), CoT rows and
+plain English sentences outside the grammar (``data/prose.json``, ASR only: without them every transcript the
+adapters learn from is a grammar sentence, and a spoken question reaches the LLM as one; a seeded share is
+held out). Test and validation clips use the held-out speakers and sentences.
 """
 from typing import Dict, List, Sequence
 
 import numpy as np
 
 from . import flite, tables
-from .tables import STYLES, SQQA_QUESTIONS, translate
+from .tables import PROSE, STYLES, SQQA_QUESTIONS, translate
 
 TEST_QUESTION_PERCENT = 30  # a seeded share of the spoken questions, held out for valid and test
+TEST_PROSE_PERCENT = 15  # a seeded share of the prose sentences, held out for valid and test
 
 
 def _clip(split: str, i: int, prefix: str, text: str, spk, style: str, parts, rng) -> dict:
@@ -108,6 +111,41 @@ def draw_question_clips(split: str, questions: Sequence[tuple], repeats: int, rn
     return out
 
 
+def prose_split(seed: int) -> Dict[str, List[str]]:
+    """The prose sentences of each split: a seeded ``TEST_PROSE_PERCENT`` held out for valid and test.
+
+    Args:
+        seed (int): the corpus seed.
+
+    Returns:
+        Dict[str, List[str]]: ``train`` and ``test`` -> sentences, in the file's order.
+    """
+    held = {s for s in PROSE if tables._h(seed, "prose", s) % 100 < TEST_PROSE_PERCENT}
+    return {"train": [s for s in PROSE if s not in held], "test": [s for s in PROSE if s in held]}
+
+
+def draw_prose_clips(split: str, n: int, sentences: Sequence[str], rng: np.random.Generator) -> List[dict]:
+    """Prose clips (ASR only: no translation or object): the sentences in turn, ``n`` in all (a sentence again
+    after all have been spoken), each by a speaker of the split in one of the styles.
+
+    Args:
+        split (str): ``train``, ``test`` or ``valid``.
+        n (int): how many.
+        sentences (Sequence[str]): ``prose_split``'s sentences of the split.
+        rng (np.random.Generator): the corpus's generator.
+
+    Returns:
+        List[dict]: the clips (ids ``<split>p<i>``).
+    """
+    spks = flite.speakers(split)
+    out = []
+    for i in range(n):
+        spk = spks[int(rng.integers(len(spks)))]
+        out.append(_clip(split, i, "p", sentences[i % len(sentences)], spk, list(STYLES)[int(rng.integers(4))],
+                         None, rng))
+    return out
+
+
 def draw_all(seed: int, sizes: dict, train_s, test_s, rng: np.random.Generator) -> Dict[str, List[dict]]:
     """Every clip of the flite corpus, by role (the keys ``rows.real_task_manifests`` reads).
 
@@ -120,9 +158,10 @@ def draw_all(seed: int, sizes: dict, train_s, test_s, rng: np.random.Generator) 
     Returns:
         Dict[str, List[dict]]: role -> clips.
     """
-    qs = question_split(seed)
+    qs, prose = question_split(seed), prose_split(seed)
     n_valid_q = max(1, len(qs["test"]) // 5)
-    return {"train": draw_clips("train", sizes["train"], train_s, rng),
+    n_test_p = min(sizes["prose_test"], len(prose["test"]) - sizes["prose_valid"])
+    clips = {"train": draw_clips("train", sizes["train"], train_s, rng),
             "test": draw_clips("test", sizes["test"], test_s, rng),
             "valid": draw_clips("valid", sizes["valid"], test_s, rng),
             "sv_train": draw_sv_clips("train", sizes["sv_train"], train_s, rng),
@@ -131,3 +170,8 @@ def draw_all(seed: int, sizes: dict, train_s, test_s, rng: np.random.Generator) 
             "sqqa_train": draw_question_clips("train", qs["train"], sizes["sqqa_repeats"], rng),
             "sqqa_valid": draw_question_clips("valid", qs["test"][:n_valid_q], 1, rng),
             "sqqa_test": draw_question_clips("test", qs["test"], 1, rng)}
+    # drawn last, so the clips above (and their cached encoder outputs) are those of a corpus without prose
+    clips["prose_train"] = draw_prose_clips("train", sizes["prose_train"], prose["train"], rng)
+    clips["prose_test"] = draw_prose_clips("test", n_test_p, prose["test"][:n_test_p], rng)
+    clips["prose_valid"] = draw_prose_clips("valid", sizes["prose_valid"], prose["test"][n_test_p:], rng)
+    return clips

@@ -245,10 +245,13 @@ def task_manifests(clips: Dict[str, List[dict]], sizes: dict, rng: np.random.Gen
 
 def real_task_manifests(clips: Dict[str, List[dict]], sizes: dict, rng: np.random.Generator) -> Dict[str, List[dict]]:
     """The flite corpus's manifests: ``task_manifests``, then SQQA (spoken questions) and CoT (one instruction
-    asking for transcription, German and the object, in that order) for training, validation and test.
+    asking for transcription, German and the object, in that order) for training, validation and test, then
+    the open-vocabulary ASR rows: the prose clips of each split and, in training, the spoken questions
+    (appended to ``<split>_asr``, after the grammar's rows).
 
     Args:
-        clips (Dict[str, List[dict]]): ``task_manifests``'s clips and ``sqqa_train``, ``sqqa_valid``, ``sqqa_test``.
+        clips (Dict[str, List[dict]]): ``task_manifests``'s clips and ``sqqa_train``, ``sqqa_valid``, ``sqqa_test``,
+            ``prose_train``, ``prose_valid``, ``prose_test``.
         sizes (dict): ``task_manifests``'s counts and ``cot_train``.
         rng (np.random.Generator): the corpus's generator.
 
@@ -264,4 +267,8 @@ def real_task_manifests(clips: Dict[str, List[dict]], sizes: dict, rng: np.rando
     manifests["train_cot"] = single_rows("cot", train[-sizes["cot_train"]:], "seen", rng)
     manifests["valid_cot"] = single_rows("cot", valid, "seen", rng)
     manifests["test_cot"] = single_rows("cot", test, "seen", rng) + single_rows("cot", test, "unseen", rng)
+    manifests["train_asr"] += single_rows("asr", clips["prose_train"] + clips["sqqa_train"], "seen", rng)
+    manifests["valid_asr"] += single_rows("asr", clips["prose_valid"], "seen", rng)
+    manifests["test_asr"] += (single_rows("asr", clips["prose_test"], "seen", rng)
+                              + single_rows("asr", clips["prose_test"], "unseen", rng))
     return manifests

@@ -32,6 +32,8 @@ def _data(name: str) -> dict:
 _LEXICON, _VOICES, _TASKS = _data("lexicon.json"), _data("voices.json"), _data("tasks.json")
 # spoken questions of the SQQA task: (question, answer, words any of which makes an answer right)
 SQQA_QUESTIONS: List[Tuple[str, str, List[str]]] = [tuple(q) for q in _data("sqqa.json")["questions"]]
+# plain English sentences outside the grammar (the flite corpus's open-vocabulary ASR rows)
+PROSE: List[str] = _data("prose.json")["sentences"]
 
 # language: the grammar's words and their German
 DETS: List[str] = _LEXICON["dets"]
