@@ -234,6 +234,24 @@ def test_a_self_answer_row_without_its_question_is_named(tmp_path):
     assert not (tmp_path / "out.tsv").exists()
 
 
+def test_whispers_ceiling_is_also_given_per_sentence_source(tmp_path, monkeypatch):
+    """Each clip once (a test set asks about it with a seen and an unseen prompt), its WER on all clips and on
+    the grammar's and the open-vocabulary clips apart."""
+    from wavllm_fairseq.toy import references, tables
+
+    grammar = f"{tables.DETS[0]} {tables.NOUNS[0]} {tables.VERBS[0]} the {tables.OBJECTS[0]}"
+    prose = "the kettle started to whistle"
+    rows = [dict(id=f"r{i}{pool}", audio=f"{a}.wav", n_frames="16000", prompt="p", tgt_text=t, with_speech="True",
+                 task="asr") for pool in ("s", "u") for i, (a, t) in enumerate([("g", grammar), ("p", prose)])]
+    manifest = write_manifest(str(tmp_path / "test_asr.tsv"), rows)
+    said = {"g.wav": grammar, "p.wav": "the kettle started"}  # 0 of 5 and 2 of 5 words wrong
+    monkeypatch.setattr(references, "whisper_wer", lambda folder, clips, batch: (
+        None, [said[os.path.basename(path)] for path, _ in clips]))
+    got = references.whisper_ceiling("W", manifest)
+    assert got["clips"] == 2 and got["by_source"] == {"grammar": {"wer": 0.0, "clips": 1},
+                                                     "open vocabulary": {"wer": 40.0, "clips": 1}}
+
+
 def test_wavllm_small_real_trains_stage_1_and_2_and_decodes_from_the_prepared_folders(prepared, tmp_path):
     """The stage-1 then stage-2 yaml through fairseq-hydra-train, one update each, then fairseq-generate:
     real Whisper tiny.en encoder, SmolLM2 with its chat template and LoRA, a random WavLM stand-in of the

@@ -108,3 +108,27 @@ def test_a_missing_decode_output_is_named(toy):
     os.remove(os.path.join(toy[1], "generate-test_er.txt"))
     with pytest.raises(SystemExit, match="generate-test_er.txt: missing"):
         breakdown(*toy)
+
+
+def test_asr_rows_are_also_scored_per_sentence_source(tmp_path):
+    from wavllm_fairseq.toy import tables
+
+    d, n, v, o = tables.DETS[0], tables.NOUNS[0], tables.VERBS[0], tables.OBJECTS[0]
+    grammar = f"{d} {n} {v} the {o}"  # 5 words
+    grammar_place = f"{d} {tables.ADJS[0]} {n} {v} the {o} {tables.PLACES[0]}"
+    prose = "the kettle started to whistle"  # 5 words, outside the grammar
+    assert tables.is_grammar_sentence(grammar) and tables.is_grammar_sentence(grammar_place)
+    assert not tables.is_grammar_sentence(prose) and not tables.is_grammar_sentence(grammar + " today")
+    pairs = [(row(0, grammar, "asr", "seen"), grammar),  # 0 errors
+             (row(1, prose, "asr", "seen"), "the kettle started to whisper"),  # 1 of 5
+             (row(2, prose, "asr", "unseen"), "the kettle"),  # 3 of 5
+             (row(3, grammar_place, "asr", "unseen"), grammar_place)]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "d").mkdir()
+    write_manifest(str(tmp_path / "c" / "test_asr.tsv"), [r for r, _ in pairs], extra=EXTRA)
+    (tmp_path / "d" / "generate-test_asr.txt").write_text(generated([h for _, h in pairs]))
+    res = breakdown(str(tmp_path / "c"), str(tmp_path / "d"))
+    assert res["asr_sources"] == {"test_asr": {
+        "seen": {"grammar": {"wer": 0.0, "rows": 1}, "open vocabulary": {"wer": 20.0, "rows": 1}},
+        "unseen": {"grammar": {"wer": 0.0, "rows": 1}, "open vocabulary": {"wer": 60.0, "rows": 1}}}}
+    assert "| test_asr | unseen | open vocabulary | 1 | 60.00 |" in format_breakdown(res)

@@ -32,3 +32,14 @@ def test_write_report_keeps_results_and_standin_checks_in_json(tmp_path):
     assert saved["stage0"] == {"whisper_ctc_wer_valid": 13.8, "wavlm_sv_acc_valid": 0.675, "llama_copy_loss_valid": 0.2}
     assert (tmp_path / "results.md").read_text().count("| test_asr | asr | wer |") == 1
     assert (tmp_path / "scores.png").stat().st_size > 1000
+
+
+def test_the_references_give_whispers_wer_per_sentence_source_where_there_are_two():
+    refs = {"whisper_wer": {"wer": 6.5, "clips": 100, "by_source": {"grammar": {"wer": 8.0, "clips": 60},
+                                                                   "open vocabulary": {"wer": 4.25, "clips": 40}}}}
+    lines = format_table(RESULTS, {}, refs=refs, recipe="small_real").splitlines()
+    i = lines.index("| Whisper tiny.en's own WER % on the test_asr clips (100 clips) | 6.50 |")
+    assert lines[i + 1:i + 3] == ["| ... on its grammar clips (60) | 8.00 |",
+                                  "| ... on its open vocabulary clips (40) | 4.25 |"]
+    one = {"whisper_wer": {"wer": 6.5, "clips": 60, "by_source": {"grammar": {"wer": 6.5, "clips": 60}}}}
+    assert not any("... on its" in line for line in format_table(RESULTS, {}, refs=one).splitlines())

@@ -15,7 +15,8 @@ For every single-task test set and prompt pool (seen / unseen paraphrases) each 
 "Closer" is the word edit distance (the scorer's, on ``text_norm`` words), divided by the longer of the
 two, to the nearest target of each task's test set (multi-task combinations count as tasks of their own).
 For the multi-task set, each combination's rows are counted as following the instruction or not
-(``wavllm-score``'s check).
+(``wavllm-score``'s check). ASR rows are also scored (WER) per prompt pool and sentence source: the grammar's
+sentences, or open vocabulary (the flite corpus's prose; ``tables.sentence_source``).
 """
 import argparse
 import glob
@@ -27,8 +28,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..data.manifest import read_manifest
 from ..data.text_norm import words
-from ..evaluation.metrics import first_label, follow_multi, gold_label, row_right, task_labels, word_distance
+from ..evaluation.metrics import first_label, follow_multi, gold_label, row_right, task_labels, wer, word_distance
 from ..evaluation.scoring import read_hypotheses
+from .tables import sentence_source
 
 NEITHER = 0.5  # nearest answer of any task further than this (edit distance / longer length): "neither"
 
@@ -82,6 +84,28 @@ def _load(corpus: str, decode: str) -> Dict[str, Tuple[list, Dict[int, str]]]:
     return sets
 
 
+def asr_by_source(sets: Dict[str, Tuple[list, Dict[int, str]]]) -> Dict[str, Dict[str, Dict[str, dict]]]:
+    """WER of the ASR rows of each test set per prompt pool and sentence source.
+
+    Args:
+        sets (Dict[str, Tuple[list, Dict[int, str]]]): test set -> (rows, hypotheses by row position).
+
+    Returns:
+        Dict[str, Dict[str, Dict[str, dict]]]: {test set: {pool: {source: {"wer": %, "rows": n}}}}, for the
+        sets with ASR rows.
+    """
+    out: Dict[str, Dict[str, Dict[str, dict]]] = {}
+    for name, (rows, hyps) in sets.items():
+        groups: Dict[Tuple[str, str], List[int]] = defaultdict(list)
+        for i, r in enumerate(rows):
+            if r.task == "asr":
+                groups[(r.extra.get("prompt_pool", "all"), sentence_source(r.tgt_text))].append(i)
+        for (pool, source), idx in sorted(groups.items()):
+            value = wer([rows[i].tgt_text for i in idx], [hyps.get(i, "") for i in idx])
+            out.setdefault(name, {}).setdefault(pool, {})[source] = {"wer": round(value, 2), "rows": len(idx)}
+    return out
+
+
 def breakdown(corpus: str, decode: str) -> dict:
     """Count where the decoded answers of every test set go (the module docstring says how).
 
@@ -90,7 +114,8 @@ def breakdown(corpus: str, decode: str) -> dict:
         decode (str): the folder of ``generate-test_*.txt``.
 
     Returns:
-        dict: ``single``: {test set: {prompt pool: counts}}; ``multi``: {combination: {pool: [followed, rows]}}.
+        dict: ``single``: {test set: {prompt pool: counts}}; ``multi``: {combination: {pool: [followed, rows]}};
+        ``asr_sources``: ``asr_by_source``.
     """
     sets = _load(corpus, decode)
     answers: Dict[str, Set[Tuple[str, ...]]] = defaultdict(set)
@@ -135,7 +160,8 @@ def breakdown(corpus: str, decode: str) -> dict:
         for cell in per_pool.values():
             cell["answered instead"] = dict(cell["answered instead"].most_common())
             cell["wrong labels"] = dict(cell["wrong labels"].most_common())
-    return {"single": single, "multi": {k: dict(v) for k, v in sorted(multi.items())}}
+    return {"single": single, "multi": {k: dict(v) for k, v in sorted(multi.items())},
+            "asr_sources": asr_by_source(sets)}
 
 
 def format_breakdown(result: dict) -> str:
@@ -145,7 +171,8 @@ def format_breakdown(result: dict) -> str:
         result (dict): what ``breakdown`` returns.
 
     Returns:
-        str: one table of the single-task sets, one of the multi-task combinations.
+        str: one table of the single-task sets, one of the multi-task combinations, one of the ASR WER by
+        sentence source (where a set has both sources).
     """
     out = ["| test set | prompts | rows | right | asked task, wrong | another task | neither | answered instead | "
            "wrong labels (gold -> said) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -162,6 +189,12 @@ def format_breakdown(result: dict) -> str:
         for combo, per_pool in result["multi"].items():
             cells = [f"{per_pool[p][0]} of {per_pool[p][1]}" if p in per_pool else "" for p in pools]
             out.append(f"| {combo} | " + " | ".join(cells) + " |")
+    mixed = {n: v for n, v in result.get("asr_sources", {}).items() if len({s for p in v.values() for s in p}) > 1}
+    if mixed:
+        out += ["", "| ASR test set | prompts | sentences | rows | WER |", "|---|---|---|---|---|"]
+        for name, per_pool in sorted(mixed.items()):
+            for pool, per_source in sorted(per_pool.items()):
+                out += [f"| {name} | {pool} | {src} | {c['rows']} | {c['wer']:.2f} |" for src, c in per_source.items()]
     return "\n".join(out)
 
 

@@ -24,8 +24,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..data.manifest import read_manifest
 from ..data.manifest_row import escape_cell, unescape_cell
 from ..data.text_norm import normalise
-from ..evaluation.metrics import find_words
+from ..evaluation.metrics import find_words, wer
 from ..tools.small_backbones import whisper_wer
+from .tables import sentence_source
 
 
 def unique_clips(manifest: str) -> List[Tuple[str, str]]:
@@ -56,10 +57,17 @@ def whisper_ceiling(whisper_dir: str, manifest: str, batch: int = 16) -> Dict[st
         batch (int): clips per ``generate`` call.
 
     Returns:
-        Dict[str, float]: ``wer`` (%) and ``clips``.
+        Dict[str, float]: ``wer`` (%), ``clips`` and ``by_source``: {sentence source: {"wer", "clips"}} (the
+        grammar's sentences, open vocabulary: ``tables.sentence_source``).
     """
     clips = unique_clips(manifest)
-    return {"wer": whisper_wer(whisper_dir, clips, batch)[0], "clips": len(clips)}
+    value, hyps = whisper_wer(whisper_dir, clips, batch)
+    groups: Dict[str, List[int]] = {}
+    for i, (_, text) in enumerate(clips):
+        groups.setdefault(sentence_source(text), []).append(i)
+    by_source = {src: {"wer": round(wer([clips[i][1] for i in idx], [hyps[i] for i in idx]), 2), "clips": len(idx)}
+                 for src, idx in sorted(groups.items())}
+    return {"wer": value, "clips": len(clips), "by_source": by_source}
 
 
 def llm_text_answers(llm_dir: str, questions: Sequence[str], system_prompt: str, batch: int = 16,

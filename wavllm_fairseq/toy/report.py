@@ -90,6 +90,9 @@ def format_table(results, times, standins: Optional[dict] = None, refs: Optional
         if "whisper_wer" in refs:
             r = refs["whisper_wer"]
             lines.append(f"| Whisper tiny.en's own WER % on the test_asr clips ({r['clips']} clips) | {r['wer']:.2f} |")
+            if len(r.get("by_source", {})) > 1:  # the grammar's sentences and open vocabulary (flite corpus)
+                lines += [f"| ... on its {src} clips ({c['clips']}) | {c['wer']:.2f} |"
+                          for src, c in r["by_source"].items()]
         if "llm_text_sqqa" in refs:
             r = refs["llm_text_sqqa"]
             lines.append(f"| SmolLM2's accuracy on the test_sqqa questions as text ({r['questions']}) "

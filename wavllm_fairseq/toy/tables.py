@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from typing import Callable, Dict, List, Tuple
 
 from ..data.manifest import unescape_cell
@@ -171,6 +172,30 @@ def all_sentences() -> List[Tuple[str, dict]]:
                             words = [d] + ([a] if a else []) + [n, v, "the", o] + ([p] if p else [])
                             out.append((" ".join(words), dict(det=d, adj=a, noun=n, verb=v, obj=o, place=p)))
     return out
+
+
+def is_grammar_sentence(text: str) -> bool:
+    """Whether a transcript is a sentence of the grammar (``all_sentences``), not one of the flite corpus's
+    open-vocabulary sentences (prose, spoken questions).
+
+    Args:
+        text (str): the transcript.
+
+    Returns:
+        bool: True for det [adj] noun verb "the" object [place] with the grammar's words.
+    """
+    return _grammar_pattern().fullmatch(text.strip()) is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _grammar_pattern() -> "re.Pattern":
+    alt = lambda ws: "(?:" + "|".join(re.escape(w) for w in ws if w) + ")"  # noqa: E731
+    return re.compile(f"{alt(DETS)} (?:{alt(ADJS)} )?{alt(NOUNS)} {alt(VERBS)} the {alt(OBJECTS)}(?: {alt(PLACES)})?")
+
+
+def sentence_source(text: str) -> str:
+    """``grammar`` or ``open vocabulary``: how a breakdown splits ASR rows (``is_grammar_sentence``)."""
+    return "grammar" if is_grammar_sentence(text) else "open vocabulary"
 
 
 def translate(parts: dict) -> str:
