@@ -315,8 +315,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--voices", choices=VOICES, default="espeak",
-                   help="espeak: the toy's espeak-ng voices; flite: flite speakers the real Whisper hears, with SQQA "
-                        "and CoT (the real small recipe)")
+                   help="espeak: the toy's espeak-ng voices; flite: flite speakers the real Whisper hears, with SQQA, "
+                        "CoT and ASR on plain English sentences beyond the grammar (the real small recipe)")
     p.add_argument("--force", action="store_true", help="rebuild even when a corpus with this seed and size exists")
     args = p.parse_args(argv)
     if args.voices == "espeak" and shutil.which("espeak-ng") is None:
