@@ -84,8 +84,25 @@ def _load(corpus: str, decode: str) -> Dict[str, Tuple[list, Dict[int, str]]]:
     return sets
 
 
+def wer_by_source(refs: Sequence[str], hyps: Sequence[str]) -> Dict[str, Tuple[float, int]]:
+    """WER per sentence source (``tables.sentence_source`` of each reference).
+
+    Args:
+        refs (Sequence[str]): reference transcripts.
+        hyps (Sequence[str]): hypotheses, one per reference.
+
+    Returns:
+        Dict[str, Tuple[float, int]]: source -> (WER %, rounded to 2 decimals; how many references), sorted.
+    """
+    groups: Dict[str, List[int]] = defaultdict(list)
+    for i, ref in enumerate(refs):
+        groups[sentence_source(ref)].append(i)
+    return {src: (round(wer([refs[i] for i in idx], [hyps[i] for i in idx]), 2), len(idx))
+            for src, idx in sorted(groups.items())}
+
+
 def asr_by_source(sets: Dict[str, Tuple[list, Dict[int, str]]]) -> Dict[str, Dict[str, Dict[str, dict]]]:
-    """WER of the ASR rows of each test set per prompt pool and sentence source.
+    """WER of the ASR rows of each test set per prompt pool and sentence source (``wer_by_source``).
 
     Args:
         sets (Dict[str, Tuple[list, Dict[int, str]]]): test set -> (rows, hypotheses by row position).
@@ -96,13 +113,13 @@ def asr_by_source(sets: Dict[str, Tuple[list, Dict[int, str]]]) -> Dict[str, Dic
     """
     out: Dict[str, Dict[str, Dict[str, dict]]] = {}
     for name, (rows, hyps) in sets.items():
-        groups: Dict[Tuple[str, str], List[int]] = defaultdict(list)
+        pools: Dict[str, List[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             if r.task == "asr":
-                groups[(r.extra.get("prompt_pool", "all"), sentence_source(r.tgt_text))].append(i)
-        for (pool, source), idx in sorted(groups.items()):
-            value = wer([rows[i].tgt_text for i in idx], [hyps.get(i, "") for i in idx])
-            out.setdefault(name, {}).setdefault(pool, {})[source] = {"wer": round(value, 2), "rows": len(idx)}
+                pools[r.extra.get("prompt_pool", "all")].append(i)
+        for pool, idx in sorted(pools.items()):
+            per_source = wer_by_source([rows[i].tgt_text for i in idx], [hyps.get(i, "") for i in idx])
+            out.setdefault(name, {})[pool] = {src: {"wer": w, "rows": n} for src, (w, n) in per_source.items()}
     return out
 
 

@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..data.manifest import read_manifest
 from ..data.manifest_row import escape_cell, unescape_cell
 from ..data.text_norm import normalise
-from ..evaluation.metrics import find_words, wer
+from ..evaluation.metrics import find_words
 from ..tools.small_backbones import whisper_wer
-from .tables import sentence_source
+from .breakdown import wer_by_source
 
 
 def unique_clips(manifest: str) -> List[Tuple[str, str]]:
@@ -58,15 +58,11 @@ def whisper_ceiling(whisper_dir: str, manifest: str, batch: int = 16) -> Dict[st
 
     Returns:
         Dict[str, float]: ``wer`` (%), ``clips`` and ``by_source``: {sentence source: {"wer", "clips"}} (the
-        grammar's sentences, open vocabulary: ``tables.sentence_source``).
+        grammar's sentences, open vocabulary: ``breakdown.wer_by_source``).
     """
     clips = unique_clips(manifest)
     value, hyps = whisper_wer(whisper_dir, clips, batch)
-    groups: Dict[str, List[int]] = {}
-    for i, (_, text) in enumerate(clips):
-        groups.setdefault(sentence_source(text), []).append(i)
-    by_source = {src: {"wer": round(wer([clips[i][1] for i in idx], [hyps[i] for i in idx]), 2), "clips": len(idx)}
-                 for src, idx in sorted(groups.items())}
+    by_source = {src: {"wer": w, "clips": n} for src, (w, n) in wer_by_source([t for _, t in clips], hyps).items()}
     return {"wer": value, "clips": len(clips), "by_source": by_source}
 
 
