@@ -72,13 +72,12 @@ SIZES = {"small": dict(train=160, test=24, valid=12, sv_train=40, multi_train=80
 FLITE_SIZES = {"small": dict(train=120, test=24, valid=8, sv_train=40, sv_test=16, multi_train=80, multi_test=16,
                              it_train=60, sqqa_repeats=1, cot_train=40, prose_train=40, prose_test=8, prose_valid=4),
                "default": dict(train=800, test=60, valid=16, sv_train=240, sv_test=40, multi_train=600, multi_test=40,
-                               it_train=300, sqqa_repeats=2, cot_train=200, prose_train=2600, prose_test=40,
+                               it_train=300, sqqa_repeats=2, cot_train=200, prose_train=400, prose_test=40,
                                prose_valid=8)}
 VOICES = ("espeak", "flite")
 
-FORMAT = 5  # 3: word alignments and what the clip holds (word_samples, transcript, style, n_speakers); 4: the flite
-# corpus's prose and spoken-question ASR rows; 5: 3020 prose sentences, 2600 training prose clips (400 before); a
-# cached corpus of another format is rebuilt
+FORMAT = 4  # 3: word alignments and what the clip holds (word_samples, transcript, style, n_speakers); 4: the flite
+# corpus's prose and spoken-question ASR rows; a cached corpus of another format is rebuilt
 # what a build writes into --out (and a rebuild removes first), besides the manifests
 OUTPUTS = ("wav", "prompts", "corpus.json", "lm_text.txt")
 
