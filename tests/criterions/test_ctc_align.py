@@ -143,3 +143,12 @@ def test_a_batch_without_aligned_rows_is_a_zero_loss(model):
 def test_it_needs_the_model_built_first():
     with pytest.raises(ValueError, match="build_model"):
         WavLLMCTCAlign(SimpleNamespace(tokenizer=FakeTokenizer()))
+
+
+def test_greedy_decode_merges_repeats_drops_blanks_and_stops_at_each_rows_frames(model, monkeypatch):
+    crit = WavLLMCTCAlign(make_task(model))
+    # frame-wise best indices (0 = blank, i + 1 = token i); row 1 has 4 valid frames of 6
+    best = torch.tensor([[0, 11, 11, 0, 11, 13], [21, 0, 0, 22, 23, 23]])
+    lprobs = F.one_hot(best, VOCAB + 1).float().log_softmax(-1).transpose(0, 1)  # (N, B, V + 1)
+    monkeypatch.setattr(crit, "frame_log_probs", lambda m, net: (lprobs, torch.tensor([6, 4]), torch.zeros(())))
+    assert crit.greedy_decode(model, {}) == [[10, 10, 12], [20, 21]]

@@ -120,6 +120,31 @@ class WavLLMCTCAlign(FairseqCriterion):
         penalty = ((norm.squeeze(-1) / e - 1.0) ** 2 * valid).sum()
         return F.log_softmax(logits, dim=-1).transpose(0, 1), lengths, penalty
 
+    @torch.no_grad()
+    def greedy_decode(self, model, net_input) -> List[List[int]]:
+        """Greedy CTC decoding of the frames' scores: the best index per frame, repeats merged, blanks dropped.
+
+        What the adapters alone hear after this stage, without the LLM (``listening_probes.py ctc``).
+
+        Args:
+            model (WavLLMModel): the model.
+            net_input (dict): ``audio`` and ``audio_lengths`` of a batch.
+
+        Returns:
+            List[List[int]]: the LLM token ids heard in each row.
+        """
+        lprobs, frames, _ = self.frame_log_probs(model, net_input)  # (N, B, V + 1)
+        best = lprobs.argmax(-1).t()  # (B, N)
+        out = []
+        for b in range(best.shape[0]):
+            ids, prev = [], 0
+            for i in best[b, : int(frames[b])].tolist():
+                if i != prev and i != 0:
+                    ids.append(i - 1)
+                prev = i
+            out.append(ids)
+        return out
+
     def forward(self, model, sample, reduce=True):
         """The summed CTC loss of a batch's aligned rows.
 

@@ -3,9 +3,12 @@
 short ASR-only stage 1 from it, decoded and scored; with ``--no-align`` the same stage 1 from scratch.
 
     python examples/wavllm/scripts/align_ablation.py ARM [--align-updates 600] [--stage1-updates 150] [--no-align]
+        [--align-override criterion.norm_weight=1.0 ...] [--init CKPT]
 
 Reuses a finished main job's folders (work_real: backbones, encoder cache) and manifests/real; writes
-work_real_ablation/ARM. Stage 1 as in asr_only_ablation.py (ASR alone, warm-up a tenth, no validation).
+work_real_ablation/ARM. Stage 1 as in asr_only_ablation.py (ASR alone, warm-up a tenth, no validation); its test_asr
+WER also per sentence source (grammar / open vocabulary). ``--init CKPT``: no stage 1a, stage 1 from CKPT (e.g. the
+main job's own work_real/align/checkpoint_last.pt).
 """
 import argparse
 import csv
@@ -17,9 +20,11 @@ import torch
 from wavllm_fairseq.criterions.ctc_align import WavLLMCTCAlign
 from wavllm_fairseq.data.audio import load_audio
 from wavllm_fairseq.data.encoder_cache import attach_encoder_cache
+from wavllm_fairseq.data.manifest import read_manifest
+from wavllm_fairseq.evaluation.scoring import read_hypotheses
 from wavllm_fairseq.evaluation.metrics import wer
 from wavllm_fairseq.hub import WavLLM
-from wavllm_fairseq.toy import steps
+from wavllm_fairseq.toy import breakdown, steps
 
 W = os.path.abspath("work_real")  # run from the repository root, after the main job
 CORPUS = os.path.abspath(os.path.join("manifests", "real"))
@@ -43,13 +48,7 @@ def ctc_greedy_wer(ckpt: str, clips: int = 40) -> dict:
         for r in list(unique.values())[:clips]:
             a = torch.from_numpy(load_audio(r["audio"], CORPUS))[None]
             lengths = torch.tensor([a.shape[1]])
-            lprobs, n, _ = crit.frame_log_probs(m.model, {"audio": a, "audio_lengths": lengths})  # (N, 1, V + 1)
-            out, prev = [], None
-            for i in lprobs[: int(n[0]), 0].argmax(-1).tolist():
-                if i != prev and i != 0:
-                    out.append(i - 1)
-                prev = i
-            hyps.append(m.tokenizer.decode(out))
+            hyps.append(m.tokenizer.decode(crit.greedy_decode(m.model, {"audio": a, "audio_lengths": lengths})[0]))
             refs.append(r["tgt_text"])
             x, k = m.model.encode_speech(a, lengths)
             norms.append(float(x[0, : int(k[0])].float().norm(dim=1).mean()))
@@ -65,6 +64,8 @@ def main() -> None:
     p.add_argument("--align-updates", type=int, default=600)
     p.add_argument("--stage1-updates", type=int, default=150)
     p.add_argument("--no-align", action="store_true")
+    p.add_argument("--align-override", nargs="*", default=[], metavar="KEY=VALUE", help="stage 1a hydra overrides")
+    p.add_argument("--init", default=None, help="stage 1 starts from this checkpoint (no stage 1a)")
     args = p.parse_args()
     recipe = steps.Recipe("small_real", {"whisper": f"{W}/real_backbones/whisper-tiny.en",
                                          "wavlm": f"{W}/backbones/wavlm",
@@ -72,10 +73,11 @@ def main() -> None:
     recipe.use_encoder_cache(f"{W}/encoder_cache")
     out = os.path.abspath(os.path.join("work_real_ablation", args.arm))
     result = {}
-    init = None
-    if not args.no_align:
+    init = args.init
+    if not args.no_align and not init:
         init = steps.train_stage("align", CORPUS, recipe, f"{out}/align", args.align_updates, None,
-                                 ["common.seed=1"], echo=False, warmup=max(1, args.align_updates // 20))
+                                 ["common.seed=1", *args.align_override], echo=False,
+                                 warmup=max(1, args.align_updates // 20))
         result["align"] = ctc_greedy_wer(init)
     ck = steps.train_stage(1, CORPUS, recipe, f"{out}/stage1", args.stage1_updates, init,
                            ["common.seed=1", "task.train_manifests=train_asr", "task.train_weights=1",
@@ -83,6 +85,9 @@ def main() -> None:
                            echo=False, warmup=max(1, args.stage1_updates // 10))
     gen = {"test_asr": steps.decode_one(CORPUS, ck, "test_asr", f"{out}/decode", 60, recipe.decode_args)}
     result["stage1"] = steps.score_all(CORPUS, gen, f"{out}/decode")["test_asr"]["asr"]
+    rows, _ = read_manifest(os.path.join(CORPUS, "test_asr.tsv"))
+    hyps, _ = read_hypotheses(gen["test_asr"], rows)
+    result["stage1_by_source"] = breakdown.asr_by_source({"test_asr": (rows, hyps)})["test_asr"]
     print(args.arm, json.dumps(result))
 
 
