@@ -152,3 +152,17 @@ def test_greedy_decode_merges_repeats_drops_blanks_and_stops_at_each_rows_frames
     lprobs = F.one_hot(best, VOCAB + 1).float().log_softmax(-1).transpose(0, 1)  # (N, B, V + 1)
     monkeypatch.setattr(crit, "frame_log_probs", lambda m, net: (lprobs, torch.tensor([6, 4]), torch.zeros(())))
     assert crit.greedy_decode(model, {}) == [[10, 10, 12], [20, 21]]
+
+
+def test_from_checkpoint_restores_the_options_and_the_learned_blank(model):
+    crit = WavLLMCTCAlign(make_task(model), tasks="asr,sv", norm_weight=0.5)
+    with torch.no_grad():
+        crit.blank.normal_()
+        crit.blank_bias.fill_(0.7)
+        crit.log_scale.fill_(0.3)
+    state = {"cfg": {"criterion": {"_name": "wavllm_ctc_align", "tasks": "asr,sv", "norm_weight": 0.5}},
+             "criterion": crit.state_dict()}
+    back = WavLLMCTCAlign.from_checkpoint(make_task(model), state)
+    assert back.tasks == {"asr", "sv"} and back.norm_weight == 0.5
+    for key, value in crit.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)

@@ -68,6 +68,23 @@ class WavLLMCTCAlign(FairseqCriterion):
         # times slower on x86 CPUs; flush them to zero in this (training) process (no effect where unsupported)
         torch.set_flush_denormal(True)
 
+    @classmethod
+    def from_checkpoint(cls, task, state: dict) -> "WavLLMCTCAlign":
+        """The criterion a stage-1a checkpoint was trained with: its options and its learned blank and scale.
+
+        Args:
+            task: the task, with ``llm_dim`` set (as ``task.build_model`` sets it).
+            state (dict): the checkpoint (``checkpoint_io.load_checkpoint_file``): its ``cfg.criterion`` and
+                ``criterion`` entries.
+
+        Returns:
+            WavLLMCTCAlign: the criterion, ready for ``greedy_decode``.
+        """
+        cfg = state["cfg"]["criterion"]
+        crit = cls(task, tasks=cfg["tasks"], norm_weight=cfg["norm_weight"])
+        crit.load_state_dict(state["criterion"])
+        return crit
+
     def _text_token(self, i: int) -> bool:
         """Whether token ``i`` decodes to visible text (specials and whitespace-only pieces do not)."""
         if i not in self._has_text:

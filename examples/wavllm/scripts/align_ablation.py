@@ -11,7 +11,6 @@ WER also per sentence source (grammar / open vocabulary). ``--init CKPT``: no st
 main job's own work_real/align/checkpoint_last.pt).
 """
 import argparse
-import csv
 import json
 import os
 
@@ -24,7 +23,9 @@ from wavllm_fairseq.data.manifest import read_manifest
 from wavllm_fairseq.evaluation.scoring import read_hypotheses
 from wavllm_fairseq.evaluation.metrics import wer
 from wavllm_fairseq.hub import WavLLM
+from wavllm_fairseq.models.checkpoint_io import load_checkpoint_file
 from wavllm_fairseq.toy import breakdown, steps
+from wavllm_fairseq.toy.references import unique_clips
 
 W = os.path.abspath("work_real")  # run from the repository root, after the main job
 CORPUS = os.path.abspath(os.path.join("manifests", "real"))
@@ -35,21 +36,15 @@ def ctc_greedy_wer(ckpt: str, clips: int = 40) -> dict:
     test_asr clips."""
     m = WavLLM.from_pretrained(ckpt, merge_lora=False, trust_checkpoint=True)
     attach_encoder_cache(m.model, os.path.join(W, "encoder_cache"), "float16")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     m.task.llm_dim = m.model.llm_dim  # what task.build_model sets in training
-    crit = WavLLMCTCAlign(m.task, **{k: state["cfg"]["criterion"][k] for k in ("tasks", "norm_weight")})
-    crit.load_state_dict(state["criterion"])
-    unique = {}
-    with open(os.path.join(CORPUS, "test_asr.tsv")) as f:
-        for r in csv.DictReader(f, delimiter="\t"):
-            unique.setdefault(r["audio"], r)
+    crit = WavLLMCTCAlign.from_checkpoint(m.task, load_checkpoint_file(ckpt, trust=True))
     refs, hyps, norms = [], [], []
     with torch.no_grad():
-        for r in list(unique.values())[:clips]:
-            a = torch.from_numpy(load_audio(r["audio"], CORPUS))[None]
+        for audio, text in unique_clips(os.path.join(CORPUS, "test_asr.tsv"))[:clips]:
+            a = torch.from_numpy(load_audio(audio, ""))[None]
             lengths = torch.tensor([a.shape[1]])
             hyps.append(m.tokenizer.decode(crit.greedy_decode(m.model, {"audio": a, "audio_lengths": lengths})[0]))
-            refs.append(r["tgt_text"])
+            refs.append(text)
             x, k = m.model.encode_speech(a, lengths)
             norms.append(float(x[0, : int(k[0])].float().norm(dim=1).mean()))
     table = m.model.llm.get_input_embeddings().weight.float()

@@ -13,10 +13,9 @@ would), asked "Transcribe the audio." on the open-vocabulary clips of test_asr. 
 the main job (``--work work_real``, ``--corpus manifests/real``); prints one JSON line.
 """
 import argparse
-import csv
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -25,35 +24,26 @@ from wavllm_fairseq.data.audio import load_audio
 from wavllm_fairseq.data.encoder_cache import attach_encoder_cache
 from wavllm_fairseq.evaluation.metrics import wer
 from wavllm_fairseq.hub import WavLLM
+from wavllm_fairseq.models.checkpoint_io import load_checkpoint_file
 from wavllm_fairseq.toy.breakdown import wer_by_source
+from wavllm_fairseq.toy.references import unique_clips
 from wavllm_fairseq.toy.tables import sentence_source
-
-
-def unique_clips(corpus: str, manifest: str) -> List[Dict[str, str]]:
-    """The manifest's rows, one per audio file, in order."""
-    rows: Dict[str, Dict[str, str]] = {}
-    with open(os.path.join(corpus, manifest + ".tsv")) as f:
-        for r in csv.DictReader(f, delimiter="\t"):
-            rows.setdefault(r["audio"], r)
-    return list(rows.values())
 
 
 def ctc(args) -> dict:
     m = WavLLM.from_pretrained(args.ckpt, merge_lora=False, trust_checkpoint=True)
     attach_encoder_cache(m.model, os.path.join(args.work, "encoder_cache"), "float16")
-    state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     m.task.llm_dim = m.model.llm_dim  # what task.build_model sets in training
-    crit = WavLLMCTCAlign(m.task, **{k: state["cfg"]["criterion"][k] for k in ("tasks", "norm_weight")})
-    crit.load_state_dict(state["criterion"])
-    by_source: Dict[str, List[Dict[str, str]]] = {}
-    for r in unique_clips(args.corpus, args.manifest):
-        by_source.setdefault(sentence_source(r["tgt_text"]), []).append(r)
+    crit = WavLLMCTCAlign.from_checkpoint(m.task, load_checkpoint_file(args.ckpt, trust=True))
+    by_source: Dict[str, List[Tuple[str, str]]] = {}
+    for audio, text in unique_clips(os.path.join(args.corpus, args.manifest + ".tsv")):
+        by_source.setdefault(sentence_source(text), []).append((audio, text))
     refs, hyps = [], []
-    for rows in by_source.values():
-        for r in rows[: args.clips]:
-            a = torch.from_numpy(load_audio(r["audio"], args.corpus))[None]
+    for clips in by_source.values():
+        for audio, text in clips[: args.clips]:
+            a = torch.from_numpy(load_audio(audio, ""))[None]
             ids = crit.greedy_decode(m.model, {"audio": a, "audio_lengths": torch.tensor([a.shape[1]])})[0]
-            refs.append(r["tgt_text"])
+            refs.append(text)
             hyps.append(m.tokenizer.decode(ids))
     return {"probe": "ctc", "manifest": args.manifest,
             "wer": {src: {"wer": w, "clips": n} for src, (w, n) in wer_by_source(refs, hyps).items()},
@@ -74,12 +64,12 @@ def oracle(args) -> dict:
 
     m.model.encode_speech = transcript_span
     refs, hyps = [], []
-    rows = [r for r in unique_clips(args.corpus, "test_asr") if sentence_source(r["tgt_text"]) != "grammar"]
-    for r in rows[: args.clips]:
-        current["text"] = r["tgt_text"]
-        hyps.append(m.generate([os.path.join(args.corpus, r["audio"])], ["Transcribe the audio."], beam=1,
-                               max_len_b=60)[0])
-        refs.append(r["tgt_text"])
+    clips = [(audio, text) for audio, text in unique_clips(os.path.join(args.corpus, "test_asr.tsv"))
+             if sentence_source(text) != "grammar"]
+    for audio, text in clips[: args.clips]:
+        current["text"] = text
+        hyps.append(m.generate([audio], ["Transcribe the audio."], beam=1, max_len_b=60)[0])
+        refs.append(text)
     return {"probe": "oracle", "span": args.span, "wer": round(wer(refs, hyps), 2), "clips": len(refs),
             "examples": [[r, h] for r, h in list(zip(refs, hyps))[:3]]}
 
