@@ -15,7 +15,10 @@ whitespace only. CTC alone sharpens its scores by growing the frames' norm past 
 37 against 3.2 after 600 updates); ``criterion.norm_weight > 0`` scores each frame rescaled to the embeddings'
 mean norm (times a learned scale) and penalises the norm instead. The loss is summed over rows and divided by
 the target tokens. The learned blank (a vector and a bias) belongs to this criterion, so fairseq optimises it
-with the model and stores it in the checkpoint's ``criterion`` entry; stage 1 reads only the model.
+with the model and stores it in the checkpoint's ``criterion`` entry; stage 1 reads only the model. A model
+with ``model.speech_shrink=ctc`` holds its own blank (models/shrink.py: it keeps the frames this CTC assigns to
+tokens): the criterion then scores with the model's, which stage 1 reads, and needs ``norm_weight`` 0 (the
+shrink scores the frames as they are).
 """
 import math
 from dataclasses import dataclass, field
@@ -121,8 +124,11 @@ class WavLLMCTCAlign(FairseqCriterion):
             (CTC's time-major layout), the frames of each row (B,), and the norm penalty summed over the
             valid frames (a scalar).
         """
-        speech, lengths = model.encode_speech(net_input["audio"], net_input["audio_lengths"])  # (B, N, D)
+        speech, lengths = model.encode_speech(net_input["audio"], net_input["audio_lengths"], shrink=False)  # (B, N, D)
         table = model.llm.get_input_embeddings().weight.float()  # (V, D), frozen
+        shrink = getattr(model, "speech_shrink", None)
+        if shrink is not None and self.norm_weight > 0:
+            raise ValueError("model.speech_shrink=ctc scores the frames as they are: use criterion.norm_weight=0")
         e = table.norm(dim=1).mean()
         speech = speech.float()
         norm = speech.norm(dim=-1, keepdim=True)  # (B, N, 1)
@@ -130,9 +136,12 @@ class WavLLMCTCAlign(FairseqCriterion):
             unit = speech * (e / norm.clamp(min=1e-6)) * self.log_scale.exp()  # rescaled to the embeddings' norm
         else:
             unit = speech
-        scores = unit @ table.t()  # (B, N, V)
-        blank = (unit @ self.blank.float() + self.blank_bias)[..., None]  # (B, N, 1)
-        logits = torch.cat([blank, scores], dim=-1)
+        if shrink is not None:  # the model's blank, which decides what its LLM reads
+            logits = shrink.logits(unit, table)
+        else:
+            scores = unit @ table.t()  # (B, N, V)
+            blank = (unit @ self.blank.float() + self.blank_bias)[..., None]  # (B, N, 1)
+            logits = torch.cat([blank, scores], dim=-1)
         valid = torch.arange(speech.shape[1], device=speech.device)[None, :] < lengths[:, None]  # (B, N)
         penalty = ((norm.squeeze(-1) / e - 1.0) ** 2 * valid).sum()
         return F.log_softmax(logits, dim=-1).transpose(0, 1), lengths, penalty

@@ -25,6 +25,7 @@ CHOICES: Dict[str, tuple] = {
     "lora_scale_layout": ("hf", "meta"),
     "prompt_adapter_init": ("stage1_scale", "random"),
     "prompt_adapter_input": ("last_layer", "final_norm"),
+    "speech_shrink": ("off", "ctc"),
 }
 DTYPE_CHOICES = ChoiceEnum(CHOICES["backbone_dtype"])
 BOTTLENECK_NORM_CHOICES = ChoiceEnum(CHOICES["bottleneck_norm"])
@@ -32,6 +33,7 @@ LORA_A_INIT_CHOICES = ChoiceEnum(CHOICES["lora_a_init"])
 LORA_SCALE_LAYOUT_CHOICES = ChoiceEnum(CHOICES["lora_scale_layout"])
 PROMPT_ADAPTER_INIT_CHOICES = ChoiceEnum(CHOICES["prompt_adapter_init"])
 PROMPT_ADAPTER_INPUT_CHOICES = ChoiceEnum(CHOICES["prompt_adapter_input"])
+SPEECH_SHRINK_CHOICES = ChoiceEnum(CHOICES["speech_shrink"])
 
 
 @dataclass
@@ -150,6 +152,12 @@ class WavLLMConfig(FairseqDataclass):
                           "final norm, the reference's) or final_norm (after the LLM's final RMSNorm: every position "
                           "at the norm's scale; SmolLM2's pre-norm states have norms of 600-5600, which leave P_u "
                           "untrainable at stage-2 learning rates)"})
+    speech_shrink: SPEECH_SHRINK_CHOICES = field(
+        default="off",
+        metadata={"help": "off (the paper's: every 80 ms frame reaches the LLM) or ctc (not the paper's; "
+                          "models/shrink.py): the LLM reads only the frames whose CTC score (stage 1a's, against "
+                          "its token embeddings) is a token, one position per run of the same token; the model "
+                          "then holds the blank that criterion wavllm_ctc_align trains"})
     # ---- training
     activation_checkpointing: bool = field(
         default=False,

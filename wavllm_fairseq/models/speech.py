@@ -65,12 +65,15 @@ class SpeechBranch:
             n = torch.minimum(n, self.acoustic_adapter.output_lengths(self.wavlm.output_lengths(audio_lengths)))
         return torch.where(audio_lengths > 0, n, torch.zeros_like(n)).clamp(min=0)
 
-    def encode_speech(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode_speech(self, audio: torch.Tensor, audio_lengths: torch.Tensor,
+                      shrink: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Both encoders, the adapters and the projector (the data-flow diagram of wavllm.py).
 
         Args:
             audio (torch.Tensor): 16 kHz waveforms with shape (B, T), right-padded.
             audio_lengths (torch.Tensor): valid samples, shape (B,).
+            shrink (bool): with ``model.speech_shrink=ctc``, the shrunk span the LLM reads (models/shrink.py);
+                False: every 80 ms frame (what stage 1a's CTC scores). No effect without the option.
 
         Returns:
             Tuple[torch.Tensor, torch.Tensor]: speech embeddings with shape (B, N, D) and their lengths (B,).
@@ -83,11 +86,15 @@ class SpeechBranch:
         dtype = self.semantic_adapter.out_proj.weight.dtype
         sem, sem_len = self._semantic_per_window(sem.to(dtype), sem_len)  # (B, N1, A)
         if self.wavlm is None:
-            sem_len = sem_len.clamp(min=0)
-            return self.semantic_only_projector(sem)[:, : int(sem_len.max())], sem_len
-        ac, ac_len = self.acoustic_adapter(ac.to(dtype), ac_len)  # (B, N2, A)
-        x, lengths = fuse_streams(sem, sem_len, ac, ac_len)  # (B, N, 2A), N = the shorter stream
-        return self.projector(x)[:, : int(lengths.max())], lengths  # (B, N, D)
+            lengths = sem_len.clamp(min=0)
+            x = self.semantic_only_projector(sem)[:, : int(lengths.max())]
+        else:
+            ac, ac_len = self.acoustic_adapter(ac.to(dtype), ac_len)  # (B, N2, A)
+            x, lengths = fuse_streams(sem, sem_len, ac, ac_len)  # (B, N, 2A), N = the shorter stream
+            x = self.projector(x)[:, : int(lengths.max())]  # (B, N, D)
+        if shrink and getattr(self, "speech_shrink", None) is not None:
+            x, lengths = self.speech_shrink(x, lengths, self.llm.get_input_embeddings().weight)
+        return x, lengths
 
     def encoder_fingerprint(self) -> Tuple[str, dict]:
         """What the frozen encoders' outputs depend on besides the audio (see

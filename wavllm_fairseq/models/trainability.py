@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 # parameter-name prefix -> group, for the parameters whose group depends on nothing but their module
 _PREFIX_GROUPS = (
     ("semantic_adapter.", "semantic_adapter"), ("acoustic_adapter.", "acoustic_adapter"), ("projector.", "projector"),
-    ("prompt_scale.", "prompt_adapter"), ("whisper.", "frozen:whisper"), ("wavlm.", "frozen:wavlm"),
-    ("llm.", "frozen:llama"),
+    ("prompt_scale.", "prompt_adapter"), ("speech_shrink.", "speech_shrink"), ("whisper.", "frozen:whisper"),
+    ("wavlm.", "frozen:wavlm"), ("llm.", "frozen:llama"),
 )
 
 
@@ -45,6 +45,7 @@ def trainable_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter
     named = dict(model.named_parameters())
     groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {
         "semantic_adapter": [], "acoustic_adapter": [], "projector": [], "lora": [], "prompt_adapter": [],
+        "speech_shrink": [],
         "unused:semantic_only_projector": [], "frozen:lora": [], "frozen:whisper": [], "frozen:wavlm": [],
         "frozen:llama": [],
     }

@@ -30,6 +30,7 @@ from .llm import LORA_TARGETS, build_llm
 from .lora import (checkpoint_context_fn, inject_lora, lora_disabled, lora_scale_context, merge_lora,
                    rotary_meta_to_hf_rows, unmerge_lora)
 from .prompt_adapter import PromptAwareLoRAScale
+from .shrink import CTCShrink
 from .speech import SpeechBranch
 from .trainability import apply_trainability
 
@@ -95,6 +96,7 @@ class WavLLMModel(SpeechBranch, CheckpointState, BaseFairseqModel):
         self.set_activation_checkpointing(cfg.activation_checkpointing)
         self._lay_out_lora_scale(cfg.lora_scale_layout)
         self.prompt_scale = _prompt_scale(cfg, d_llm) if cfg.prompt_adapter else None
+        self.speech_shrink = CTCShrink(d_llm) if cfg.speech_shrink == "ctc" else None
         self.trainable_counts = apply_trainability(self)
         self.train()
 
