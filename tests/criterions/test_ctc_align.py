@@ -166,3 +166,62 @@ def test_from_checkpoint_restores_the_options_and_the_learned_blank(model):
     assert back.tasks == {"asr", "sv"} and back.norm_weight == 0.5
     for key, value in crit.state_dict().items():
         assert torch.equal(back.state_dict()[key], value)
+
+
+# the auxiliary CTC of wavllm_cross_entropy (criterion.ctc_weight)
+
+def shrink_model():
+    torch.manual_seed(0)
+    return WavLLMModel.from_arch("wavllm_tiny", vocab_size=VOCAB, lora_dropout=0.0, speech_shrink="ctc").train()
+
+
+def test_the_auxiliary_ctc_adds_its_per_token_mean_with_its_weight(model):
+    from wavllm_fairseq.criterions.cross_entropy import WavLLMCrossEntropy
+    sample = batch()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))  # LoRA's zero init would hide the LLM's part
+    plain, size, plain_log = WavLLMCrossEntropy(make_task(model))(model, sample)
+    aux = WavLLMCrossEntropy(make_task(model), ctc_weight=0.5)
+    with torch.no_grad():
+        aux.ctc.blank.normal_()
+    loss, size2, log = aux(model, sample)
+    ctc, n, _ = aux.ctc(model, sample)
+    assert size2 == size and n == 7  # the two ASR rows' text tokens
+    torch.testing.assert_close(loss, plain + 0.5 * ctc * size / n)
+    assert log["nll_loss"] == pytest.approx(plain_log["nll_loss"]) and log["ctc_ntokens"] == 7
+    assert log["ctc_loss"] == pytest.approx(float(ctc))
+    assert "ctc_loss" not in plain_log
+    loss.backward()
+    assert aux.ctc.blank.grad is not None  # the model has no blank: the criterion's own trains
+    with pytest.raises(ValueError, match="ctc_weight"):
+        WavLLMCrossEntropy(make_task(model), ctc_weight=-1.0)
+
+
+def test_with_the_shrink_the_auxiliary_ctc_trains_the_models_blank():
+    from wavllm_fairseq.criterions.cross_entropy import WavLLMCrossEntropy
+    m = shrink_model()
+    loss, _, _ = WavLLMCrossEntropy(make_task(m), ctc_weight=1.0)(m, batch())
+    loss.backward()
+    assert m.speech_shrink.blank.grad is not None and m.speech_shrink.blank.grad.abs().sum() > 0
+
+
+def test_the_auxiliary_ctc_loads_a_stage_1a_criterion_its_own_state_or_none(model):
+    from wavllm_fairseq.criterions.cross_entropy import WavLLMCrossEntropy
+    align = WavLLMCTCAlign(make_task(model))
+    with torch.no_grad():
+        align.blank.normal_()
+        align.blank_bias.fill_(0.7)
+    aux = WavLLMCrossEntropy(make_task(model), ctc_weight=1.0)
+    aux.load_state_dict(align.state_dict())  # a stage-1a checkpoint's criterion entry
+    assert torch.equal(aux.ctc.blank, align.blank) and float(aux.ctc.blank_bias) == pytest.approx(0.7)
+    again = WavLLMCrossEntropy(make_task(model), ctc_weight=1.0)
+    again.load_state_dict(aux.state_dict())  # its own (a stage-1 checkpoint trained with it)
+    assert torch.equal(again.ctc.blank, align.blank)
+    fresh = WavLLMCrossEntropy(make_task(model), ctc_weight=1.0)
+    fresh.load_state_dict({})  # a checkpoint trained without it
+    assert float(fresh.ctc.blank.abs().sum()) == 0.0
+    with pytest.raises(RuntimeError):
+        fresh.load_state_dict({"ctc.blank": align.blank, "ctc.other": align.blank})

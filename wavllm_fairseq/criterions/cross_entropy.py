@@ -6,6 +6,13 @@ turn), so system prompt, instruction, speech and padding never enter the loss. T
 reference implementation divides by: every position it predicts after the speech span, the instruction's
 as well as the answer's (its ``ntokens``: the tokens after the speech span less the first). Logs loss (base 2,
 per ``sample_size`` unit), nll_loss (base 2, per answer token), token accuracy and the loss of each task.
+
+``criterion.ctc_weight > 0`` (ours, not the paper's; off by default) adds stage 1a's CTC (ctc_align.py) on the
+rows of ``criterion.ctc_tasks`` as an auxiliary loss: the speech embeddings keep scoring the transcript's
+tokens while the LLM's loss trains the adapters, so that ``model.speech_shrink=ctc`` keeps choosing about one
+frame per token (without it the choice drifts: RESULTS.md, "Shrinking the speech span"). Each loss is a mean
+over its own tokens, so the total per answer token is ``ce + ctc_weight * ctc`` (logged: ``ctc_loss``, bits per
+CTC target token).
 """
 import math
 from dataclasses import dataclass, field
@@ -16,6 +23,8 @@ import torch.nn.functional as F
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+from .ctc_align import WavLLMCTCAlign
 
 TASK_LOSS = "task_loss:"
 TASK_NTOK = "task_ntok:"
@@ -36,6 +45,12 @@ class WavLLMCrossEntropyConfig(FairseqDataclass):
                           "rates were tuned with it); reference = the reference implementation's, every position "
                           "predicted after the speech span (instruction and answer tokens), which weights rows with "
                           "short instructions more and makes the loss smaller than the per-token nll_loss"})
+    ctc_weight: float = field(default=0.0, metadata={
+        "help": "> 0: add stage 1a's CTC from the speech embeddings to the LLM's token embeddings "
+                "(criterion wavllm_ctc_align, norm_weight 0) with this weight, on the rows of ctc_tasks; with "
+                "model.speech_shrink=ctc it scores with the model's blank, else with its own (starting at zero)"})
+    ctc_tasks: str = field(default="asr", metadata={"help": "comma-separated tasks whose answer is the clip's "
+                                                            "transcript, the CTC targets of ctc_weight"})
 
 
 @register_criterion("wavllm_cross_entropy", dataclass=WavLLMCrossEntropyConfig)
@@ -47,10 +62,18 @@ class WavLLMCrossEntropy(FairseqCriterion):
         label_smoothing (float): eps; per token (1 - eps) * nll + eps * (-mean log-probability over the vocabulary).
         report_per_task (bool): log each task's loss (``loss_<task>``) from the batch's ``task_names``.
         normalize_by (str): the ``sample_size``, one of ``NORMALIZATIONS`` (see the config's help).
+        ctc_weight (float): the weight of the auxiliary CTC (module docstring); 0 = none.
+        ctc_tasks (str): comma-separated tasks whose rows the CTC aligns.
     """
 
-    def __init__(self, task, label_smoothing=0.0, report_per_task=True, normalize_by="answer"):
+    def __init__(self, task, label_smoothing=0.0, report_per_task=True, normalize_by="answer", ctc_weight=0.0,
+                 ctc_tasks="asr"):
         super().__init__(task)
+        if ctc_weight < 0:
+            raise ValueError(f"criterion.ctc_weight must be >= 0, got {ctc_weight}")
+        self.ctc_weight = float(ctc_weight)
+        # a submodule, so that its blank (when the model has none) is optimised and saved with the criterion
+        self.ctc = WavLLMCTCAlign(task, tasks=ctc_tasks, norm_weight=0.0) if self.ctc_weight > 0 else None
         self.eps = label_smoothing
         self.report_per_task = report_per_task
         if str(normalize_by) not in NORMALIZATIONS:
@@ -80,7 +103,14 @@ class WavLLMCrossEntropy(FairseqCriterion):
         loss = per_token.sum()
         ntokens = int(target.numel())
         sample_size = self.sample_size(sample, ntokens)
+        ctc_log = {}
+        if self.ctc is not None:
+            ctc, ctc_ntokens, out = self.ctc(model, sample)
+            if ctc_ntokens > 0:  # a mean over the CTC tokens, weighted, in units of this loss's sample size
+                loss = loss + self.ctc_weight * ctc * (sample_size / ctc_ntokens)
+            ctc_log = {"ctc_loss": out["ctc_loss"] if ctc_ntokens else 0.0, "ctc_ntokens": ctc_ntokens}
         logging_output = {
+            **ctc_log,
             "loss": loss.detach().item(),
             "nll_loss": nll.detach().sum().item(),
             "ntokens": ntokens,
@@ -97,6 +127,26 @@ class WavLLMCrossEntropy(FairseqCriterion):
                 logging_output[TASK_LOSS + name] = logging_output.get(TASK_LOSS + name, 0.0) + float(per_row[i])
                 logging_output[TASK_NTOK + name] = logging_output.get(TASK_NTOK + name, 0) + int(count[i])
         return loss, sample_size, logging_output
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The criterion's state from a checkpoint; with ``ctc_weight`` also a stage-1a checkpoint's
+        (``wavllm_ctc_align``: its blank and scale continue here) or one without any (the blank stays at zero).
+
+        Args:
+            state_dict (dict): the checkpoint's ``criterion`` entry.
+            strict (bool): as in ``nn.Module.load_state_dict``.
+            assign (bool): as in ``nn.Module.load_state_dict``.
+
+        Returns:
+            NamedTuple: ``nn.Module.load_state_dict``'s missing and unexpected keys.
+        """
+        state = dict(state_dict or {})
+        if self.ctc is not None:
+            if state and not any(k.startswith("ctc.") for k in state):  # wavllm_ctc_align's own keys
+                state = {f"ctc.{k}": v for k, v in state.items()}
+            elif not state:  # trained without the auxiliary CTC
+                state = self.state_dict()
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def sample_size(self, sample, ntokens: int) -> int:
         """What the summed loss is divided by: the answer tokens, or (``normalize_by="reference"``) every
@@ -131,6 +181,9 @@ class WavLLMCrossEntropy(FairseqCriterion):
         metrics.log_scalar("nll_loss", total("nll_loss") / max(ntokens, 1) / math.log(2), ntokens, round=3)
         metrics.log_derived("ppl", lambda meters: 2 ** meters["nll_loss"].avg)
         metrics.log_scalar("accuracy", 100.0 * total("n_correct") / max(ntokens, 1), ntokens, round=2)
+        if any("ctc_ntokens" in log for log in logging_outputs):
+            n = total("ctc_ntokens")
+            metrics.log_scalar("ctc_loss", total("ctc_loss") / max(n, 1) / math.log(2), n, round=3)
         tasks = sorted({k[len(TASK_LOSS):] for log in logging_outputs for k in log if k.startswith(TASK_LOSS)})
         for t in tasks:
             n = total(TASK_NTOK + t)

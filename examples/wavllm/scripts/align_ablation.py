@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--no-align", action="store_true")
     p.add_argument("--align-override", nargs="*", default=[], metavar="KEY=VALUE", help="stage 1a hydra overrides")
     p.add_argument("--stage1-override", nargs="*", default=[], metavar="KEY=VALUE", help="stage 1 hydra overrides "
-                   "(e.g. model.speech_shrink=ctc, with the same in --align-override)")
+                   "(e.g. +model.speech_shrink=ctc, with the same in --align-override: the key is not in the yamls)")
     p.add_argument("--init", default=None, help="stage 1 starts from this checkpoint (no stage 1a)")
     args = p.parse_args()
     recipe = steps.Recipe("small_real", {"whisper": f"{W}/real_backbones/whisper-tiny.en",
