@@ -54,6 +54,24 @@ def test_a_clip_heard_as_blank_only_keeps_its_least_blank_frame_and_an_empty_row
     torch.testing.assert_close(out[1, 0], x[1, 1])
 
 
+def test_ctc_tokens_reads_each_kept_frames_expected_token_embedding():
+    table = torch.randn(D, D, generator=torch.Generator().manual_seed(0))
+    x = torch.stack([one_hot_frames([3, 3, 0, 4, 0, 3, 1])]) @ torch.linalg.inv(table).t()  # scores as before
+    x.requires_grad_(True)
+    m = CTCShrink(D, tokens=True)
+    with torch.no_grad():
+        m.blank_bias.fill_(1.0)
+    out, n = m(x, torch.tensor([7]), table)
+    frames, _ = shrink_module()(x.detach(), torch.tensor([7]), table)
+    assert n.tolist() == [4]  # the same positions as without tokens=True
+    expected = torch.softmax(x.detach()[0] @ table.t(), dim=-1) @ table  # (7, D)
+    torch.testing.assert_close(out[0, 0], expected[:2].mean(0))
+    torch.testing.assert_close(out[0, 1:], expected[[3, 5, 6]])
+    assert not torch.allclose(out, frames)
+    out.sum().backward()
+    assert x.grad[0, [2, 4]].abs().sum() == 0 and x.grad[0, 0].abs().sum() > 0  # through the scores
+
+
 def test_gradients_reach_the_kept_frames_only():
     table = torch.eye(D)
     x = one_hot_frames([2, 0, 2, 2, 0]).unsqueeze(0).requires_grad_(True)

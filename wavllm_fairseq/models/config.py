@@ -25,7 +25,7 @@ CHOICES: Dict[str, tuple] = {
     "lora_scale_layout": ("hf", "meta"),
     "prompt_adapter_init": ("stage1_scale", "random"),
     "prompt_adapter_input": ("last_layer", "final_norm"),
-    "speech_shrink": ("off", "ctc"),
+    "speech_shrink": ("off", "ctc", "ctc_tokens"),
 }
 DTYPE_CHOICES = ChoiceEnum(CHOICES["backbone_dtype"])
 BOTTLENECK_NORM_CHOICES = ChoiceEnum(CHOICES["bottleneck_norm"])
@@ -157,7 +157,11 @@ class WavLLMConfig(FairseqDataclass):
         metadata={"help": "off (the paper's: every 80 ms frame reaches the LLM) or ctc (not the paper's; "
                           "models/shrink.py): the LLM reads only the frames whose CTC score (stage 1a's, against "
                           "its token embeddings) is a token, one position per run of the same token; the model "
-                          "then holds the blank that criterion wavllm_ctc_align trains"})
+                          "then holds the blank that criterion wavllm_ctc_align trains; ctc_tokens: the same "
+                          "positions, each the expected token embedding under its frames' CTC scores (softmax "
+                          "over the vocabulary, the blank left out), so the LLM reads vectors of its own "
+                          "embedding space (LegoSLM's input, arXiv 2505.11352); this drops what the frames carry "
+                          "beyond the words (speaker, style)"})
     # ---- training
     activation_checkpointing: bool = field(
         default=False,

@@ -14,6 +14,12 @@ The blank (a vector and a bias) is this module's: stage 1a trains it (the criter
 model has one), and it gets no gradient afterwards (the choice of frames is not differentiable; the kept
 frames are). A clip whose every frame scores blank, e.g. silence, keeps its one frame least blank, so every
 clip reaches the LLM.
+
+With ``model.speech_shrink=ctc_tokens`` each kept frame is replaced by its expected token embedding, the
+softmax of its token scores (the blank left out) times the embedding table, before a run is averaged: the LLM
+reads points of its own input space, at their scale (LegoSLM, arXiv 2505.11352, feeds an LLM so), and the
+gradient reaches the adapters through the scores. What the frames carry beyond the words (speaker, style) is
+then not in the span.
 """
 from typing import Tuple
 
@@ -26,10 +32,12 @@ class CTCShrink(nn.Module):
 
     Args:
         dim (int): the LLM's width (the speech embeddings' and the token embeddings').
+        tokens (bool): each kept frame becomes its expected token embedding (``ctc_tokens``; module docstring).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, tokens: bool = False):
         super().__init__()
+        self.tokens = bool(tokens)
         self.blank = nn.Parameter(torch.zeros(int(dim)))
         self.blank_bias = nn.Parameter(torch.zeros(()))
 
@@ -77,7 +85,11 @@ class CTCShrink(nn.Module):
             counts = start.sum(1)  # (B,)
         M = int(counts.max()) if B else 0
         slot = (torch.arange(B, device=frames.device)[:, None] * max(M, 1) + position)[keep]  # (K,)
-        out = frames.new_zeros(B * max(M, 1), D).index_add(0, slot, frames[keep])
+        values = frames[keep]  # (K, D)
+        if self.tokens:  # the expected token embedding of each kept frame, in the frames' dtype
+            weights = torch.softmax((values.float() @ table.float().t()), dim=-1)  # (K, V)
+            values = (weights @ table.float()).to(frames.dtype)
+        out = frames.new_zeros(B * max(M, 1), D).index_add(0, slot, values)
         n = frames.new_zeros(B * max(M, 1)).index_add(0, slot, frames.new_ones(slot.shape[0]))
         out = (out / n.clamp(min=1)[:, None]).view(B, max(M, 1), D)[:, :M]
         return out, counts
