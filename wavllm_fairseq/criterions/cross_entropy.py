@@ -9,7 +9,7 @@ per ``sample_size`` unit), nll_loss (base 2, per answer token), token accuracy a
 
 ``criterion.ctc_weight > 0`` (ours, not the paper's; off by default) adds stage 1a's CTC (ctc_align.py) on the
 rows of ``criterion.ctc_tasks`` as an auxiliary loss: the speech embeddings keep scoring the transcript's
-tokens while the LLM's loss trains the adapters, so that ``model.speech_shrink=ctc`` keeps choosing about one
+tokens while the LLM's loss trains the adapters, so that ``model.speech_shrink`` keeps choosing about one
 frame per token (without it the choice drifts: RESULTS.md, "Shrinking the speech span"). Each loss is a mean
 over its own tokens, so the total per answer token is ``ce + ctc_weight * ctc`` (logged: ``ctc_loss``, bits per
 CTC target token).
@@ -48,7 +48,8 @@ class WavLLMCrossEntropyConfig(FairseqDataclass):
     ctc_weight: float = field(default=0.0, metadata={
         "help": "> 0: add stage 1a's CTC from the speech embeddings to the LLM's token embeddings "
                 "(criterion wavllm_ctc_align, norm_weight 0) with this weight, on the rows of ctc_tasks; with "
-                "model.speech_shrink=ctc it scores with the model's blank, else with its own (starting at zero)"})
+                "model.speech_shrink (ctc or ctc_tokens) it scores with the model's blank, else with its own "
+                "(a stage-1a checkpoint's, or zero)"})
     ctc_tasks: str = field(default="asr", metadata={"help": "comma-separated tasks whose answer is the clip's "
                                                             "transcript, the CTC targets of ctc_weight"})
 

@@ -11,9 +11,10 @@ Soundwave (arXiv 2502.12900) without its cross-attention; the kept frames are th
 they carry both encoders' streams as before.
 
 The blank (a vector and a bias) is this module's: stage 1a trains it (the criterion scores with it when the
-model has one), and it gets no gradient afterwards (the choice of frames is not differentiable; the kept
-frames are). A clip whose every frame scores blank, e.g. silence, keeps its one frame least blank, so every
-clip reaches the LLM.
+model has one), and the LLM's loss gives it no gradient (the choice of frames is not differentiable; the
+kept frames are): in stage 1 only ``criterion.ctc_weight`` (the same CTC beside the answer loss) trains it.
+A clip whose every frame scores blank, e.g. silence, keeps its one frame least blank, so every clip reaches
+the LLM.
 
 With ``model.speech_shrink=ctc_tokens`` each kept frame is replaced by its expected token embedding, the
 softmax of its token scores (the blank left out) times the embedding table, before a run is averaged: the LLM
@@ -87,7 +88,7 @@ class CTCShrink(nn.Module):
         slot = (torch.arange(B, device=frames.device)[:, None] * max(M, 1) + position)[keep]  # (K,)
         values = frames[keep]  # (K, D)
         if self.tokens:  # the expected token embedding of each kept frame, in the frames' dtype
-            weights = torch.softmax((values.float() @ table.float().t()), dim=-1)  # (K, V)
+            weights = torch.softmax(values.float() @ table.float().t(), dim=-1)  # (K, V)
             values = (weights @ table.float()).to(frames.dtype)
         out = frames.new_zeros(B * max(M, 1), D).index_add(0, slot, values)
         n = frames.new_zeros(B * max(M, 1)).index_add(0, slot, frames.new_ones(slot.shape[0]))

@@ -97,7 +97,7 @@ class WavLLMModel(SpeechBranch, CheckpointState, BaseFairseqModel):
         self._lay_out_lora_scale(cfg.lora_scale_layout)
         self.prompt_scale = _prompt_scale(cfg, d_llm) if cfg.prompt_adapter else None
         self.speech_shrink = (CTCShrink(d_llm, tokens=cfg.speech_shrink == "ctc_tokens")
-                              if cfg.speech_shrink in ("ctc", "ctc_tokens") else None)
+                              if cfg.speech_shrink != "off" else None)
         self.trainable_counts = apply_trainability(self)
         self.train()
 
